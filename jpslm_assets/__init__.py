@@ -1,0 +1,1 @@
+"""Dagster assets that build domain-specialist Japanese small language models."""

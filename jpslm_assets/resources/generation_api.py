@@ -1,0 +1,40 @@
+"""The generation-backend interface shared by answering, judging and optional QA rephrasing.
+
+Implementations (Ollama, embedded llama.cpp, transformers) live in ``jpslm_assets.resources.generation``.
+This module only defines the request/result types, so stages can depend on it without heavy imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ChatMessage = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
+
+
+class GenerationError(RuntimeError):
+    """A backend failed to generate; the message names the backend, the model and the cause."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    messages: list[ChatMessage]
+    max_tokens: int
+    temperature: float = 0.0
+    seed: int = 42
+    stop: tuple[str, ...] = ()
+    # Constrained output: a GBNF grammar (llama.cpp) or a JSON schema (Ollama's `format`).
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    finish_reason: Literal["stop", "length", "error"]
+    backend: str
+    model: str
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,181 @@
+"""Profiles and paths: which models, n grid, backends and budgets a deployment uses.
+
+A profile is a YAML file in ``jpslm_assets/data/profiles``; ``JPSLM_PROFILE`` picks one (default ``demo``).
+Every field can be overridden from the environment with the ``JPSLM_`` prefix and ``__`` for nesting, e.g.
+``JPSLM_N_GRID='[100,200]'`` or ``JPSLM_TRAIN__EPOCHS=2``. Asset run config overrides it again per run.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+PROFILE_ENV = "JPSLM_PROFILE"
+DATA_DIR_ENV = "JPSLM_DATA_DIR"
+DUCKDB_PATH_ENV = "JPSLM_DUCKDB_PATH"
+
+
+class SettingsError(ValueError):
+    """A setting (profile name, path, override) is wrong; the message names the setting and the fix."""
+
+
+class LoraStage(BaseModel):
+    r: int = Field(gt=0)
+    alpha: int = Field(gt=0)
+    dropout: float = Field(ge=0.0, lt=1.0)
+
+
+class TrainSettings(BaseModel):
+    backend: Literal["auto", "unsloth", "bnb_qlora", "cpu_lora"] = "auto"
+    epochs: float = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+    per_device_batch_size: int = Field(gt=0)
+    gradient_accumulation_steps: int = Field(gt=0)
+    max_seq_length: int = Field(gt=16)
+    warmup_ratio: float = Field(ge=0.0, lt=1.0)
+    checkpoint_every_steps: int = Field(gt=0)
+    seed: int = 42
+    stage1: LoraStage
+    stage2: LoraStage
+
+
+class GenerationSettings(BaseModel):
+    backend: Literal["llama_cpp", "ollama", "transformers"] = "llama_cpp"
+    max_new_tokens: int = Field(gt=0)
+    num_ctx: int = Field(gt=0)
+    temperature: float = Field(ge=0.0)
+    seed: int = 42
+
+
+class JudgeSettings(BaseModel):
+    backend: Literal["llama_cpp", "ollama"] = "llama_cpp"
+    model: str
+    max_answer_chars: int = Field(gt=0)
+    retries: int = Field(ge=0, le=10)
+
+
+class ScheduleSettings(BaseModel):
+    reevaluation_cron: str = "0 3 * * 1"
+
+
+class Profile(BaseSettings):
+    """One deployment's settings. Loaded from the profile YAML, then overridden by ``JPSLM_*`` env vars."""
+
+    model_config = SettingsConfigDict(env_prefix="JPSLM_", env_nested_delimiter="__", extra="ignore")
+
+    name: str
+    n_grid: list[int]
+    models: list[str]
+    formats: list[Literal["f16", "q4_k_m", "nf4"]]
+    eval_questions: int = Field(gt=0, le=100)
+    graph_store: Literal["seed", "neo4j"] = "seed"
+    train: TrainSettings
+    generation: GenerationSettings
+    judge: JudgeSettings
+    schedule: ScheduleSettings = ScheduleSettings()
+
+    @field_validator("n_grid")
+    @classmethod
+    def _grid_sorted_positive(cls, value: list[int]) -> list[int]:
+        if not value or any(n <= 0 for n in value) or len(set(value)) != len(value):
+            raise ValueError("n_grid must be a non-empty list of distinct positive integers")
+        return sorted(value)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the YAML file (passed as init kwargs).
+        return (env_settings, init_settings)
+
+
+def available_profiles() -> list[str]:
+    folder = resources.files("jpslm_assets") / "data" / "profiles"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_profile(name: str | None = None) -> Profile:
+    """Load the named profile (default: ``$JPSLM_PROFILE`` or ``demo``) with env overrides applied."""
+    name = name or os.environ.get(PROFILE_ENV) or "demo"
+    known = available_profiles()
+    if name not in known:
+        raise SettingsError(
+            f"{PROFILE_ENV}={name!r} is not a known profile; choose one of {', '.join(known)} "
+            f"(profiles live in jpslm_assets/data/profiles/)."
+        )
+    text = (resources.files("jpslm_assets") / "data" / "profiles" / f"{name}.yaml").read_text("utf-8")
+    try:
+        return Profile(**yaml.safe_load(text))
+    except ValidationError as exc:
+        raise SettingsError(
+            f"profile {name!r} is invalid after applying JPSLM_* environment overrides:\n{exc}"
+        ) from exc
+
+
+@lru_cache(maxsize=4)
+def _cached_profile(name: str | None, env_key: tuple[tuple[str, str], ...]) -> Profile:
+    return load_profile(name)
+
+
+def current_profile() -> Profile:
+    """The active profile, cached per set of JPSLM_* variables (tests change them)."""
+    env_key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("JPSLM_")))
+    return _cached_profile(None, env_key)
+
+
+def data_dir(create: bool = True) -> Path:
+    """The project's data directory (``$JPSLM_DATA_DIR``, default ``./data``), checked for writability."""
+    path = Path(os.environ.get(DATA_DIR_ENV) or Path.cwd() / "data").expanduser().resolve()
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".write-probe"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise SettingsError(
+                f"data directory {path} is not writable ({exc.strerror}); set {DATA_DIR_ENV} to a "
+                f"writable folder or fix its permissions."
+            ) from exc
+    return path
+
+
+def artifact_dir() -> Path:
+    """Where file artifacts (adapters, merged models, GGUFs, reports) live."""
+    path = data_dir() / "artifacts"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def duckdb_path() -> Path:
+    """The DuckDB file holding every table (``$JPSLM_DUCKDB_PATH``, default ``<data>/jpslm.duckdb``)."""
+    override = os.environ.get(DUCKDB_PATH_ENV)
+    return Path(override).expanduser().resolve() if override else data_dir() / "jpslm.duckdb"
+
+
+def dagster_home() -> Path:
+    """A default DAGSTER_HOME inside the data directory, with telemetry off, so run history persists."""
+    home = Path(os.environ.get("DAGSTER_HOME") or data_dir() / "dagster_home")
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(
+            "telemetry:\n  enabled: false\n"
+            "concurrency:\n"
+            "  runs:\n    max_concurrent_runs: 1\n"
+            "  pools:\n    default_limit: 1\n",
+            encoding="utf-8",
+        )
+    return home

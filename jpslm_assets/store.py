@@ -1,0 +1,462 @@
+"""The DuckDB store: one file, schemas by stage, atomic partition writes, and lineage.
+
+Why not ``dagster-duckdb-polars``' IO manager as is: it deletes a partition's rows and inserts the new ones
+in separate autocommit statements, so a failure in between loses the rows that were materialized before.
+Here every write (the partition's rows plus its lineage rows) is one transaction, and readers and writers
+retry with backoff while another process holds DuckDB's file lock.
+
+Lineage contract (README, "Lineage"):
+- ``lineage.materializations``: one row per asset materialization (asset key, partition, run id, code
+  version, data version, timestamps, artifact path / bytes / sha256 when the asset wrote a file).
+- ``lineage.inputs``: one row per upstream partition the materialization read (upstream key, partition,
+  data version, and the upstream's materialization id), so SQL can walk from any row back to the graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+import polars as pl
+from pydantic import Field
+
+from jpslm_assets import settings
+
+LINEAGE_DDL = """
+CREATE SCHEMA IF NOT EXISTS lineage;
+CREATE TABLE IF NOT EXISTS lineage.materializations (
+    materialization_id VARCHAR PRIMARY KEY,
+    asset_key VARCHAR NOT NULL,
+    partition_key VARCHAR,
+    run_id VARCHAR NOT NULL,
+    code_version VARCHAR,
+    data_version VARCHAR NOT NULL,
+    table_name VARCHAR NOT NULL,
+    row_count BIGINT NOT NULL,
+    artifact_path VARCHAR,
+    artifact_bytes BIGINT,
+    artifact_sha256 VARCHAR,
+    started_at TIMESTAMPTZ,
+    materialized_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lineage.inputs (
+    materialization_id VARCHAR NOT NULL,
+    asset_key VARCHAR NOT NULL,
+    partition_key VARCHAR,
+    run_id VARCHAR NOT NULL,
+    upstream_asset_key VARCHAR NOT NULL,
+    upstream_partition_key VARCHAR,
+    upstream_data_version VARCHAR,
+    upstream_materialization_id VARCHAR
+);
+"""
+
+ARTIFACT_COLUMNS = ("artifact_path", "artifact_bytes", "artifact_sha256")
+
+
+class StoreError(RuntimeError):
+    """The DuckDB file cannot be used; the message names the file and what to do."""
+
+
+def frame_version(frame: pl.DataFrame) -> str:
+    """A content hash of a frame, used as its Dagster data version and in lineage."""
+    buffer = io.BytesIO()
+    frame.write_ipc(buffer, compression="uncompressed")
+    return hashlib.sha256(buffer.getvalue()).hexdigest()[:24]
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def artifact_record(path: Path) -> dict[str, Any]:
+    """Path, bytes and sha256 of a file or folder artifact (a folder hashes its files in name order)."""
+    path = Path(path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        total = 0
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(file.relative_to(path)).encode())
+            digest.update(file_sha256(file).encode())
+            total += file.stat().st_size
+        return {"artifact_path": str(path), "artifact_bytes": total, "artifact_sha256": digest.hexdigest()}
+    return {
+        "artifact_path": str(path),
+        "artifact_bytes": path.stat().st_size,
+        "artifact_sha256": file_sha256(path),
+    }
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    text = str(exc)
+    return "Could not set lock" in text or "Conflicting lock" in text
+
+
+def _is_corrupt_error(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return any(
+        marker in text
+        for marker in ("not a valid duckdb database", "corrupt", "invalid database", "checksum", "magic bytes")
+    )
+
+
+class DuckDBStore(dg.ConfigurableResource):
+    """The project's DuckDB file. Connections are short; a held lock is retried with backoff."""
+
+    path: str = Field(description="DuckDB file; default <data dir>/jpslm.duckdb")
+    lock_timeout_s: float = Field(default=120.0, description="How long to wait for another writer")
+
+    @property
+    def file(self) -> Path:
+        return Path(self.path)
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        file = self.file
+        if read_only and not file.exists():
+            raise StoreError(f"DuckDB file {file} does not exist yet: materialize the upstream assets first.")
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the folder of DuckDB file {file} ({exc.strerror}); set "
+                f"{settings.DUCKDB_PATH_ENV} or {settings.DATA_DIR_ENV} to a writable place."
+            ) from exc
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                conn = duckdb.connect(str(file), read_only=read_only)
+                break
+            except duckdb.Error as exc:
+                if _is_lock_error(exc) and time.monotonic() < deadline:
+                    time.sleep(delay + random.uniform(0, delay))
+                    delay = min(delay * 2, 2.0)
+                    continue
+                if _is_lock_error(exc):
+                    raise StoreError(
+                        f"DuckDB file {file} is locked by another process for more than "
+                        f"{self.lock_timeout_s:.0f} s ({exc}). Stop that process (a notebook or duckdb CLI "
+                        "holding it open) or raise lock_timeout_s; nothing was written."
+                    ) from exc
+                if _is_corrupt_error(exc):
+                    raise StoreError(
+                        f"DuckDB file {file} is not a readable DuckDB database ({exc}). It was left untouched: "
+                        f"move it aside and re-materialize, or point {settings.DUCKDB_PATH_ENV} at another file."
+                    ) from exc
+                raise StoreError(f"cannot open DuckDB file {file}: {exc}") from exc
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> pl.DataFrame:
+        """Run a read query and return a polars frame."""
+        with self.connect(read_only=True) as conn:
+            return conn.execute(sql, params or []).pl()
+
+    def table_exists(self, table: str) -> bool:
+        schema, name = split_table(table)
+        if not self.file.exists():
+            return False
+        with self.connect(read_only=True) as conn:
+            found = conn.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+                [schema, name],
+            ).fetchone()
+        return bool(found and found[0])
+
+    def write_slice(
+        self,
+        table: str,
+        frame: pl.DataFrame,
+        slice_values: Mapping[str, Any],
+        lineage: LineageRecord | None = None,
+    ) -> None:
+        """Replace the rows of ``table`` matching ``slice_values`` by ``frame``, atomically with lineage."""
+        missing = [column for column in slice_values if column not in frame.columns]
+        if missing:
+            raise StoreError(
+                f"frame for {table} lacks partition column(s) {missing}; the asset must include them."
+            )
+        schema, name = split_table(table)
+        with self.connect() as conn:
+            conn.execute("BEGIN TRANSACTION")
+            try:
+                conn.execute(LINEAGE_DDL)
+                conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+                conn.register("incoming_frame", frame.to_arrow())
+                conn.execute(
+                    f'CREATE TABLE IF NOT EXISTS "{schema}"."{name}" AS SELECT * FROM incoming_frame LIMIT 0'
+                )
+                _add_missing_columns(conn, schema, name)
+                where, params = _slice_filter(slice_values)
+                conn.execute(f'DELETE FROM "{schema}"."{name}" WHERE {where}', params)
+                conn.execute(f'INSERT INTO "{schema}"."{name}" BY NAME SELECT * FROM incoming_frame')
+                if lineage is not None:
+                    lineage.insert(conn, table, frame)
+                conn.execute("COMMIT")
+            except Exception:
+                conn.execute("ROLLBACK")
+                raise
+            finally:
+                conn.unregister("incoming_frame")
+
+    def read_slices(
+        self, table: str, slices: Sequence[Mapping[str, Any]]
+    ) -> pl.DataFrame:
+        """Rows of ``table`` matching any of ``slices`` (an empty mapping means the whole table)."""
+        schema, name = split_table(table)
+        with self.connect(read_only=True) as conn:
+            exists = conn.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+                [schema, name],
+            ).fetchone()
+            if not exists or not exists[0]:
+                raise StoreError(
+                    f"table {table} does not exist in {self.file}: materialize the asset that writes it first."
+                )
+            clauses, params = [], []
+            for slice_values in slices:
+                where, slice_params = _slice_filter(slice_values)
+                clauses.append(f"({where})")
+                params.extend(slice_params)
+            where_sql = " OR ".join(clauses) if clauses else "TRUE"
+            return conn.execute(f'SELECT * FROM "{schema}"."{name}" WHERE {where_sql}', params).pl()
+
+    def latest_materialization(
+        self, conn: duckdb.DuckDBPyConnection, asset_key: str, partition_key: str | None
+    ) -> tuple[str | None, str | None]:
+        """(materialization_id, data_version) of the newest materialization of an asset partition."""
+        has_lineage = conn.execute(
+            "SELECT count(*) FROM information_schema.tables "
+            "WHERE table_schema = 'lineage' AND table_name = 'materializations'"
+        ).fetchone()
+        if not has_lineage or not has_lineage[0]:
+            return None, None
+        row = conn.execute(
+            "SELECT materialization_id, data_version FROM lineage.materializations "
+            "WHERE asset_key = ? AND partition_key IS NOT DISTINCT FROM ? "
+            "ORDER BY materialized_at DESC LIMIT 1",
+            [asset_key, partition_key],
+        ).fetchone()
+        return (row[0], row[1]) if row else (None, None)
+
+
+def split_table(table: str) -> tuple[str, str]:
+    parts = table.split(".")
+    if len(parts) != 2 or not all(part.replace("_", "").isalnum() for part in parts):
+        raise StoreError(f"table name {table!r} must be 'schema.table' in letters, digits and underscores")
+    return parts[0], parts[1]
+
+
+def _slice_filter(slice_values: Mapping[str, Any]) -> tuple[str, list[Any]]:
+    if not slice_values:
+        return "TRUE", []
+    clauses = [f'CAST("{column}" AS VARCHAR) = ?' for column in slice_values]
+    return " AND ".join(clauses), [str(value) for value in slice_values.values()]
+
+
+def _add_missing_columns(conn: duckdb.DuckDBPyConnection, schema: str, name: str) -> None:
+    """Schema evolution: columns an asset newly produces are added (older rows get NULL)."""
+    have = {
+        row[0]
+        for row in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = ? AND table_name = ?",
+            [schema, name],
+        ).fetchall()
+    }
+    described = conn.execute("DESCRIBE SELECT * FROM incoming_frame").fetchall()
+    for column, column_type, *_ in described:
+        if column not in have:
+            conn.execute(f'ALTER TABLE "{schema}"."{name}" ADD COLUMN "{column}" {column_type}')
+
+
+@dataclass
+class UpstreamRead:
+    asset_key: str
+    partition_key: str | None
+    data_version: str | None
+    materialization_id: str | None
+
+
+@dataclass
+class LineageRecord:
+    asset_key: str
+    partition_key: str | None
+    run_id: str
+    code_version: str | None
+    started_at: datetime | None
+    upstream: list[UpstreamRead]
+
+    def insert(self, conn: duckdb.DuckDBPyConnection, table: str, frame: pl.DataFrame) -> str:
+        materialization_id = uuid.uuid4().hex
+        artifact: dict[str, Any] = dict.fromkeys(ARTIFACT_COLUMNS)
+        if frame.height == 1 and all(column in frame.columns for column in ARTIFACT_COLUMNS):
+            artifact = {column: frame[column][0] for column in ARTIFACT_COLUMNS}
+        conn.execute(
+            "INSERT INTO lineage.materializations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                materialization_id,
+                self.asset_key,
+                self.partition_key,
+                self.run_id,
+                self.code_version,
+                frame_version(frame),
+                table,
+                frame.height,
+                artifact["artifact_path"],
+                artifact["artifact_bytes"],
+                artifact["artifact_sha256"],
+                self.started_at,
+                datetime.now(timezone.utc),
+            ],
+        )
+        for read in self.upstream:
+            conn.execute(
+                "INSERT INTO lineage.inputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    materialization_id,
+                    self.asset_key,
+                    self.partition_key,
+                    self.run_id,
+                    read.asset_key,
+                    read.partition_key,
+                    read.data_version,
+                    read.materialization_id,
+                ],
+            )
+        return materialization_id
+
+
+def table_metadata(
+    table: str,
+    partition_expr: Mapping[str, str] | str | None = None,
+    fixed: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Definition metadata an asset passes so the IO manager knows its table and partition columns.
+
+    ``partition_expr``: column holding the partition key (single dimension) or a dict
+    ``{dimension: column}`` for multi-partitions. ``fixed``: constant column values that also identify the
+    slice, e.g. ``{"format": "f16"}`` when several per-format assets share one table.
+    """
+    metadata: dict[str, Any] = {"table": table}
+    if partition_expr is not None:
+        metadata["partition_expr"] = partition_expr
+    if fixed:
+        metadata["fixed_columns"] = dict(fixed)
+    return metadata
+
+
+def _key_string(asset_key: dg.AssetKey) -> str:
+    return asset_key.to_user_string()
+
+
+def _partition_slices(
+    metadata: Mapping[str, Any], partition_keys: Sequence[str] | None
+) -> list[dict[str, Any]]:
+    fixed = dict(metadata.get("fixed_columns") or {})
+    expr = metadata.get("partition_expr")
+    if expr is None or partition_keys is None:
+        return [fixed]
+    slices = []
+    for key in partition_keys:
+        values = dict(fixed)
+        if isinstance(expr, Mapping):
+            by_dimension = getattr(key, "keys_by_dimension", None)
+            if by_dimension is None:
+                raise StoreError(f"partition key {key!r} is not multi-dimensional but partition_expr is {expr}")
+            for dimension, column in expr.items():
+                values[column] = by_dimension[dimension]
+        else:
+            values[str(expr)] = key
+        slices.append(values)
+    return slices
+
+
+class DuckDBTableIOManager(dg.ConfigurableIOManager):
+    """Stores polars frames as DuckDB tables; each write also records lineage in the same transaction."""
+
+    store: DuckDBStore
+
+    def _reads(self) -> dict[str, list[UpstreamRead]]:
+        # Inputs loaded for the step about to emit output, keyed by op name; a step process builds its own
+        # IO manager, and the in-process executor runs one step at a time, so this never mixes steps.
+        if not hasattr(self, "_pending_reads"):
+            object.__setattr__(self, "_pending_reads", {})
+        return self._pending_reads  # type: ignore[attr-defined]
+
+    def handle_output(self, context: dg.OutputContext, obj: pl.DataFrame) -> None:
+        if obj is None:
+            return
+        if not isinstance(obj, pl.DataFrame):
+            raise TypeError(
+                f"asset {_key_string(context.asset_key)} returned {type(obj).__name__}; "
+                "table assets must return a polars DataFrame"
+            )
+        metadata = context.definition_metadata or {}
+        if "table" not in metadata:
+            raise StoreError(
+                f"asset {_key_string(context.asset_key)} has no 'table' metadata; use store.table_metadata()."
+            )
+        partition_keys = context.asset_partition_keys if context.has_asset_partitions else None
+        slices = _partition_slices(metadata, partition_keys)
+        if len(slices) != 1:
+            raise StoreError(
+                f"asset {_key_string(context.asset_key)} writes {len(slices)} partitions in one step; "
+                "materialize one partition per step."
+            )
+        partition_key = context.partition_key if context.has_partition_key else None
+        reads = self._reads().pop(context.op_def.name, [])
+        record = LineageRecord(
+            asset_key=_key_string(context.asset_key),
+            partition_key=partition_key,
+            run_id=context.run_id,
+            code_version=context.asset_spec.code_version,
+            started_at=None,
+            upstream=reads,
+        )
+        frame = obj
+        for column, value in slices[0].items():
+            if column not in frame.columns:
+                frame = frame.with_columns(pl.lit(value).alias(column))
+        self.store.write_slice(metadata["table"], frame, slices[0], record)
+        context.add_output_metadata(
+            {"table": metadata["table"], "rows": frame.height, "data_version": frame_version(frame)}
+        )
+
+    def load_input(self, context: dg.InputContext) -> pl.DataFrame:
+        upstream = context.upstream_output
+        metadata = (upstream.definition_metadata if upstream else None) or {}
+        if "table" not in metadata:
+            raise StoreError(f"upstream asset {_key_string(context.asset_key)} has no 'table' metadata")
+        partition_keys = list(context.asset_partition_keys) if context.has_asset_partitions else None
+        slices = _partition_slices(metadata, partition_keys)
+        frame = self.store.read_slices(metadata["table"], slices)
+        reads = self._reads().setdefault(context.op_def.name, [])
+        with self.store.connect(read_only=True) as conn:
+            for key in partition_keys or [None]:
+                mat_id, version = self.store.latest_materialization(
+                    conn, _key_string(context.asset_key), key
+                )
+                reads.append(UpstreamRead(_key_string(context.asset_key), key, version, mat_id))
+        return frame
+
+
+def default_store() -> DuckDBStore:
+    return DuckDBStore(path=str(settings.duckdb_path()))

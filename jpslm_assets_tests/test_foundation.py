@@ -1,0 +1,178 @@
+"""The code location itself: profiles, settings errors, executor, and the shape of every asset."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from jpslm_assets import execution, settings
+from jpslm_assets.catalogue import UnknownModelError, load_catalogue, model_entry
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY_MODULES = ("torch", "transformers", "llama_cpp", "peft", "trl", "matplotlib")
+
+
+def test_default_profile_is_demo_and_env_overrides_apply(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings.load_profile().name == "demo"
+    monkeypatch.setenv("JPSLM_N_GRID", "[300, 100]")
+    monkeypatch.setenv("JPSLM_TRAIN__EPOCHS", "2")
+    profile = settings.load_profile()
+    assert profile.n_grid == [100, 300]
+    assert profile.train.epochs == 2
+
+
+def test_paper_profile_holds_the_papers_grid_and_models() -> None:
+    paper = settings.load_profile("paper")
+    assert paper.n_grid == [1000, 2000, 3000, 4000, 5000]
+    assert paper.models == ["swallow-8b", "elyza-jp-8b", "qwen2.5-7b", "tanuki-8b"]
+    assert (paper.train.stage1.r, paper.train.stage1.alpha) == (16, 16)
+    assert (paper.train.stage2.r, paper.train.stage2.alpha, paper.train.stage2.dropout) == (32, 16, 0.05)
+    assert paper.train.per_device_batch_size * paper.train.gradient_accumulation_steps == 8
+
+
+def test_unknown_profile_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JPSLM_PROFILE", "papr")
+    with pytest.raises(settings.SettingsError, match="JPSLM_PROFILE='papr' is not a known profile; choose one of demo, paper"):
+        settings.load_profile()
+
+
+def test_invalid_override_names_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JPSLM_N_GRID", "[0, 100]")
+    with pytest.raises(settings.SettingsError, match="n_grid"):
+        settings.load_profile()
+
+
+def test_cli_rejects_unknown_profile_without_traceback(data_dir: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "jpslm_assets.cli", "--profile", "nope", "demo"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JPSLM_DATA_DIR": str(data_dir)},
+    )
+    assert result.returncode == 2
+    assert "JPSLM_PROFILE='nope' is not a known profile" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_data_dir_that_is_a_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Works as root too: a path below a regular file can never be created.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("keep me")
+    monkeypatch.setenv("JPSLM_DATA_DIR", str(blocker / "data"))
+    with pytest.raises(settings.SettingsError, match=r"blocker/data is not writable.*set JPSLM_DATA_DIR"):
+        settings.data_dir()
+    assert blocker.read_text() == "keep me"
+
+
+def test_dagster_home_defaults_inside_data_dir_with_telemetry_off(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    home = settings.dagster_home()
+    assert home == data_dir / "dagster_home"
+    config = (home / "dagster.yaml").read_text()
+    assert "telemetry:\n  enabled: false" in config
+    instance = dg.DagsterInstance.from_config(str(home))
+    assert instance.run_coordinator is not None
+
+
+def test_catalogue_holds_the_paper_models_and_demo_models() -> None:
+    catalogue = load_catalogue()
+    assert catalogue["swallow-8b"].hf_id == "tokyotech-llm/Llama-3-Swallow-8B-Instruct-v0.1"
+    assert catalogue["qwen2.5-7b"].architecture == "Qwen2ForCausalLM"
+    assert catalogue["tanuki-8b"].known_export_problems
+    for key in ("tiny-llama", "tiny-qwen2", "smollm2-135m"):
+        assert key in catalogue
+    for key in ("tiny-llama", "tiny-qwen2"):
+        config = catalogue[key].config
+        assert config["hidden_size"] % 256 == 0 and config["intermediate_size"] % 256 == 0
+    with pytest.raises(UnknownModelError, match="model 'llama-9000' is not in the catalogue"):
+        model_entry("llama-9000")
+
+
+def test_executor_defaults_to_multiprocess_and_is_configurable(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert execution.executor_config() == {"max_concurrent": 2}
+    monkeypatch.setenv("JPSLM_MAX_CONCURRENT", "4")
+    executor = execution.default_executor()
+    assert executor.name == "jpslm_multiprocess"
+    assert execution.executor_config() == {"max_concurrent": 4}
+    monkeypatch.setenv("JPSLM_MAX_CONCURRENT", "many")
+    with pytest.raises(ValueError, match="JPSLM_MAX_CONCURRENT='many' must be an integer"):
+        execution.executor_config()
+    monkeypatch.setenv("JPSLM_MAX_CONCURRENT", "2")
+    monkeypatch.setenv("JPSLM_EXECUTOR", "in_process")
+    assert execution.default_executor() is dg.in_process_executor
+    monkeypatch.setenv("JPSLM_EXECUTOR", "slurm")
+    with pytest.raises(ValueError, match="JPSLM_EXECUTOR='slurm'"):
+        execution.default_executor()
+
+
+def test_executor_runs_a_job_under_the_multiprocess_config(tmp_path: Path) -> None:
+    @dg.op
+    def one() -> int:
+        return 1
+
+    @dg.job(executor_def=execution.default_executor())
+    def tiny_job() -> None:
+        one()
+
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        result = dg.execute_job(dg.reconstructable(_reconstructable_tiny_job), instance=instance)
+        assert result.success
+    assert tiny_job.executor_def.name == "jpslm_multiprocess"
+
+
+def _reconstructable_tiny_job() -> dg.JobDefinition:
+    @dg.op
+    def one() -> int:
+        return 1
+
+    @dg.job(executor_def=execution.default_executor())
+    def tiny_job() -> None:
+        one()
+
+    return tiny_job
+
+
+def test_definitions_load_without_heavy_imports() -> None:
+    code = (
+        "import sys, json, jpslm_assets.definitions as d; "
+        f"print(json.dumps([m for m in {HEAVY_MODULES!r} if m in sys.modules]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_dagster_definitions_validate_passes() -> None:
+    result = subprocess.run(
+        ["dagster", "definitions", "validate", "-w", "workspace.yaml"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_asset_has_group_kinds_code_version_and_description() -> None:
+    from jpslm_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    problems = []
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        if not node.is_materializable:
+            continue
+        spec = node.to_asset_spec() if hasattr(node, "to_asset_spec") else None
+        name = key.to_user_string()
+        if not node.group_name or node.group_name == "default":
+            problems.append(f"{name}: no group")
+        if not node.code_version:
+            problems.append(f"{name}: no code_version")
+        if not node.description:
+            problems.append(f"{name}: no description")
+        kinds = spec.kinds if spec is not None else node.kinds
+        if not kinds:
+            problems.append(f"{name}: no kinds")
+    assert not problems, "\n".join(problems)

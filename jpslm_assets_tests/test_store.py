@@ -1,0 +1,204 @@
+"""The DuckDB store: atomic partition writes, lineage rows, lock and corruption handling."""
+
+
+import multiprocessing
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import polars as pl
+import pytest
+
+from jpslm_assets.cli import LINEAGE_SQL
+from jpslm_assets.store import (
+    DuckDBStore,
+    DuckDBTableIOManager,
+    StoreError,
+    artifact_record,
+    frame_version,
+    table_metadata,
+)
+
+MODEL_N = dg.MultiPartitionsDefinition(
+    {"model": dg.StaticPartitionsDefinition(["m1", "m2"]), "n": dg.StaticPartitionsDefinition(["10", "20"])}
+)
+
+
+@dg.asset(metadata=table_metadata("kg.source_rows"), code_version="1")
+def source_rows() -> dg.Output[pl.DataFrame]:
+    frame = pl.DataFrame({"value": [1, 2, 3]})
+    return dg.Output(frame, data_version=dg.DataVersion(frame_version(frame)))
+
+
+@dg.asset(
+    partitions_def=MODEL_N,
+    metadata=table_metadata("train.per_partition", {"model": "model", "n": "n"}),
+    code_version="1",
+)
+def per_partition(context: dg.AssetExecutionContext, source_rows: pl.DataFrame) -> pl.DataFrame:
+    keys = context.partition_key.keys_by_dimension
+    return pl.DataFrame({"model": [keys["model"]], "n": [int(keys["n"])], "total": [source_rows["value"].sum()]})
+
+
+@dg.asset(
+    partitions_def=MODEL_N,
+    metadata=table_metadata("eval.scored", {"model": "model", "n": "n"}, fixed={"format": "f16"}),
+    code_version="1",
+)
+def scored(per_partition: pl.DataFrame) -> pl.DataFrame:
+    return per_partition.select("model", "n", (pl.col("total") * 10).alias("score"))
+
+
+def _materialize(store: DuckDBStore, selection, partition_key=None, instance=None):
+    return dg.materialize(
+        [source_rows, per_partition, scored],
+        selection=selection,
+        partition_key=partition_key,
+        resources={"store": store, "io_manager": DuckDBTableIOManager(store=store)},
+        instance=instance or dg.DagsterInstance.ephemeral(),
+    )
+
+
+def test_partition_write_replaces_only_its_slice_and_records_lineage(store: DuckDBStore) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    _materialize(store, [source_rows], instance=instance)
+    for key in ("m1|10", "m2|10", "m1|20"):
+        _materialize(store, [per_partition], key, instance)
+    _materialize(store, [per_partition], "m1|10", instance)  # re-run replaces, never duplicates
+    _materialize(store, [scored], "m1|10", instance)
+
+    rows = store.query("SELECT model, n FROM train.per_partition ORDER BY model, n")
+    assert rows.rows() == [("m1", 10), ("m1", 20), ("m2", 10)]
+    assert store.query("SELECT format, score FROM eval.scored").rows() == [("f16", 60)]
+
+    mats = store.query("SELECT asset_key, partition_key, code_version, row_count FROM lineage.materializations")
+    assert mats.filter(pl.col("asset_key") == "per_partition").height == 4
+    walk = store.query(LINEAGE_SQL, ["scored", "m1|10"])
+    assert walk["asset_key"].to_list() == ["scored", "per_partition", "source_rows"]
+    assert walk["partition_key"].to_list() == ["m1|10", "m1|10", None]
+    source_version = store.query("SELECT data_version FROM lineage.materializations WHERE asset_key='source_rows'")
+    assert walk["data_version"][2] == source_version.item()
+
+
+def test_failed_write_keeps_previous_rows(store: DuckDBStore) -> None:
+    store.write_slice("kg.items", pl.DataFrame({"part": ["a", "b"], "v": [1, 2]}), {"part": "a"})
+    before = store.query("SELECT * FROM kg.items ORDER BY part")
+    # A value that cannot be cast into the existing BIGINT column fails inside the transaction.
+    with pytest.raises(duckdb.ConversionException):
+        store.write_slice("kg.items", pl.DataFrame({"part": ["a"], "v": ["not a number"]}), {"part": "a"})
+    assert store.query("SELECT * FROM kg.items ORDER BY part").equals(before)
+
+
+def test_missing_partition_column_is_named(store: DuckDBStore) -> None:
+    with pytest.raises(StoreError, match=r"lacks partition column\(s\) \['model'\]"):
+        store.write_slice("kg.items", pl.DataFrame({"v": [1]}), {"model": "m1"})
+
+
+def test_new_columns_are_added_to_existing_table(store: DuckDBStore) -> None:
+    store.write_slice("kg.items", pl.DataFrame({"part": ["a"], "v": [1]}), {"part": "a"})
+    store.write_slice("kg.items", pl.DataFrame({"part": ["b"], "v": [2], "extra": ["x"]}), {"part": "b"})
+    assert store.query("SELECT part, extra FROM kg.items ORDER BY part").rows() == [("a", None), ("b", "x")]
+
+
+def test_reading_a_table_never_materialized_names_it(store: DuckDBStore) -> None:
+    store.write_slice("kg.items", pl.DataFrame({"part": ["a"]}), {})
+    with pytest.raises(StoreError, match="table qa.pool does not exist"):
+        store.read_slices("qa.pool", [{}])
+
+
+def test_corrupt_file_is_named_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "broken.duckdb"
+    garbage = b"this is not a duckdb database" * 100
+    path.write_bytes(garbage)
+    store = DuckDBStore(path=str(path), lock_timeout_s=1)
+    with pytest.raises(StoreError, match=r"broken\.duckdb is not a readable DuckDB database"):
+        store.write_slice("kg.items", pl.DataFrame({"v": [1]}), {})
+    assert path.read_bytes() == garbage
+
+
+def test_file_locked_by_another_process_is_named_and_data_survives(store: DuckDBStore) -> None:
+    store.write_slice("kg.items", pl.DataFrame({"v": [1, 2]}), {})
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import duckdb, time, sys
+                con = duckdb.connect({str(store.file)!r})
+                print("locked", flush=True)
+                time.sleep(30)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        blocked = DuckDBStore(path=store.path, lock_timeout_s=1)
+        with pytest.raises(StoreError, match=r"is locked by another process"):
+            blocked.write_slice("kg.items", pl.DataFrame({"v": [9]}), {})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(store.query("SELECT v FROM kg.items")["v"].to_list()) == [1, 2]
+
+
+def _write_partitions(path: str, model: str, count: int) -> None:
+    store = DuckDBStore(path=path, lock_timeout_s=60)
+    for i in range(count):
+        store.write_slice(
+            "train.parallel", pl.DataFrame({"model": [model], "i": [i]}), {"model": model, "i": i}
+        )
+
+
+def test_parallel_writer_processes_wait_for_each_other(store: DuckDBStore) -> None:
+    store.write_slice("train.parallel", pl.DataFrame({"model": ["seed"], "i": [0]}), {"model": "seed"})
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_write_partitions, args=(store.path, m, 15)) for m in ("a", "b")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    counts = store.query("SELECT model, count(*) AS c FROM train.parallel GROUP BY model ORDER BY model")
+    assert counts.rows() == [("a", 15), ("b", 15), ("seed", 1)]
+
+
+def test_artifact_record_hashes_files_and_folders(tmp_path: Path) -> None:
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"abc")
+    (folder / "b.json").write_text("{}")
+    record = artifact_record(folder)
+    assert record["artifact_bytes"] == 5
+    (folder / "b.json").write_text("{ }")
+    assert artifact_record(folder)["artifact_sha256"] != record["artifact_sha256"]
+    single = artifact_record(folder / "a.bin")
+    assert single["artifact_sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_frame_version_tracks_content() -> None:
+    a = pl.DataFrame({"x": [1, 2]})
+    assert frame_version(a) == frame_version(pl.DataFrame({"x": [1, 2]}))
+    assert frame_version(a) != frame_version(pl.DataFrame({"x": [1, 3]}))
+
+
+def test_read_waits_for_a_short_lock(store: DuckDBStore) -> None:
+    store.write_slice("kg.items", pl.DataFrame({"v": [1]}), {})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({store.path!r}); print('x', flush=True); time.sleep(2)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline()
+    started = time.monotonic()
+    patient = DuckDBStore(path=store.path, lock_timeout_s=30)
+    assert patient.query("SELECT count(*) AS c FROM kg.items").item() == 1
+    holder.wait()
+    assert time.monotonic() - started < 30
