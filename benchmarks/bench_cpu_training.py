@@ -1,0 +1,144 @@
+"""CPU LoRA training throughput per demo model: real (non-padding) tokens per second, side by side.
+
+Builds each demo model's base the way ``base_model`` does, then trains a LoRA adapter with the demo
+profile's settings (stage 1, fp32 on CPU) for a fixed number of optimizer steps on the first n pairs of the
+same nested subsets the dataset stage builds from the shipped seed graph. Prints per model: steps,
+non-padding tokens, wall seconds, process CPU seconds, tokens/s (wall and per CPU-second), the time a full
+demo grid (n = 60 + 120 + 180, 1 epoch) would take at that rate, and each model's throughput relative to the
+fastest. The load average is printed too: on a shared machine wall-clock rates fall with it, while tokens
+per CPU-second move much less.
+
+    python benchmarks/bench_cpu_training.py                    # all demo models, 6 steps each
+    python benchmarks/bench_cpu_training.py --steps 10 --models tiny-llama smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "jpslm_assets" / "data"
+
+
+def seed_subset(n: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(rebalanced pool, first n pairs of the nested order), built from the shipped seed graph."""
+    from jpslm_assets.domain import qa_generation, qa_subsets
+    from jpslm_assets.domain.qa_templates import load_catalogue
+
+    def read(name: str) -> pl.DataFrame:
+        lines = (DATA / "kg" / name).read_text(encoding="utf-8").splitlines()
+        return pl.DataFrame([json.loads(line) for line in lines if line])
+
+    catalogue = load_catalogue(DATA / "qa_templates.yaml")
+    raw, _ = qa_generation.expand_templates(read("nodes.jsonl"), read("relations.jsonl"), catalogue)
+    pool, _ = qa_generation.deduplicate(raw, catalogue)
+    rebalanced = qa_subsets.rebalance(pool, catalogue.rebalance.keep_fraction, catalogue.rebalance.seed).frame
+    ordered = qa_subsets.nested_order(rebalanced, catalogue.subsets.seed)
+    return rebalanced, qa_subsets.take_subset(ordered, n)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=["tiny-llama", "tiny-qwen2", "smollm2-135m"])
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps timed per model")
+    parser.add_argument("--n", type=int, default=60, help="training-set size the steps draw from")
+    args = parser.parse_args()
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from jpslm_assets.domain.training_plan import resolve_plan
+    from jpslm_assets.resources.models import ModelFactory
+    from jpslm_assets.resources.trainer import TrainingSpec, run_training, write_training_records
+    from jpslm_assets.settings import load_profile
+
+    profile = load_profile("demo")
+    pool, subset = seed_subset(args.n)
+    corpus = list(zip(pool["question"], pool["answer"], strict=True))
+    records = list(zip(subset["qa_id"].cast(pl.Utf8), subset["question"], subset["answer"], strict=True))
+    grid_examples = sum(profile.n_grid) * profile.train.epochs
+    print(f"# CPU LoRA training throughput, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(
+        f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"# demo profile: batch {profile.train.per_device_batch_size} x accumulation "
+        f"{profile.train.gradient_accumulation_steps}, max_seq_length {profile.train.max_seq_length}, "
+        f"{args.steps} steps on n={args.n} pairs (avg answer {subset['answer'].str.len_chars().mean():.0f} chars)"
+    )
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-cpu-training-") as scratch:
+        root = Path(scratch)
+        data = root / "train.jsonl"
+        write_training_records(data, records)
+        factory = ModelFactory(seed=profile.train.seed)
+        for model in args.models:
+            entry = factory.entry(model)
+            started = time.perf_counter()
+            base = factory.prepare_base(
+                model, corpus if entry.source == "config" else [], root / "bases", "b"
+            )
+            base_seconds = time.perf_counter() - started
+            plan = resolve_plan(
+                profile.train, 1, {"max_steps": args.steps, "checkpoint_every_steps": args.steps + 1}
+            )
+            spec = TrainingSpec(
+                partition=f"{model}|{args.n}",
+                model=model,
+                base_model_ref=base.base_model_ref,
+                end_of_turn=base.end_of_turn,
+                plan=plan,
+                backend="cpu_lora",
+                data_path=str(data),
+                checkpoint_dir=str(root / "checkpoints" / model),
+                output_dir=str(root / "adapters" / model),
+            )
+            load_before = os.getloadavg()[0]
+            cpu_before = time.process_time()
+            result = run_training(spec, lambda message: None)
+            cpu_seconds = time.process_time() - cpu_before
+            examples_per_s = result.steps * plan.effective_batch_size / result.seconds
+            rows.append(
+                {
+                    "model": model,
+                    "base_s": base_seconds,
+                    "steps": result.steps,
+                    "tokens": result.tokens,
+                    "tokens_per_example": result.tokens / (result.steps * plan.effective_batch_size),
+                    "wall_s": result.seconds,
+                    "cpu_s": cpu_seconds,
+                    "tokens_per_s": result.tokens_per_s,
+                    "tokens_per_cpu_s": result.tokens / cpu_seconds,
+                    "demo_grid_min": grid_examples / examples_per_s / 60,
+                    "load": (load_before + os.getloadavg()[0]) / 2,
+                }
+            )
+    fastest = max(row["tokens_per_s"] for row in rows)
+    print()
+    print(
+        "| model | base build s | steps | tokens | tokens/example | train wall s | CPU s | tokens/s | "
+        "tokens/CPU-s | x fastest | est. demo grid (min) | load avg |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['model']} | {row['base_s']:.1f} | {row['steps']} | {row['tokens']} | "
+            f"{row['tokens_per_example']:.0f} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | "
+            f"{row['tokens_per_s']:.0f} | {row['tokens_per_cpu_s']:.0f} | {row['tokens_per_s'] / fastest:.2f} | "
+            f"{row['demo_grid_min']:.1f} | {row['load']:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

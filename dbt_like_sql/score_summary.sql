@@ -1,0 +1,58 @@
+-- Paper-style summary per model, n, format and judge: average 0-3 score with its 95% bootstrap interval
+-- (ci_low, ci_high), perfect-score rate (share of 3s among parsed judgements), score-0 count, average
+-- answer length in characters, seconds per question and GGUF size (decimal GB). Unparsed judgements count
+-- in questions and unparsed, never in the averages.
+with judged as (
+    select * from marts.judged_answers
+),
+
+summary as (
+    select
+        model,
+        n,
+        format,
+        judge,
+        count(*) as questions,
+        count(score) as scored,
+        count(*) - count(score) as unparsed,
+        avg(score) as avg_score,
+        count(*) filter (where score = 3) as perfect_count,
+        count(*) filter (where score = 0) as score0_count,
+        avg(chars) as avg_chars,
+        avg(seconds) as sec_per_question
+    from judged
+    group by model, n, format, judge
+),
+
+sizes as (
+    select model, cast(n as bigint) as n, format, max(artifact_bytes) / 1e9 as size_gb
+    from serve.gguf
+    where artifact_bytes is not null
+    group by model, cast(n as bigint), format
+)
+
+select
+    s.model,
+    s.n,
+    s.format,
+    s.questions,
+    s.avg_score,
+    s.perfect_count / nullif(s.scored, 0) as perfect_rate,
+    s.score0_count,
+    s.avg_chars,
+    s.sec_per_question,
+    z.size_gb,
+    i.ci_low,
+    i.ci_high,
+    s.judge,
+    s.scored,
+    s.unparsed,
+    s.scored / nullif(s.questions, 0) as parse_rate,
+    s.perfect_count,
+    i.ci_method
+from summary as s
+left join sizes as z
+    on z.model = s.model and z.n = s.n and z.format = s.format
+left join marts.score_intervals as i
+    on i.model = s.model and i.n = s.n and i.format = s.format and i.judge = s.judge
+order by s.model, s.n, s.format, s.judge

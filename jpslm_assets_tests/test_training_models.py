@@ -1,0 +1,127 @@
+"""The model factory: random-init demo models with a corpus tokenizer, the packaged SmolLM2, configs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jpslm_assets.catalogue import model_entry
+from jpslm_assets.domain.model_facts import architecture_facts
+from jpslm_assets.domain.tokenizer_training import RESERVED_PIECES
+from jpslm_assets.resources.models import ModelFactory, count_parameters, load_tokenizer
+from jpslm_assets_tests.test_training_support import qa_pairs
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[tuple[str, str]]:
+    pool = qa_pairs(150)
+    return list(zip(pool["question"], pool["answer"], strict=True))
+
+
+@pytest.fixture(scope="module")
+def demo_bases(tmp_path_factory: pytest.TempPathFactory, corpus: list[tuple[str, str]]) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bases")
+    factory = ModelFactory(seed=9)
+    return {key: factory.prepare_base(key, corpus, root, "k").folder for key in ("tiny-llama", "tiny-qwen2")}
+
+
+@pytest.mark.parametrize("key", ["tiny-llama", "tiny-qwen2"])
+def test_demo_base_ships_a_sentencepiece_tokenizer_with_chatml_specials(
+    key: str, demo_bases: dict[str, Path]
+) -> None:
+    import sentencepiece as spm
+
+    folder = demo_bases[key]
+    assert (folder / "tokenizer.model").is_file() and (folder / "model.safetensors").is_file()
+    config = json.loads((folder / "tokenizer_config.json").read_text("utf-8"))
+    decoder = config["added_tokens_decoder"]
+    for index, piece in enumerate(RESERVED_PIECES):
+        assert decoder[str(index)] == {**decoder[str(index)], "content": piece, "special": True}
+    assert "<|im_start|>" in config["chat_template"] and config["eos_token"] == "<|im_end|>"
+
+    tokenizer = load_tokenizer(str(folder))
+    processor = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "遊水地の監視はどう行いますか？ (Q-12)"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert rendered.startswith("<|im_start|>user\n") and rendered.endswith("<|im_start|>assistant\n")
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert ids == processor.encode(rendered), "Hugging Face and SentencePiece must agree on every id"
+    assert ids[0] == RESERVED_PIECES.index("<|im_start|>")
+    unseen = "鬱蒼とした森林🙂"
+    unseen_ids = tokenizer(unseen, add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in unseen_ids and tokenizer.decode(unseen_ids) == unseen
+
+
+def test_random_init_is_seeded_and_sized_by_the_catalogue(
+    demo_bases: dict[str, Path], tmp_path: Path, corpus: list[tuple[str, str]]
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    again = ModelFactory(seed=9).prepare_base("tiny-llama", corpus, tmp_path, "k").folder
+    first, second = (
+        load_file(str(demo_bases["tiny-llama"] / "model.safetensors")),
+        load_file(str(again / "model.safetensors")),
+    )
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    other = ModelFactory(seed=10).prepare_base("tiny-llama", corpus, tmp_path, "other-seed").folder
+    assert not torch.equal(
+        first["model.embed_tokens.weight"],
+        load_file(str(other / "model.safetensors"))["model.embed_tokens.weight"],
+    )
+
+    config = json.loads((demo_bases["tiny-qwen2"] / "config.json").read_text("utf-8"))
+    assert config["model_type"] == "qwen2" and config["hidden_size"] % 256 == 0
+    assert config["intermediate_size"] % 256 == 0 and config["vocab_size"] == 4096
+
+
+def test_an_existing_base_folder_is_reused_not_rebuilt(
+    demo_bases: dict[str, Path], corpus: list[tuple[str, str]]
+) -> None:
+    folder = demo_bases["tiny-llama"]
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    info = ModelFactory(seed=9).prepare_base("tiny-llama", corpus, folder.parent.parent, "k")
+    assert info.folder == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not list(folder.parent.glob(".*tmp-*"))
+
+
+def test_empty_corpus_is_refused_for_config_models(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"corpus \(rebalanced_pool\) is empty"):
+        ModelFactory().prepare_base("tiny-llama", [], tmp_path, "k")
+    assert not (tmp_path / "tiny-llama" / "k").exists() and not list((tmp_path / "tiny-llama").glob(".*"))
+
+
+@pytest.mark.parametrize(
+    ("key", "heads", "kv_heads", "kind"),
+    [("tiny-llama", 8, 2, "GQA"), ("tiny-qwen2", 8, 2, "GQA"), ("smollm2-135m", 9, 3, "GQA")],
+)
+def test_architecture_facts_come_from_each_config(key: str, heads: int, kv_heads: int, kind: str) -> None:
+    factory = ModelFactory()
+    config = factory.config(key)
+    facts = architecture_facts(
+        key, config.to_dict(), count_parameters(config), model_entry(key).paper_attention_label
+    )
+    assert (facts["heads"], facts["kv_heads"], facts["attention_kind"]) == (heads, kv_heads, kind)
+    assert facts["gqa_ratio"] == heads / kv_heads
+    if key == "smollm2-135m":
+        assert 130_000_000 < facts["parameters"] < 140_000_000 and facts["vocab_size"] == 49152
+
+
+@pytest.mark.slow
+def test_smollm2_base_is_dense_real_weights_with_its_chat_template(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    info = ModelFactory().prepare_base("smollm2-135m", [], tmp_path, "k")
+    assert info.base_model_ref == str(info.folder) and info.tokenizer_vocab == 49152
+    assert "<|im_start|>" in (info.chat_template or "")
+    model = AutoModelForCausalLM.from_pretrained(info.folder, dtype=torch.float32)
+    assert getattr(model, "hf_quantizer", None) is None
+    tokenizer = load_tokenizer(info.base_model_ref)
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits[0, -1]
+    assert tokenizer.decode(int(logits.argmax())).strip() == "Paris", "real weights, not random ones"
