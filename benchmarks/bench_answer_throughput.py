@@ -41,12 +41,17 @@ from jpslm_assets.resources.model_merge import gguf_tokenizer_overrides
 class Measured:
     tokens: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time: less sensitive than wall time to other load
     answers: int = 0
     truncated: int = 0
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        return self.tokens / self.cpu_seconds if self.cpu_seconds else 0.0
 
     @property
     def seconds_per_answer(self) -> float:
@@ -73,7 +78,11 @@ def build_random_llama(folder: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from jpslm_assets.domain.chat_format import chat_template_text
-    from jpslm_assets.domain.tokenizer_training import render_conversations, tokenizer_config, train_sentencepiece
+    from jpslm_assets.domain.tokenizer_training import (
+        render_conversations,
+        tokenizer_config,
+        train_sentencepiece,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     text = (resources.files("jpslm_assets") / "data" / "test_set_200.jsonl").read_text("utf-8")
@@ -107,12 +116,13 @@ def measure(files: dict[str, Path], prompts: list[str], max_tokens: int, threads
     for prompt in prompts:
         for name, path in files.items():  # alternate formats question by question
             request = GenerationRequest(messages=chat_messages(prompt), max_tokens=max_tokens, temperature=0.0)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             result = backend.generate(str(path), request)
-            elapsed = time.perf_counter() - started
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
             measured = results[name]
             measured.tokens += result.completion_tokens
             measured.seconds += elapsed
+            measured.cpu_seconds += cpu
             measured.answers += 1
             measured.truncated += result.finish_reason == "length"
     release_loaded_models()
@@ -145,8 +155,10 @@ def main() -> None:
     print(f"# answer throughput, F16 vs Q4_K_M GGUF ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)")
     print(f"# machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}; "
           f"threads={args.threads}, questions={len(prompts)}, max_tokens={args.max_tokens}, greedy")
-    print("| model | format | size MB | tensor types | tokens/s | s/answer | hit max | Q4 vs F16 speed | Q4/F16 size |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+    print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("| model | format | size MB | tensor types | tokens/s | tokens/CPU-s | s/answer | hit max | "
+          "Q4 vs F16 speed | Q4/F16 size |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for folder in folders:
         f16, q4 = export(folder, workdir / "gguf", tools)
         results = measure({"f16": f16, "q4_k_m": q4}, prompts, args.max_tokens, args.threads)
@@ -157,10 +169,11 @@ def main() -> None:
             types = ", ".join(f"{k} {v}" for k, v in gguf_summary(path).tensor_types.items())
             ratios = f"{speed:.2f}x | {size:.0%}" if name == "q4_k_m" else "1.00x | 100%"
             print(f"| {folder.name} | {name} | {path.stat().st_size / 1e6:.1f} | {types} | "
-                  f"{measured.tokens_per_s:.1f} | {measured.seconds_per_answer:.2f} | "
-                  f"{measured.truncated}/{measured.answers} | {ratios} |")
+                  f"{measured.tokens_per_s:.1f} | {measured.tokens_per_cpu_s:.1f} | "
+                  f"{measured.seconds_per_answer:.2f} | {measured.truncated}/{measured.answers} | {ratios} |")
     spread = statistics.mean(len(p) for p in prompts)
     print(f"# prompts: {len(prompts)} test questions, {spread:.0f} characters on average; workdir {workdir}")
+    print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -2,14 +2,15 @@
 
 Builds each demo model's base the way ``base_model`` does, then trains a LoRA adapter with the demo
 profile's settings (stage 1, fp32 on CPU) for a fixed number of optimizer steps on the first n pairs of the
-same nested subsets the dataset stage builds from the shipped seed graph. Prints per model: steps,
-non-padding tokens, wall seconds, process CPU seconds, tokens/s (wall and per CPU-second), the time a full
-demo grid (n = 60 + 120 + 180, 1 epoch) would take at that rate, and each model's throughput relative to the
-fastest. The load average is printed too: on a shared machine wall-clock rates fall with it, while tokens
-per CPU-second move much less.
+same nested subsets the dataset stage builds from the shipped seed graph, once in float32 (the default) and
+once with bf16 autocast (``LoraTrainer(cpu_precision="bf16")``). Prints per model and precision: steps,
+non-padding tokens, wall seconds, process CPU seconds, tokens/s (wall and per CPU-second), the bf16/fp32
+speed ratio, and the time a full demo grid (n = 60 + 120 + 180, 1 epoch) would take at that rate. The
+load average and torch thread count are printed too: on a shared machine wall-clock rates fall with load,
+while tokens per CPU-second move much less.
 
-    python benchmarks/bench_cpu_training.py                    # all demo models, 6 steps each
-    python benchmarks/bench_cpu_training.py --steps 10 --models tiny-llama smollm2-135m
+    python benchmarks/bench_cpu_training.py                    # all demo models, fp32 and bf16, 6 steps
+    python benchmarks/bench_cpu_training.py --steps 10 --models tiny-llama --precisions fp32
 """
 
 from __future__ import annotations
@@ -53,11 +54,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny-llama", "tiny-qwen2", "smollm2-135m"])
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps timed per model")
     parser.add_argument("--n", type=int, default=60, help="training-set size the steps draw from")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from jpslm_assets.domain.training_plan import resolve_plan
-    from jpslm_assets.resources.models import ModelFactory
+    from jpslm_assets.resources.models import ModelFactory, cpu_thread_count
     from jpslm_assets.resources.trainer import TrainingSpec, run_training, write_training_records
     from jpslm_assets.settings import load_profile
 
@@ -93,50 +95,59 @@ def main() -> None:
             plan = resolve_plan(
                 profile.train, 1, {"max_steps": args.steps, "checkpoint_every_steps": args.steps + 1}
             )
-            spec = TrainingSpec(
-                partition=f"{model}|{args.n}",
-                model=model,
-                base_model_ref=base.base_model_ref,
-                end_of_turn=base.end_of_turn,
-                plan=plan,
-                backend="cpu_lora",
-                data_path=str(data),
-                checkpoint_dir=str(root / "checkpoints" / model),
-                output_dir=str(root / "adapters" / model),
-            )
-            load_before = os.getloadavg()[0]
-            cpu_before = time.process_time()
-            result = run_training(spec, lambda message: None)
-            cpu_seconds = time.process_time() - cpu_before
-            examples_per_s = result.steps * plan.effective_batch_size / result.seconds
-            rows.append(
-                {
-                    "model": model,
-                    "base_s": base_seconds,
-                    "steps": result.steps,
-                    "tokens": result.tokens,
-                    "tokens_per_example": result.tokens / (result.steps * plan.effective_batch_size),
-                    "wall_s": result.seconds,
-                    "cpu_s": cpu_seconds,
-                    "tokens_per_s": result.tokens_per_s,
-                    "tokens_per_cpu_s": result.tokens / cpu_seconds,
-                    "demo_grid_min": grid_examples / examples_per_s / 60,
-                    "load": (load_before + os.getloadavg()[0]) / 2,
-                }
-            )
-    fastest = max(row["tokens_per_s"] for row in rows)
+            for precision in args.precisions:
+                spec = TrainingSpec(
+                    partition=f"{model}|{args.n}",
+                    model=model,
+                    base_model_ref=base.base_model_ref,
+                    end_of_turn=base.end_of_turn,
+                    plan=plan,
+                    backend="cpu_lora",
+                    data_path=str(data),
+                    checkpoint_dir=str(root / "checkpoints" / f"{model}-{precision}"),
+                    output_dir=str(root / "adapters" / f"{model}-{precision}"),
+                    cpu_bf16=precision == "bf16",
+                )
+                load_before = os.getloadavg()[0]
+                threads = cpu_thread_count()
+                cpu_before = time.process_time()
+                result = run_training(spec, lambda message: None)
+                cpu_seconds = time.process_time() - cpu_before
+                examples_per_s = result.steps * plan.effective_batch_size / result.seconds
+                rows.append(
+                    {
+                        "model": model,
+                        "precision": precision,
+                        "threads": threads,
+                        "base_s": base_seconds,
+                        "steps": result.steps,
+                        "tokens": result.tokens,
+                        "tokens_per_example": result.tokens / (result.steps * plan.effective_batch_size),
+                        "wall_s": result.seconds,
+                        "cpu_s": cpu_seconds,
+                        "tokens_per_s": result.tokens_per_s,
+                        "tokens_per_cpu_s": result.tokens / cpu_seconds,
+                        "demo_grid_min": grid_examples / examples_per_s / 60,
+                        "load": (load_before + os.getloadavg()[0]) / 2,
+                        "final_loss": result.train_loss_final,
+                    }
+                )
+    fp32_rate = {row["model"]: row["tokens_per_cpu_s"] for row in rows if row["precision"] == "fp32"}
     print()
     print(
-        "| model | base build s | steps | tokens | tokens/example | train wall s | CPU s | tokens/s | "
-        "tokens/CPU-s | x fastest | est. demo grid (min) | load avg |"
+        "| model | precision | threads | base build s | steps | tokens | tokens/example | train wall s | CPU s | "
+        "tokens/s | tokens/CPU-s | vs fp32 (per CPU-s) | est. demo grid (min) | final loss | load avg |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
+        ratio = (
+            row["tokens_per_cpu_s"] / fp32_rate[row["model"]] if row["model"] in fp32_rate else float("nan")
+        )
         print(
-            f"| {row['model']} | {row['base_s']:.1f} | {row['steps']} | {row['tokens']} | "
-            f"{row['tokens_per_example']:.0f} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | "
-            f"{row['tokens_per_s']:.0f} | {row['tokens_per_cpu_s']:.0f} | {row['tokens_per_s'] / fastest:.2f} | "
-            f"{row['demo_grid_min']:.1f} | {row['load']:.1f} |"
+            f"| {row['model']} | {row['precision']} | {row['threads']} | {row['base_s']:.1f} | {row['steps']} | "
+            f"{row['tokens']} | {row['tokens_per_example']:.0f} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | "
+            f"{row['tokens_per_s']:.0f} | {row['tokens_per_cpu_s']:.0f} | {ratio:.2f} | "
+            f"{row['demo_grid_min']:.1f} | {row['final_loss']:.3f} | {row['load']:.1f} |"
         )
 
 

@@ -88,8 +88,9 @@ class StageClock:
 
 
 def run_pipeline(
-    nodes: pl.DataFrame, relations: pl.DataFrame, grid: list[int]
+    nodes: pl.DataFrame, relations: pl.DataFrame, grid: list[int] | None = None
 ) -> tuple[StageClock, dict[str, int]]:
+    """The whole chain; ``grid`` None scales the paper's grid to the rebalanced pool's size."""
     from jpslm_assets.domain import qa_generation, qa_subsets
     from jpslm_assets.domain.qa_templates import load_catalogue
 
@@ -103,6 +104,9 @@ def run_pipeline(
     rebalanced = qa_subsets.rebalance(pool, catalogue.rebalance.keep_fraction, catalogue.rebalance.seed).frame
     clock.lap("rebalance")
     ordered = qa_subsets.nested_order(rebalanced, catalogue.subsets.seed)
+    if grid is None:
+        # Same fractions of the pool as the paper's 1000..5000 of 5,169 (dedup may shrink a copied graph).
+        grid = [n * rebalanced.height // 5169 for n in PAPER_GRID]
     subsets = [qa_subsets.take_subset(ordered, n) for n in grid]
     clock.lap("nested subsets (all n)")
     for subset in subsets:
@@ -116,6 +120,7 @@ def run_pipeline(
         "exact_removed": dedup.exact_removed,
         "near_removed": dedup.near_removed,
         "rebalanced": rebalanced.height,
+        "largest_n": max(grid),
     }
     return clock, sizes
 
@@ -137,7 +142,7 @@ def main() -> None:
     nodes, relations = seed_graph()
     paper, paper_sizes = run_pipeline(nodes, relations, PAPER_GRID)
     big_nodes, big_relations = scaled_graph(nodes, relations, args.scale)
-    big, big_sizes = run_pipeline(big_nodes, big_relations, [n * args.scale for n in PAPER_GRID])
+    big, big_sizes = run_pipeline(big_nodes, big_relations)
 
     print(
         f"machine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}, "
@@ -148,7 +153,7 @@ def main() -> None:
         print(
             f"{label:>10}: {sizes['relations']} relations -> {sizes['raw']} raw pairs -> {sizes['pool']} pool "
             f"({sizes['exact_removed']} exact, {sizes['near_removed']} near duplicates) -> "
-            f"{sizes['rebalanced']} rebalanced"
+            f"{sizes['rebalanced']} rebalanced; subsets up to n={sizes['largest_n']}"
         )
     print(
         f"{'stage':30} {'paper wall':>11} {'paper cpu':>10} {'x' + str(args.scale) + ' wall':>10} "

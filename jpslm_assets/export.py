@@ -13,7 +13,8 @@ Per model x n (the chosen n in practice):
   (``eval.answers``, one slice per format).
 
 The ``generation`` resource is chosen from the profile's ``generation.backend``; judging and QA rephrasing use
-the same resource.
+the same resource. ``stage3_export_evaluation`` runs this stage and judging for one model x n;
+``stage3_sensor`` starts it when a model's adapter at the chosen n is new.
 """
 
 
@@ -34,7 +35,7 @@ from jpslm_assets.domain.fidelity import ScoringSequence, compare_tokenizations,
 from jpslm_assets.domain.modelfile import ChatTemplateError, build_modelfile
 from jpslm_assets.domain.progress import ProgressLogger
 from jpslm_assets.execution import GPU_POOL
-from jpslm_assets.partitions import model_n_partitions, split_model_n
+from jpslm_assets.partitions import model_n_key, model_n_partitions, split_model_n
 from jpslm_assets.resources.generation import (
     Deployment,
     DeploymentRequest,
@@ -56,8 +57,9 @@ from jpslm_assets.resources.llama_cpp_tools import (
     replace_atomically,
 )
 from jpslm_assets.resources.model_merge import MergeError, gguf_tokenizer_overrides, merge_adapter
-from jpslm_assets.settings import current_profile
+from jpslm_assets.settings import Profile, current_profile
 from jpslm_assets.store import DuckDBStore, artifact_record, frame_version, table_metadata
+from jpslm_assets.training import STAGE_TAG, chosen_n
 
 GROUP = "export"
 MODEL_N = {"model": "model", "n": "n"}
@@ -635,6 +637,53 @@ answers_f16 = build_answers_asset("f16")
 answers_q4_k_m = build_answers_asset("q4_k_m")
 
 
+# ------------------------------------------------------------------------------------- job, sensor
+
+stage3_job = dg.define_asset_job(
+    "stage3_export_evaluation",
+    selection=dg.AssetSelection.groups(GROUP, "judging"),
+    partitions_def=model_n_partitions(),
+    tags={STAGE_TAG: "3"},
+    description="Stage 3 for one model at the chosen n: merge, GGUF F16 and Q4_K_M, deployment, answers, judging.",
+)
+
+
+def stage3_requests(
+    instance: dg.DagsterInstance, store: DuckDBStore, profile: Profile, cursor: str | None
+) -> tuple[list[dg.RunRequest], str, str]:
+    """(run requests, new cursor, reason): stage 3 for each model whose adapter at the chosen n is newer than
+    the one stage 3 last ran on. The cursor maps partition keys to the adapter materialization seen."""
+    seen: dict[str, int] = json.loads(cursor) if cursor else {}
+    n = chosen_n(store, profile)
+    if n is None:
+        return [], json.dumps(seen), f"no chosen n yet: eval.scale_curve has no optimum for {profile.models[0]}"
+    requests = []
+    for model in profile.models:
+        key = model_n_key(model, n)
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("lora_adapter"), asset_partitions=[str(key)]), limit=1
+        ).records
+        if not records or records[0].storage_id <= seen.get(str(key), 0):
+            continue
+        seen[str(key)] = records[0].storage_id
+        requests.append(dg.RunRequest(run_key=f"stage3-{key}-{records[0].storage_id}", partition_key=key))
+    reason = f"stage 3 at n={n} for {len(requests)} model(s)" if requests else f"no new adapter at n={n}"
+    return requests, json.dumps(seen), reason
+
+
+@dg.sensor(
+    job=stage3_job,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Starts stage 3 for a model when its adapter at the chosen n is new (e.g. after stage 2).",
+)
+def stage3_sensor(context: dg.SensorEvaluationContext, store: DuckDBStore) -> dg.SensorResult:
+    requests, cursor, reason = stage3_requests(context.instance, store, current_profile(), context.cursor)
+    return dg.SensorResult(
+        run_requests=requests, cursor=cursor, skip_reason=None if requests else dg.SkipReason(reason)
+    )
+
+
 def generation_resource() -> GenerationBackend:
     """The profile's generation backend (``generation.backend``) with its context size."""
     generation_settings = current_profile().generation
@@ -643,5 +692,7 @@ def generation_resource() -> GenerationBackend:
 
 defs = dg.Definitions(
     assets=[merged_model, gguf_f16, gguf_q4_k_m, deployment, answers_f16, answers_q4_k_m],
+    jobs=[stage3_job],
+    sensors=[stage3_sensor],
     resources={"generation": generation_resource(), "llama_cpp_tools": LlamaCppTools()},
 )

@@ -180,9 +180,9 @@ def _judge_with(
     items: list[judge_lib.JudgeItem],
     timings: StepTimings,
 ) -> pl.DataFrame:
+    # Empty answers are scored by rule: a partition of only those never needs the model.
     needs_model = any(item.answer.strip() for item in items)
-    with timings.step(f"load {settings.name}"):
-        model_ref = judge.model_ref(settings.model) if needs_model else settings.model
+    model_ref = judge.model_ref(settings.model) if needs_model else settings.model
 
     def generate(request: GenerationRequest) -> GenerationResult:
         return judge.generate(model_ref, request)
@@ -227,6 +227,7 @@ def build_judge_scores(fmt: str) -> dg.AssetsDefinition:
         test_set: pl.DataFrame,
         kg_nodes: pl.DataFrame,
     ) -> dg.Output[pl.DataFrame]:
+        """Scores one (model, n) partition's answers with the judge (and the optional second judge)."""
         model, n = split_model_n(context)
         rubric = judge_lib.load_rubric()
         source = f"answers_{fmt} partition {model}|{n}"
@@ -317,6 +318,7 @@ def build_citation_grounding(fmt: str) -> dg.AssetsDefinition:
         test_set: pl.DataFrame,
         kg_nodes: pl.DataFrame,
     ) -> dg.Output[pl.DataFrame]:
+        """Grounds one (model, n) partition's answers against the knowledge graph, without a model."""
         model, n = split_model_n(context)
         vocabulary = judge_lib.load_rubric().citation
         frame = citation_lib.ground_answers(

@@ -15,7 +15,6 @@ Job ``kg_publish`` writes the seed into the graph server named by NEO4J_URI / NE
 NEO4J_DATABASE; publishing twice leaves the same graph.
 """
 
-
 import base64
 from collections.abc import Mapping
 from typing import Any

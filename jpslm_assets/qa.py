@@ -321,7 +321,10 @@ def qa_pool_is_clean(qa_pool: pl.DataFrame) -> dg.AssetCheckResult:
     duplicate_ids = qa_pool.height - qa_pool["qa_id"].n_unique()
     duplicate_questions = qa_pool.height - questions.n_unique()
     empty_answers = qa_pool.filter(pl.col("answer").str.len_chars() == 0).height
-    uncited = qa_pool.filter(~pl.col("answer").str.contains("「", literal=True)).height
+    uncited = sum(
+        not qa_generation.cites_a_location(answer, citation)
+        for answer, citation in qa_pool.select("answer", "citation").iter_rows()
+    )
     return dg.AssetCheckResult(
         passed=qa_pool.height > 0 and not (duplicate_ids or duplicate_questions or empty_answers or uncited),
         metadata={

@@ -375,6 +375,7 @@ def lora_adapter(
         "n": n,
         "stage": plan.stage,
         "backend": result.backend,
+        "precision": result.precision,
         "device": result.device,
         "world_size": result.world_size,
         "r": plan.r,

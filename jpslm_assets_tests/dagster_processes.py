@@ -68,22 +68,26 @@ class DagsterProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the process group, then SIGKILL what is left after ``timeout`` seconds."""
+    def stop(self, timeout: float = 30.0) -> str:
+        """SIGTERM the process group, then SIGKILL what is left after ``timeout`` seconds.
+
+        Returns how it ended: ``"exited"`` (already gone), ``"SIGTERM"`` (clean shutdown) or ``"SIGKILL"``.
+        """
         try:
             group = os.getpgid(self.process.pid)
         except ProcessLookupError:
-            return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            return "exited"
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
             try:
                 os.killpg(group, sig)
             except ProcessLookupError:
-                return
+                return "exited"
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
                 if self.process.poll() is not None and not _group_alive(group):
-                    return
+                    return sig.name
                 time.sleep(0.2)
+        return "SIGKILL"
 
     def __enter__(self) -> DagsterProcess:
         return self
@@ -102,6 +106,14 @@ def _group_alive(group: int) -> bool:
     return True
 
 
+def _default_interrupts() -> None:
+    """Runs in the child before exec. A parent started in the background of a non-interactive shell
+    ignores SIGINT, and the child inherits that; `dagster dev` maps SIGTERM to its SIGINT handler, so it
+    would ignore SIGTERM too. Restoring the default lets Python install its KeyboardInterrupt handler and
+    shut Dagster down cleanly on SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn(
     name: str, command: Sequence[str], env: Mapping[str, str], log_path: Path, cwd: Path
 ) -> DagsterProcess:
@@ -115,6 +127,7 @@ def _spawn(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_default_interrupts,
         )
     return DagsterProcess(name, process, log_path)
 

@@ -167,6 +167,24 @@ def start_falkordb(workdir: Path, password: str = "", timeout: float = 30.0) -> 
     raise GraphServerError("FalkorDB could not bind free ports after 3 attempts:\n" + handle.log_tail())
 
 
+def run_cypher(server: FalkorDBServer, database: str, query: str, **parameters: object) -> None:
+    """Run one write query on ``database`` (a graph) with short timeouts, for arranging test data."""
+    import neo4j
+
+    driver = neo4j.GraphDatabase.driver(
+        server.uri,
+        auth=(USER, server.password),
+        connection_timeout=2.0,
+        connection_acquisition_timeout=5.0,
+        max_transaction_retry_time=10.0,
+    )
+    try:
+        with driver.session(database=database) as session:
+            session.execute_write(lambda tx: tx.run(query, parameters).consume())
+    finally:
+        driver.close()
+
+
 @dataclass
 class SilentServer:
     """A TCP server that accepts connections and never sends a byte: a graph server that hangs."""

@@ -112,6 +112,20 @@ def _dismiss_welcome(page: Page) -> None:
     skip.click()
 
 
+def _expand_group(page: Page, group: str, asset: str) -> None:
+    """Double-click a collapsed group node of the lineage graph until ``asset`` shows (the UI remembers
+    expanded groups between visits, and a double-click on an expanded group collapses it again)."""
+    from playwright.sync_api import expect
+
+    graph = page.locator("svg")
+    node = graph.get_by_text(asset, exact=True).first
+    try:
+        node.wait_for(state="visible", timeout=3000)
+    except PlaywrightTimeoutError:
+        graph.get_by_text(group, exact=True).first.dblclick()
+    expect(node).to_be_visible()
+
+
 @pytest.mark.browser
 @pytest.mark.integration
 def test_ui_shows_the_graph_and_launches_a_partition_that_succeeds(data_dir: Path, tmp_path: Path) -> None:
@@ -160,12 +174,7 @@ def test_ui_shows_the_graph_and_launches_a_partition_that_succeeds(data_dir: Pat
         graph = page.locator("svg")
         for group in ("kg", "dataset", "training", "evaluation", "export", "judging", "marts", "reports"):
             expect(graph.get_by_text(group, exact=True).first).to_be_visible()
-        graph.get_by_text("dataset", exact=True).first.dblclick()
-        expect(graph.get_by_text(PARTITIONED_ASSET, exact=True).first).to_be_visible()
-        time.sleep(2)  # let the layout animation settle before the picture
-        graph_png = shots / "asset-graph.png"
-        page.screenshot(path=str(graph_png))
-        _keep(graph_png)
+        _expand_group(page, "dataset", PARTITIONED_ASSET)
 
         # 2. The partitioned asset: launch one partition from the dialog.
         page.goto(f"{server.url}/assets/{PARTITIONED_ASSET}", wait_until="networkidle")
@@ -191,6 +200,14 @@ def test_ui_shows_the_graph_and_launches_a_partition_that_succeeds(data_dir: Pat
         page.screenshot(path=str(run_png))
         _keep(run_png)
 
+        # The graph again, now with the launched partition materialized: the picture for the docs.
+        page.goto(f"{server.url}/asset-groups", wait_until="networkidle")
+        _expand_group(page, "dataset", PARTITIONED_ASSET)
+        time.sleep(2)  # let the layout animation settle before the picture
+        graph_png = shots / "asset-graph.png"
+        page.screenshot(path=str(graph_png))
+        _keep(graph_png)
+
         # 4. A figure asset shows its image (base64 PNG in Markdown metadata).
         page.goto(f"{server.url}/assets/{FIGURE_ASSET}", wait_until="networkidle")
         page.get_by_text("[Show Markdown]").first.click()
@@ -201,6 +218,8 @@ def test_ui_shows_the_graph_and_launches_a_partition_that_succeeds(data_dir: Pat
         page.screenshot(path=str(figure_png))
         _keep(figure_png)
         browser.close()
+        # `dagster dev` shuts down cleanly on SIGTERM to its process group (no SIGKILL needed).
+        assert server.stop() == "SIGTERM", server.log_tail()
 
     os.environ["DAGSTER_HOME"] = str(home)
     try:

@@ -323,3 +323,19 @@ def test_conversion_past_its_time_limit_leaves_the_previous_gguf(chain: Chain) -
         tools.convert_hf_to_gguf(Path(merged["artifact_path"]), target)
     assert file_sha256(target) == row["artifact_sha256"]
     assert not list(target.parent.glob(f".{target.name}.partial-*"))
+
+
+def test_stage3_sensor_requests_new_adapters_at_the_chosen_n(chain: Chain) -> None:
+    from jpslm_assets.export import stage3_job, stage3_requests
+    from jpslm_assets.settings import current_profile
+
+    profile = current_profile()
+    requests, cursor, reason = stage3_requests(chain.instance, chain.store, profile, None)
+    assert requests == [] and "no chosen n yet" in reason
+    curve = pl.DataFrame({"model": ["tiny-llama", "tiny-llama"], "n": [60, 120], "is_optimal": [True, False]})
+    chain.store.write_slice("eval.scale_curve", curve, {"model": "tiny-llama"})
+    requests, cursor, _ = stage3_requests(chain.instance, chain.store, profile, None)
+    assert [str(r.partition_key) for r in requests] == [GOOD]
+    again, _, reason = stage3_requests(chain.instance, chain.store, profile, cursor)
+    assert again == [] and reason == "no new adapter at n=60"
+    assert stage3_job.name == "stage3_export_evaluation"

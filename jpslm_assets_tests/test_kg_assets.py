@@ -20,6 +20,7 @@ from jpslm_assets.domain import knowledge_graph as graph_lib
 from jpslm_assets.resources.graph_store import (
     GraphStore,
     GraphStoreError,
+    GraphStoreTimeout,
     Neo4jGraphStore,
     SeedGraphStore,
     run_with_deadline,
@@ -296,7 +297,7 @@ def test_definitions_expose_the_kg_stage() -> None:
 def test_deadline_bounds_a_call_that_blocks() -> None:
     release = threading.Event()
     started = time.monotonic()
-    with pytest.raises(GraphStoreError, match="waiting did not finish within 0.3 s"):
+    with pytest.raises(GraphStoreTimeout, match="waiting did not finish within 0.3 s"):
         run_with_deadline(release.wait, 0.3, "waiting")
     assert time.monotonic() - started < 1.0
     release.set()

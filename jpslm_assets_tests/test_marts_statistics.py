@@ -60,6 +60,13 @@ def test_paired_test_drops_zero_differences_like_wilcoxon() -> None:
     assert test.mean_delta == pytest.approx(0.05)
 
 
+def test_paired_test_with_one_or_two_changed_answers() -> None:
+    one = statistics.paired_difference_test([3, 2], [3, 3])
+    assert one.nonzero_pairs == 1 and one.p_value == 1.0 and not one.significant
+    two = statistics.paired_difference_test([1, 1], [2, 3])
+    assert two.p_value == pytest.approx(0.5)  # 2 of 4 sign patterns are as extreme
+
+
 def test_paired_test_rejects_unpaired_samples() -> None:
     with pytest.raises(ValueError, match="differ in length"):
         statistics.paired_difference_test([1, 2], [1])

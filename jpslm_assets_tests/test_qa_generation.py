@@ -129,6 +129,13 @@ def test_unknown_placeholder_in_an_answer_frame_names_the_frame() -> None:
         parse_catalogue(raw)
 
 
+def test_answer_frame_without_a_citation_is_reported() -> None:
+    raw = raw_catalogue()
+    raw["relation_types"]["AFFECTS"]["answers"]["v4"] = "「{source_name}」は「{target_name}」に影響します。"
+    with pytest.raises(TemplateError, match=r"answer frame AFFECTS\.v4 cites no standards location"):
+        parse_catalogue(raw)
+
+
 def test_template_pointing_to_a_missing_answer_frame_is_reported() -> None:
     raw = raw_catalogue()
     raw["relation_types"]["USED_IN"]["templates"][0]["answer"] = "v9"
@@ -221,6 +228,9 @@ def test_citation_and_sentence_helpers() -> None:
     assert citation_of(None, None, None) == ""
     assert qa_generation.as_sentence("説明文") == "説明文。"
     assert qa_generation.as_sentence("説明文。") == "説明文。"
+    citation = "「計画編」「設計編 第3章 河川構造物 第2節 堤防」"
+    assert qa_generation.cites_a_location("根拠は「設計編 第3章 河川構造物 第2節 堤防」です。", citation)
+    assert not qa_generation.cites_a_location("根拠は「設計編 第3章」です。", citation)
 
 
 def test_column_and_text_normalization_agree() -> None:
@@ -304,4 +314,6 @@ def test_seed_pool_matches_the_papers_size_and_shares() -> None:
     # Answers of comparable substance to the paper's 370-380 characters, not one-liners.
     assert 365 <= pool["answer_chars"].mean() <= 395
     assert pool["answer_chars"].min() >= 200
+    cited = [qa_generation.cites_a_location(a, c) for a, c in pool.select("answer", "citation").iter_rows()]
+    assert all(cited)
     assert set(pool["category"].unique()) == set(catalogue.categories)

@@ -105,8 +105,8 @@ def test_stage1_then_stage2_end_to_end(pipeline: Pipeline, store: DuckDBStore) -
     assert nll["questions"].to_list() == [profile.eval_questions] * 3
     assert all(0 < value < 20 for value in nll["nll"]) and (nll["answer_tokens"] > 0).all()
 
-    requests = training.stage1_scale_requests(pipeline.instance, profile)
-    assert [r.partition_key for r in requests] == ["tiny-llama"]
+    stage1 = training.stage1_scale_curve_sensor(dg.build_sensor_context(instance=pipeline.instance))
+    assert [r.partition_key for r in stage1.run_requests] == ["tiny-llama"]
     assert training.chosen_n(store) is None
     assert (
         pipeline.defs.resolve_job_def("stage1_select_n")
@@ -124,7 +124,10 @@ def test_stage1_then_stage2_end_to_end(pipeline: Pipeline, store: DuckDBStore) -
     assert best == curve.filter(pl.col("test_nll") == curve["test_nll"].min())["n"][0]
     assert curve.filter(pl.col("n") == best)["delta_nll"][0] == 0.0
 
-    requests, cursor, _ = training.stage2_requests(pipeline.instance, store, profile, None)
+    sensor = training.stage2_sensor(
+        dg.build_sensor_context(instance=pipeline.instance, resources={"store": store})
+    )
+    requests, cursor = sensor.run_requests, sensor.cursor
     assert [r.partition_key for r in requests] == [model_n_key(m, best) for m in profile.models]
     assert all(r.tags[training.STAGE_TAG] == "2" for r in requests)
     assert json.loads(cursor)["n"] == best

@@ -1,5 +1,6 @@
 """The trainer on a tiny random-init Llama: answer-only loss, resume after a kill, out-of-memory handling."""
 
+import math
 import os
 import signal
 import subprocess
@@ -105,6 +106,17 @@ def test_training_writes_a_peft_adapter_and_a_loss_curve(tiny_base: Path, tmp_pa
     assert any("step 3/3" in m and "tokens/s" in m and "ETA" in m for m in messages)
     with pytest.raises(trainer_lib.TrainingError, match="already exists"):
         trainer_lib.run_training(make_spec(tiny_base, tmp_path, 8, max_steps=3), messages.append)
+
+
+def test_cpu_bf16_autocast_keeps_float32_adapter_weights(tiny_base: Path, tmp_path: Path) -> None:
+    import torch
+
+    spec = make_spec(tiny_base, tmp_path, 8, max_steps=2).model_copy(update={"cpu_bf16": True})
+    prepared = trainer_lib.prepare_run(spec, lambda message: None)
+    assert prepared.trainer.args.bf16 and prepared.trainer.args.device.type == "cpu"
+    result = trainer_lib.run_training(spec, lambda message: None)
+    assert result.precision == "bf16-autocast" and math.isfinite(result.train_loss_final)
+    assert {t.dtype for t in adapter_tensors(Path(result.adapter_path)).values()} == {torch.float32}
 
 
 def test_run_killed_after_a_checkpoint_resumes_to_the_same_adapter(tiny_base: Path, tmp_path: Path) -> None:

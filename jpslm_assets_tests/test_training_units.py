@@ -326,3 +326,13 @@ def test_plots_render_pngs_with_the_bundled_japanese_font() -> None:
         from PIL import Image
 
         assert Image.open(io.BytesIO(png)).size[0] > 300
+
+
+def test_cpu_threads_leave_busy_cores_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jpslm_assets.resources import models
+
+    monkeypatch.setattr(models.os, "cpu_count", lambda: 2)
+    for load, expected in ((0.2, 2), (0.9, 1), (7.5, 1)):
+        monkeypatch.setattr(models.os, "getloadavg", lambda load=load: (load, load, load))
+        assert models.cpu_thread_count() == expected
+    assert models.cpu_thread_count(3) == 3

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import polars as pl
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 NODES_FILE = "nodes.jsonl"
 RELATIONS_FILE = "relations.jsonl"
@@ -163,7 +163,9 @@ class NodeRecord(BaseModel):
     @field_validator("chapter", "section", "name_en")
     @classmethod
     def _optional_text(cls, value: str | None) -> str | None:
-        return value.strip() or None if value is not None else None
+        if value is None:
+            return None
+        return value.strip() or None  # "" means "not given", as null does
 
 
 class RelationRecord(BaseModel):
@@ -179,8 +181,8 @@ class RelationRecord(BaseModel):
 
     @field_validator("relation_id", "source_id", "relation_type", "target_id", "description")
     @classmethod
-    def _required_text(cls, value: str, info: Any) -> str:
-        return _not_blank(value, info.field_name)
+    def _required_text(cls, value: str, info: ValidationInfo) -> str:
+        return _not_blank(value, str(info.field_name))
 
 
 RecordT = TypeVar("RecordT", NodeRecord, RelationRecord)
@@ -196,7 +198,7 @@ class Located:
 
 @dataclass(frozen=True)
 class KnowledgeGraph:
-    """A validated graph: node ids unique, every relation typed from the vocabulary and fully connected."""
+    """A validated graph: ids unique, labels and types from the vocabulary, every endpoint a node of it."""
 
     nodes: tuple[NodeRecord, ...]
     relations: tuple[RelationRecord, ...]
@@ -409,7 +411,10 @@ def build_graph(
     graph_problems = _check_nodes(nodes, vocabulary)
     graph_problems += _check_relations(relations, {node.node_id: node for _, node in nodes}, vocabulary)
     if not nodes:
-        graph_problems.append(f"{origin}: the graph has no nodes")
+        graph_problems.append(
+            "the graph has no nodes (on a graph server: check NEO4J_DATABASE, or load the seed into it with "
+            "the kg_publish job)"
+        )
     if graph_problems:
         raise KnowledgeGraphError(origin, graph_problems)
     return KnowledgeGraph(

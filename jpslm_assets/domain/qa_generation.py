@@ -60,6 +60,11 @@ def as_sentence(text: str) -> str:
     return text if not text or text[-1] in SENTENCE_STOPS else text + "。"
 
 
+def cites_a_location(answer: str, citation: str) -> bool:
+    """Whether an answer quotes at least one of the standards locations (「...」) listed in ``citation``."""
+    return any(f"「{location}」" in answer for location in re.findall(r"「([^「」]+)」", citation))
+
+
 def normalize_text(text: str) -> str:
     """NFKC, lower-cased, whitespace removed: the form duplicates and overlaps are judged on."""
     return re.sub(r"\s+", "", unicodedata.normalize("NFKC", text).lower())
@@ -234,13 +239,18 @@ def _shingles(text: str, width: int) -> list[bytes]:
     return [text[i : i + width].encode("utf-8") for i in range(len(text) - width + 1)]
 
 
+def _clauses(text: str) -> list[bytes]:
+    parts = [part for part in re.split(r"[、。]", text) if part]
+    return [part.encode("utf-8") for part in parts] or [text.encode("utf-8")]
+
+
 def deduplicate(frame: pl.DataFrame, catalogue: TemplateCatalogue) -> tuple[pl.DataFrame, DedupReport]:
     """Drop exact and near-duplicate pairs, keeping the first in (relation_id, template) order.
 
     - exact: the same question after ``normalize_text`` — a question must have one answer in training data.
-    - near: MinHash LSH over character shingles of the normalized question proposes candidates
-      (datasketch); a candidate is a duplicate when rapidfuzz's normalized Indel similarity of both the
-      questions and the answers reaches ``dedup.confirm_ratio``. Requiring both keeps distinct facts that
+    - near: MinHash LSH (datasketch) proposes candidates similar in their question (character shingles)
+      and in their answer (clauses); a candidate is a duplicate when rapidfuzz's normalized Indel
+      similarity of both the questions and the answers reaches ``dedup.confirm_ratio``. Requiring both keeps distinct facts that
       happen to be phrased alike (chapter 1 vs chapter 2) and removes cosmetic rewordings of one fact.
     """
     from datasketch import MinHash, MinHashLSH
@@ -259,19 +269,29 @@ def deduplicate(frame: pl.DataFrame, catalogue: TemplateCatalogue) -> tuple[pl.D
     questions = first["_question_key"].to_list()
     answers = first.select(normalized("answer"))["answer"].to_list()
     qa_ids = first["qa_id"].to_list()
+    # Two indexes, because a near duplicate must be close in both: questions by character shingles, answers
+    # by their clauses (split at 、 and 。; an answer repeats the node descriptions, so clauses tell apart
+    # answers about different nodes cheaply). Only pairs proposed by both are scored.
     # CRC-32 as the shingle hash: the library's default (SHA-1 per shingle) costs twice as much, and the
     # MinHash permutations applied on top make either good enough for proposing candidates.
-    hashes = MinHash.bulk(
+    question_hashes = MinHash.bulk(
         [_shingles(q, settings.shingle_chars) for q in questions],
         num_perm=settings.num_perm,
         hashfunc=zlib.crc32,
     )
-    lsh = MinHashLSH(threshold=settings.lsh_threshold, num_perm=settings.num_perm)
+    answer_hashes = MinHash.bulk(
+        [_clauses(a) for a in answers], num_perm=settings.num_perm, hashfunc=zlib.crc32
+    )
+    question_index = MinHashLSH(threshold=settings.lsh_threshold, num_perm=settings.num_perm)
+    answer_index = MinHashLSH(threshold=settings.answer_lsh_threshold, num_perm=settings.num_perm)
     keep = [True] * len(questions)
     threshold = settings.confirm_ratio
-    for index, minhash in enumerate(hashes):
+    for index, (question_hash, answer_hash) in enumerate(zip(question_hashes, answer_hashes, strict=True)):
         duplicate_of = None
-        candidates = sorted(lsh.query(minhash))  # earliest kept pair first: deterministic examples
+        proposed = question_index.query(question_hash)
+        if proposed:
+            proposed = set(proposed) & set(answer_index.query(answer_hash))
+        candidates = sorted(proposed)  # earliest kept pair first: deterministic examples
         if candidates:
             # Score all candidates in one rapidfuzz call (C++), questions first, answers only for close ones.
             question_scores = process.cdist(
@@ -289,7 +309,8 @@ def deduplicate(frame: pl.DataFrame, catalogue: TemplateCatalogue) -> tuple[pl.D
                     (c for c, score in zip(close, answer_scores, strict=True) if score >= threshold), None
                 )
         if duplicate_of is None:
-            lsh.insert(index, minhash)
+            question_index.insert(index, question_hash)
+            answer_index.insert(index, answer_hash)
         else:
             keep[index] = False
             if len(report.examples) < 5:

@@ -97,7 +97,8 @@ class DedupSettings(BaseModel):
 
     shingle_chars: int = Field(default=3, ge=1, le=10)
     num_perm: int = Field(default=64, ge=16, le=512)
-    lsh_threshold: float = Field(default=0.8, gt=0.0, lt=1.0)
+    lsh_threshold: float = Field(default=0.7, gt=0.0, lt=1.0)
+    answer_lsh_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
     confirm_ratio: float = Field(default=90.0, gt=0.0, le=100.0)
 
 

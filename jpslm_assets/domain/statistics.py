@@ -139,11 +139,13 @@ def paired_difference_test(
     # Scores are 0-3, so differences are few distinct values with many ties: the normal approximation
     # scipy falls back to then is poor for small samples. The permutation distribution of the signed-rank
     # statistic is exact with ties (all 2^k sign flips when they fit in `resamples`, else a seeded sample).
-    result = stats.wilcoxon(
-        delta[delta != 0],
-        alternative="two-sided",
-        method=stats.PermutationMethod(n_resamples=resamples, rng=np.random.default_rng(seed)),
+    # A single non-zero pair has no permutation distribution to sample; its exact test (p = 1) is the same.
+    method = (
+        "exact"
+        if nonzero == 1
+        else stats.PermutationMethod(n_resamples=resamples, rng=np.random.default_rng(seed))
     )
+    result = stats.wilcoxon(delta[delta != 0], alternative="two-sided", method=method)
     return PairedTest(
         pairs=int(delta.size),
         mean_delta=float(delta.mean()),

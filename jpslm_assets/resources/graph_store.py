@@ -49,10 +49,16 @@ T = TypeVar("T")
 BOLT_SCHEMES = ("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc")
 NODE_PROPERTIES = ("name", "name_en", "description", "volume", "chapter", "section", "category")
 RELATION_PROPERTIES = ("description",)
+# FalkorDB's Bolt endpoint reports a failed login (and any other server-side failure) with this code.
+FALKORDB_GENERIC_ERROR = "Neo.DatabaseError.General.UnknownError"
 
 
 class GraphStoreError(RuntimeError):
     """The graph server cannot be used; the message names the server and what to check."""
+
+
+class GraphStoreTimeout(GraphStoreError):
+    """A call to the graph server did not finish within its deadline."""
 
 
 class GraphStore(dg.ConfigurableResource):
@@ -122,7 +128,7 @@ def _safe_identifier(name: str, vocabulary: Vocabulary) -> str:
 
 
 def run_with_deadline(work: Callable[[], T], seconds: float, what: str) -> T:
-    """Run ``work`` in a daemon thread; raise ``GraphStoreError`` if it has not finished after ``seconds``.
+    """Run ``work`` in a daemon thread; raise ``GraphStoreTimeout`` if it has not finished after ``seconds``.
 
     The Bolt driver bounds connecting, but not waiting for a query's answer from a server that stopped
     responding; this puts a hard limit on the whole call. A thread left behind is a daemon, so it cannot
@@ -140,7 +146,7 @@ def run_with_deadline(work: Callable[[], T], seconds: float, what: str) -> T:
     worker.start()
     worker.join(seconds)
     if worker.is_alive():
-        raise GraphStoreError(f"{what} did not finish within {seconds:g} s; the server is not answering")
+        raise GraphStoreTimeout(f"{what} did not finish within {seconds:g} s; the server is not answering")
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
@@ -155,7 +161,8 @@ class Neo4jGraphStore(GraphStore):
     database: str = Field(description="Database, or the graph name on FalkorDB (NEO4J_DATABASE)")
     connection_timeout_s: float = Field(default=5.0, gt=0, description="Connecting and the Bolt handshake")
     query_timeout_s: float = Field(default=60.0, gt=0, description="One read or publish, end to end")
-    max_retry_time_s: float = Field(default=5.0, ge=0, description="Retrying transient connection errors")
+    # Longer than the connection timeout, so one stalled connect (FalkorDB after a GOODBYE) is retried.
+    max_retry_time_s: float = Field(default=15.0, ge=0, description="Retrying transient connection errors")
     batch_size: int = Field(default=500, gt=0, description="Most rows per UNWIND statement when publishing")
     # FalkorDB 4.16's Bolt endpoint crashes on request messages above about 3.5 KB, so the default keeps
     # each statement's rows within 2 KB; a Neo4j server takes far larger batches (raise it for big graphs).
@@ -216,22 +223,24 @@ class Neo4jGraphStore(GraphStore):
             )
         if isinstance(exc, errors.ServiceUnavailable):
             text = str(exc)
+            # The driver's message is "Couldn't connect to ...:" followed by the underlying reason.
+            reason = [line for line in text.splitlines() if line.strip()][-1]
             if "handshake" in text or "timed out" in text.lower() or "deadline" in text.lower():
                 return GraphStoreError(
                     f"{where} accepted the connection but did not answer the Bolt handshake within "
-                    f"{self.connection_timeout_s:.0f} s ({text.splitlines()[0]}). Is a Bolt server listening "
+                    f"{self.connection_timeout_s:g} s ({reason}). Is a Bolt server listening "
                     "on that port, and is it responsive? Check NEO4J_URI."
                 )
-            return GraphStoreError(
-                f"{where} is not reachable ({text.splitlines()[0]}). Start the server or fix NEO4J_URI."
-            )
+            return GraphStoreError(f"{where} is not reachable ({reason}). Start the server or fix NEO4J_URI.")
         if isinstance(exc, errors.ClientError) and "DatabaseNotFound" in (exc.code or ""):
             return GraphStoreError(f"{where}: database {self.database!r} does not exist; fix NEO4J_DATABASE.")
-        if isinstance(exc, errors.Neo4jError):
+        if isinstance(exc, errors.Neo4jError) and exc.code == FALKORDB_GENERIC_ERROR:
             return GraphStoreError(
                 f"{where} rejected the request ({exc.code}: {exc.message}). A FalkorDB server answers a wrong "
                 "password this way; check NEO4J_USER, NEO4J_PASSWORD and NEO4J_DATABASE."
             )
+        if isinstance(exc, errors.Neo4jError):
+            return GraphStoreError(f"{where} rejected the request ({exc.code}: {exc.message}).")
         return GraphStoreError(f"{where}: {type(exc).__name__}: {exc}")
 
     def _call(self, what: str, work: Callable[[neo4j.Session], T]) -> T:
@@ -247,10 +256,13 @@ class Neo4jGraphStore(GraphStore):
         deadline = self.connection_timeout_s + self.max_retry_time_s + self.query_timeout_s
         try:
             return run_with_deadline(run, deadline, f"{what} on {self.describe()}")
-        except GraphStoreError:
-            # A stuck or broken driver is dropped (not closed: a hung call may still hold it).
+        except GraphStoreTimeout:
+            # The stuck driver is abandoned, not closed: the hung call still holds its connection.
             with self._driver_lock:
                 self._driver_instance = None
+            raise
+        except GraphStoreError:
+            self.close()  # the next call starts with a fresh connection
             raise
 
     def _transaction(
