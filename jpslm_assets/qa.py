@@ -107,6 +107,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
+        os.fchmod(handle, 0o644)  # mkstemp creates 0600; artifacts are meant to be read by other tools
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()

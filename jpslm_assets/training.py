@@ -398,6 +398,7 @@ def lora_adapter(
         "train_loss_final": result.train_loss_final,
         "train_loss_avg": result.train_loss_avg,
         "minutes": result.seconds / 60.0,
+        "cpu_minutes": result.cpu_seconds / 60.0,
         "tokens": result.tokens,
         "tokens_per_s": result.tokens_per_s,
         "resumed_from_step": result.resumed_from_step,

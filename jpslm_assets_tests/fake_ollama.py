@@ -182,7 +182,6 @@ class FakeOllama:
         self.last_prompt: str | None = None  # the text the last generation saw, after template rendering
         self._failures: list[tuple[int, str, str | None]] = []
         self._lock = threading.Lock()
-        self._llamas: dict[str, Any] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -199,8 +198,6 @@ class FakeOllama:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
-        for llama in self._llamas.values():
-            llama.close()
 
     def fail_next(self, status: int, message: str, count: int = 1, path: str | None = None) -> None:
         """Answer the next ``count`` requests (to ``path`` only, when given) with ``{"error": message}``."""
@@ -216,58 +213,41 @@ class FakeOllama:
 
     # -------------------------------------------------------------------------------- behaviour
 
-    def _llama(self, model: FakeModel, num_ctx: int) -> Any:
-        from llama_cpp import Llama
-
-        key = f"{model.blob}:{num_ctx}"
-        with self._lock:
-            if key not in self._llamas:
-                self._llamas[key] = Llama(model_path=str(model.blob), n_ctx=num_ctx, verbose=False, seed=0)
-            return self._llamas[key]
-
     def generate(self, model: FakeModel, prompt: str | None, messages: list[dict[str, str]] | None,
                  options: Mapping[str, Any], schema: Any) -> dict[str, Any]:
-        settings = {**model.parameters, **(options or {})}
-        llama = self._llama(model, int(settings.get("num_ctx", 2048)))
-        if messages is not None and model.template:
-            system = "\n".join(m["content"] for m in messages if m.get("role") == "system")
-            turns = [{"Role": m.get("role"), "Content": m.get("content")} for m in messages]
-            prompt = render_go_template(parse_go_template(model.template), {"System": system, "Messages": turns})
-        self.last_prompt = prompt
-        add_bos = bool(llama._model.add_bos_token())
-        kwargs: dict[str, Any] = {}
-        if schema:
-            from llama_cpp import LlamaGrammar
+        from llama_cpp import LlamaGrammar
 
-            kwargs["grammar"] = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
-        started = time.perf_counter()
-        if prompt is None:
-            output = llama.create_chat_completion(
-                messages=messages, max_tokens=int(settings.get("num_predict", 128)),
-                temperature=float(settings.get("temperature", 0.8)), seed=int(settings.get("seed", 0)),
-                stop=settings.get("stop"), **kwargs,
-            )  # fmt: skip
-            choice = output["choices"][0]
-            text, finish = choice["message"]["content"] or "", choice["finish_reason"]
+        from jpslm_assets.resources.generation import LlamaCppBackend, complete_tokens
+
+        settings = {**model.parameters, **(options or {})}
+        backend = LlamaCppBackend(n_ctx=int(settings.get("num_ctx", 2048)))
+        llama = backend.load(str(model.blob))
+        if messages is not None and not model.template:
+            tokens = backend.render_prompt(str(model.blob), messages)  # the GGUF's own chat template
+            self.last_prompt = None
         else:
-            tokens = llama.tokenize(prompt.encode(), add_bos=add_bos, special=True)
-            output = llama.create_completion(
-                prompt=tokens, max_tokens=int(settings.get("num_predict", 128)),
-                temperature=float(settings.get("temperature", 0.8)), seed=int(settings.get("seed", 0)),
-                stop=settings.get("stop"), **kwargs,
-            )  # fmt: skip
-            choice = output["choices"][0]
-            text, finish = choice["text"], choice["finish_reason"]
-        usage = output["usage"]
+            if messages is not None:
+                system = "\n".join(m["content"] for m in messages if m.get("role") == "system")
+                turns = [{"Role": m.get("role"), "Content": m.get("content")} for m in messages]
+                prompt = render_go_template(parse_go_template(model.template or ""), {"System": system,
+                                                                                       "Messages": turns})
+            self.last_prompt = prompt
+            # Ollama prepends BOS itself when the GGUF asks for it.
+            tokens = llama.tokenize((prompt or "").encode(), add_bos=bool(llama._model.add_bos_token()), special=True)
+        grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False) if schema else None
+        started = time.perf_counter()
+        text, generated, finish = complete_tokens(
+            llama, tokens, int(settings.get("num_predict", 128)), float(settings.get("temperature", 0.8)),
+            int(settings.get("seed", 0)), tuple(settings.get("stop") or ()), grammar,
+        )  # fmt: skip
         elapsed = int((time.perf_counter() - started) * 1e9)
         return {
             "text": text,
-            "done_reason": "length" if finish == "length" else "stop",
-            "prompt_eval_count": usage["prompt_tokens"],
-            "eval_count": usage["completion_tokens"],
+            "done_reason": finish,
+            "prompt_eval_count": len(tokens),
+            "eval_count": generated,
             "total_duration": elapsed,
             "eval_duration": elapsed,
-            "prompt": prompt,
         }
 
     def model_entry(self, model: FakeModel) -> dict[str, Any]:

@@ -207,9 +207,7 @@ def test_max_tokens_is_reported_as_length(chain: Chain, monkeypatch: pytest.Monk
     monkeypatch.setenv("JPSLM_GENERATION__MAX_NEW_TOKENS", "3")
     result = materialize(chain.assets, ["answers_f16"], chain.resources, partition_key=GOOD)
     frame = chain.store.query("SELECT * FROM eval.answers WHERE model='tiny-llama' AND n=60 AND format='f16'")
-    assert set(frame["finish_reason"]) == {"length"}
-    # llama.cpp finishes a UTF-8 character it has started (byte-fallback pieces), at most 3 bytes more.
-    assert frame["tokens"].is_between(3, 6).all(), frame["tokens"]
+    assert set(frame["finish_reason"]) == {"length"} and set(frame["tokens"]) == {3}
     assert _metadata(result, "answers_f16")["hit_max_tokens"] == 4
     monkeypatch.setenv("JPSLM_GENERATION__MAX_NEW_TOKENS", "24")
     materialize(chain.assets, ["answers_f16"], chain.resources, partition_key=GOOD)

@@ -139,6 +139,7 @@ def test_dataset_stage_end_to_end(store: DuckDBStore, tmp_path: Path, data_dir: 
     stability = {k: v.value for k, v in final["relation_shares_stable_across_n"].metadata.items()}
     assert "PRECEDES" in stability["integer_limited_types"]
     assert stability["qa_relation_shares_by_n_figure"].startswith("![Figure 2](data:image/png;base64,")
+    assert final["answer_length_stable_across_n"].metadata["within_paper_band"].value is True
     for figure in ("qa_relation_shares_by_n", "qa_answer_length_by_n", "qa_quality_summary"):
         assert (data_dir / "artifacts" / "plots" / f"{figure}.png").stat().st_size > 10_000
 

@@ -118,8 +118,15 @@ def quality_summary_figure(stability: pl.DataFrame, category_shares: pl.DataFram
     types = stability["relation_type"].to_list()
     cvs = [100 * value for value in stability["cv"].to_list()]
     colors = ["tab:blue" if ok else "tab:red" for ok in stability["passed"].to_list()]
-    left.barh(types, cvs, color=colors)
+    bars = left.barh(types, cvs, color=colors)
+    # Types whose counts are too small for the limit are judged by the integer bound: hatch them.
+    for bar, limited in zip(bars, stability["integer_limited"].to_list(), strict=True):
+        if limited:
+            bar.set_hatch("//")
+            bar.set_edgecolor("white")
     left.axvline(100 * cv_limit, color="black", linestyle="--", label=f"上限 {100 * cv_limit:.0f}%")
+    if any(stability["integer_limited"].to_list()):
+        left.bar(0, 0, color="tab:blue", hatch="//", edgecolor="white", label="件数が少なく整数の制約で判定")
     left.invert_yaxis()
     left.tick_params(axis="y", labelsize=8)
     left.set_xlabel("変動係数 CV (%)", fontproperties=font)

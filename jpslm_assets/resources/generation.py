@@ -178,67 +178,52 @@ class LlamaCppBackend(GenerationBackend):
         except ChatTemplateError as exc:
             raise self._error(model_ref, str(exc)) from exc
 
-    def generate(self, model_ref: str, request: GenerationRequest) -> GenerationResult:
-        llm = self.load(model_ref)
-        self.check_chat_template(model_ref)
-        prompt_tokens = self.prompt_tokens(model_ref, request.messages)
-        if prompt_tokens >= self.n_ctx:
-            raise self._error(
-                model_ref, f"the prompt alone ({prompt_tokens} tokens) does not fit n_ctx={self.n_ctx}; raise "
-                "generation.num_ctx in the profile or shorten the prompt."
-            )
-        kwargs: dict[str, Any] = {}
-        if request.grammar or request.json_schema is not None:
-            kwargs["grammar"] = self._grammar(llm, model_ref, request)
-        started = time.perf_counter()
-        try:
-            # temperature 0 selects llama.cpp's greedy sampler; the seed pins any sampled run.
-            output = llm.create_chat_completion(
-                messages=list(request.messages),
-                max_tokens=request.max_tokens,
-                temperature=request.temperature,
-                seed=request.seed,
-                stop=list(request.stop) or None,
-                **kwargs,
-            )
-        except ValueError as exc:
-            raise self._error(model_ref, f"generation failed: {exc}") from exc
-        seconds = time.perf_counter() - started
-        choice = output["choices"][0]
-        usage = output.get("usage") or {}
-        prompt_tokens = int(usage.get("prompt_tokens", prompt_tokens))
-        finish_reason = "length" if choice.get("finish_reason") == "length" else "stop"
-        if finish_reason == "length" and prompt_tokens + request.max_tokens > self.n_ctx:
-            # llama-cpp-python quietly lowers max_tokens to what the window holds; an answer cut there is not
-            # the answer the settings asked for.
-            raise self._error(
-                model_ref, f"the {prompt_tokens}-token prompt plus max_tokens={request.max_tokens} exceed "
-                f"n_ctx={self.n_ctx}, and the answer was cut at the window's end; raise generation.num_ctx in "
-                "the profile or lower max_new_tokens."
-            )
-        return GenerationResult(
-            text=choice["message"].get("content") or "",
-            prompt_tokens=prompt_tokens,
-            completion_tokens=int(usage.get("completion_tokens", 0)),
-            seconds=seconds,
-            finish_reason=finish_reason,
-            backend=self.backend_name,
-            model=model_ref,
-        )
+    def render_prompt(self, model_ref: str, messages: Sequence[dict[str, str]]) -> list[int]:
+        """The conversation's prompt ids, laid out by the GGUF's own chat template with the generation prompt.
 
-    def prompt_tokens(self, model_ref: str, messages: Sequence[dict[str, str]]) -> int:
-        """How many tokens the conversation takes once laid out by the GGUF's chat template."""
+        As in llama-cpp-python's chat handler (and HF's ``apply_chat_template``), the template writes any BOS
+        itself: none is added, so none is doubled.
+        """
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         llm = self.load(model_ref)
+        self.check_chat_template(model_ref)
         formatter = Jinja2ChatFormatter(
             template=llm.metadata["tokenizer.chat_template"],
             eos_token=_token_text(llm, llm.token_eos()),
             bos_token=_token_text(llm, llm.token_bos()),
         )
-        prompt = formatter(messages=list(messages)).prompt
-        # As llama-cpp-python's chat handler: the template writes any BOS itself (no second one added).
-        return len(llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+        try:
+            prompt = formatter(messages=list(messages)).prompt
+        except Exception as exc:  # the template's own raise_exception, or a Jinja error
+            raise self._error(model_ref, f"the chat template refused the conversation: {exc}") from exc
+        return list(llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+
+    def generate(self, model_ref: str, request: GenerationRequest) -> GenerationResult:
+        llm = self.load(model_ref)
+        prompt = self.render_prompt(model_ref, request.messages)
+        if len(prompt) + request.max_tokens > self.n_ctx:
+            raise self._error(
+                model_ref, f"the {len(prompt)}-token prompt plus max_tokens={request.max_tokens} do not fit "
+                f"n_ctx={self.n_ctx}; raise generation.num_ctx in the profile or lower max_new_tokens."
+            )
+        grammar = self._grammar(llm, model_ref, request) if request.grammar or request.json_schema else None
+        started = time.perf_counter()
+        try:
+            text, generated, finish_reason = complete_tokens(
+                llm, prompt, request.max_tokens, request.temperature, request.seed, request.stop, grammar
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise self._error(model_ref, f"generation failed: {exc}") from exc
+        return GenerationResult(
+            text=text,
+            prompt_tokens=len(prompt),
+            completion_tokens=generated,
+            seconds=time.perf_counter() - started,
+            finish_reason=finish_reason,
+            backend=self.backend_name,
+            model=model_ref,
+        )
 
     def _grammar(self, llm: Any, model_ref: str, request: GenerationRequest) -> Any:
         """A checked ``LlamaGrammar`` from the request's GBNF or JSON schema.
@@ -320,6 +305,50 @@ def _token_text(llm: Any, token: int) -> str:
     if token is None or token < 0:
         return ""
     return llm._model.token_get_text(token)
+
+
+def complete_tokens(
+    llm: Any,
+    prompt: Sequence[int],
+    max_tokens: int,
+    temperature: float,
+    seed: int,
+    stop: Sequence[str] = (),
+    grammar: Any = None,
+) -> tuple[str, int, Literal["stop", "length"]]:
+    """Generate after ``prompt`` until an end-of-generation token, a stop string or ``max_tokens``.
+
+    Returns (text, generated token count, finish reason). Why not ``create_chat_completion``: llama-cpp-python
+    skips its ``max_tokens`` check while the output ends inside a UTF-8 character, so a model that keeps
+    emitting byte pieces runs past the limit until the context overflows. Here the limit is exact, and a
+    character left incomplete at the limit is dropped from the text.
+    """
+    import llama_cpp
+
+    # An empty context for every request: llama-cpp-python's reuse of a cached prompt prefix has failed to
+    # find KV cells here, and it would make an answer depend on the question asked before it.
+    llm.reset()
+    llm.set_seed(seed)
+    vocab = llm._model.vocab
+    generated: list[int] = []
+    finish: Literal["stop", "length"] = "length"
+    text = ""
+    # temperature 0 is llama.cpp's greedy sampler; otherwise llama-cpp-python's default sampling chain.
+    for token in llm.generate(list(prompt), temp=temperature, top_k=40, top_p=0.95, min_p=0.05,
+                              repeat_penalty=1.0, reset=True, grammar=grammar):
+        if llama_cpp.llama_vocab_is_eog(vocab, token):
+            finish = "stop"
+            break
+        generated.append(token)
+        if stop:
+            text = llm.detokenize(generated, prev_tokens=list(prompt)).decode("utf-8", errors="ignore")
+            hits = [text.index(marker) for marker in stop if marker in text]
+            if hits:
+                return text[: min(hits)], len(generated), "stop"
+        if len(generated) >= max_tokens:
+            break
+    text = llm.detokenize(generated, prev_tokens=list(prompt)).decode("utf-8", errors="ignore")
+    return text, len(generated), finish
 
 
 def _describe_types(types: dict[str, int]) -> str:

@@ -101,6 +101,7 @@ class TrainingResult(BaseModel):
     train_loss_final: float
     train_loss_avg: float
     seconds: float
+    cpu_seconds: float = Field(description="process CPU time of the training loop (all threads)")
     tokens: int = Field(description="non-padding tokens processed in this session")
     tokens_per_s: float
     resumed_from_step: int | None
@@ -450,14 +451,14 @@ def run_training(spec: TrainingSpec, sink: ProgressSink = print) -> TrainingResu
         trainer = prepared.trainer
         if resume is not None:
             sink(f"{spec.partition}: resuming from {resume.name}")
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.process_time()
         tokens_before = 0
         if resume is not None:
             tokens_before = int(
                 json.loads((resume / "trainer_state.json").read_text("utf-8")).get("num_input_tokens_seen", 0)
             )
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        seconds = time.monotonic() - started
+        seconds, cpu_seconds = time.monotonic() - started, time.process_time() - cpu_started
     except Exception as exc:
         if _is_out_of_memory(exc):
             raise _oom_error(spec, exc) from exc
@@ -491,6 +492,7 @@ def run_training(spec: TrainingSpec, sink: ProgressSink = print) -> TrainingResu
         train_loss_final=losses[-1],
         train_loss_avg=sum(losses) / len(losses),
         seconds=seconds,
+        cpu_seconds=cpu_seconds,
         tokens=tokens,
         tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
         resumed_from_step=int(resume.name.removeprefix(CHECKPOINT_PREFIX)) if resume else None,
