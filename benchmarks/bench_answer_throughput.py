@@ -68,7 +68,7 @@ def build_smollm2(folder: Path) -> Path:
     from jpslm_assets.resources.models import ModelFactory
 
     corpus = [("質問", "回答")]  # unused for a packaged model; the factory's signature asks for one
-    return ModelFactory().prepare_base("smollm2-135m", corpus, folder, "bench").folder
+    return ModelFactory().prepare_base("smollm2-135m", corpus, folder, "smollm2-135m").folder
 
 
 def build_random_llama(folder: Path) -> Path:

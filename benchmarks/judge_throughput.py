@@ -7,7 +7,7 @@ seconds, and CPU seconds of this process, which on a machine shared with other j
 of the unloaded time. ``--threads`` sets llama.cpp's generation threads; prompt processing uses
 llama-cpp-python's default batch threads (one per CPU).
 
-    python benchmarks/judge_throughput.py --items 12 --chars 200 400 --threads 1 2
+    python benchmarks/judge_throughput.py --items 12 --chars 200 400 --weights source f16 --threads 1
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import os
 import platform
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
 
@@ -58,47 +59,81 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, default=12)
     parser.add_argument("--chars", type=int, nargs="+", default=[200, 400])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1])
+    parser.add_argument("--weights", nargs="+", default=["source", "f16"], help="source | f16 | q8_0")
     args = parser.parse_args()
 
     profile = load_profile("demo")
-    judge = judge_resource_for(profile)
     rubric = judge_lib.load_rubric()
-    model_ref = judge.model_ref()
     items = items_from_test_set(args.items)
+    base = judge_resource_for(profile)
     print(
         f"# judge throughput, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, model {os.path.basename(model_ref)}, "
-        f"{len(items)} judgements per row"
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, {len(items)} judgements per row"
     )
-    first: float | None = None
-    for threads in args.threads:
-        backend = LlamaCppBackend(n_ctx=rubric.generation.num_ctx, n_threads=threads)
-        prompt_tokens: list[int] = []
+    # Every (weights, threads, cap) setting judges item 1, then every setting item 2, and so on: on a machine
+    # shared with other jobs the settings then see the same load, so their ratios stay meaningful.
+    runs = []
+    for weights in args.weights:
+        judge = base.model_copy(update={"embedded_weights": weights})
+        model_ref = judge.model_ref()
+        for threads in args.threads:
+            backend = LlamaCppBackend(n_ctx=rubric.generation.num_ctx, n_threads=threads)
+            backend.load(model_ref)  # load outside the timed loop
+            for chars in args.chars:
+                runs.append(
+                    Run(
+                        weights,
+                        threads,
+                        chars,
+                        backend,
+                        model_ref,
+                        judge.settings(rubric, max_answer_chars=chars),
+                    )
+                )
+    for item in items:
+        for run in runs:
+            run.judge(item, rubric)
+    first = runs[0].wall / len(items)
+    for run in runs:
+        wall, cpu = run.wall / len(items), run.cpu / len(items)
+        print(
+            f"weights={run.weights} threads={run.threads} max_answer_chars={run.chars}: {wall:.2f} s/judgement "
+            f"wall (x{wall / first:.2f} of the first row), {cpu:.2f} CPU s, "
+            f"{sum(run.prompt_tokens) / len(run.prompt_tokens):.0f} prompt + "
+            f"{sum(run.reply_tokens) / len(run.reply_tokens):.0f} reply tokens per call, "
+            f"parse rate {sum(run.parsed) / len(run.parsed):.2f}, scores {run.scores}"
+        )
 
-        def generate(
-            request: GenerationRequest, backend: LlamaCppBackend = backend, tokens: list[int] = prompt_tokens
-        ) -> GenerationResult:
-            result = backend.generate(model_ref, request)
-            tokens.append(result.prompt_tokens)
-            return result
 
-        backend.load(model_ref)  # load outside the timed loop
-        for chars in args.chars:
-            settings = judge.settings(rubric, max_answer_chars=chars)
-            prompt_tokens.clear()
-            started, cpu_started = time.perf_counter(), time.process_time()
-            frame = judge_lib.judge_answers(items, generate, rubric, settings)
-            seconds = (time.perf_counter() - started) / len(items)
-            cpu_seconds = (time.process_time() - cpu_started) / len(items)
-            first = first or seconds
-            parse_rate = frame.get_column("parse_ok").mean()
-            print(
-                f"threads={threads} max_answer_chars={chars}: {seconds:.2f} s/judgement wall "
-                f"(x{seconds / first:.2f} of the first row), {cpu_seconds:.2f} CPU s/judgement, "
-                f"{sum(prompt_tokens) / len(prompt_tokens):.0f} prompt tokens, parse rate {parse_rate:.2f}, "
-                f"scores {frame.get_column('score').to_list()}"
-            )
+@dataclass
+class Run:
+    weights: str
+    threads: int
+    chars: int
+    backend: LlamaCppBackend
+    model_ref: str
+    settings: judge_lib.JudgeSettings
+    wall: float = 0.0
+    cpu: float = 0.0
+    prompt_tokens: list[int] = field(default_factory=list)
+    reply_tokens: list[int] = field(default_factory=list)
+    parsed: list[bool] = field(default_factory=list)
+    scores: list[int | None] = field(default_factory=list)
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        result = self.backend.generate(self.model_ref, request)
+        self.prompt_tokens.append(result.prompt_tokens)
+        self.reply_tokens.append(result.completion_tokens)
+        return result
+
+    def judge(self, item: judge_lib.JudgeItem, rubric: judge_lib.Rubric) -> None:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        verdict = judge_lib.judge_one(item, self.generate, rubric, self.settings)
+        self.wall += time.perf_counter() - started
+        self.cpu += time.process_time() - cpu_started
+        self.parsed.append(verdict.parse_ok)
+        self.scores.append(verdict.score)
 
 
 if __name__ == "__main__":

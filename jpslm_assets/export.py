@@ -51,6 +51,7 @@ from jpslm_assets.resources.llama_cpp_tools import (
     ConversionFailed,
     LlamaCppToolError,
     LlamaCppTools,
+    gguf_chat_metadata,
     gguf_summary,
     partial_path,
     remove_stale_partials,
@@ -481,7 +482,6 @@ def deployment(
     merged = _single_row(merged_model, "merged_model", model, n)
     entry = model_entry(model)
     generation_settings = current_profile().generation
-    embedded = LlamaCppBackend(n_ctx=generation_settings.num_ctx)
     rows = []
     for format_name, frame in (("f16", gguf_f16), ("q4_k_m", gguf_q4_k_m)):
         gguf = _single_row(frame, f"gguf_{format_name}", model, n)
@@ -500,14 +500,14 @@ def deployment(
             continue
         gguf_path = Path(gguf["artifact_path"])
         try:
-            vocabulary = embedded.vocabulary(str(gguf_path))
+            header = gguf_chat_metadata(gguf_path)  # read from the header: no weights loaded for this
             spec = build_modelfile(
-                embedded.chat_template(str(gguf_path)),
+                header.chat_template,
                 gguf_path.name,
                 model=f"{model} n={n} ({format_name})",
-                bos_token=vocabulary["bos_token"],
-                eos_token=vocabulary["eos_token"],
-                server_adds_bos=vocabulary["add_bos"],
+                bos_token=header.bos_token,
+                eos_token=header.eos_token,
+                server_adds_bos=header.add_bos,
                 catalogue_stops=entry.stop_tokens,
                 seed=generation_settings.seed,
                 temperature=generation_settings.temperature,
@@ -519,7 +519,7 @@ def deployment(
             request = DeploymentRequest(model, n, format_name, name, gguf_path=gguf_path,
                                         hf_dir=Path(merged["artifact_path"]), modelfile=spec)
             result = generation.deploy(request)
-        except (ChatTemplateError, GenerationError) as exc:
+        except (ChatTemplateError, GenerationError, LlamaCppToolError) as exc:
             raise dg.Failure(f"{model} n={n} {format_name}: {exc}") from exc
         context.log.info(f"{model} n={n} {format_name}: {result.backend} {result.status} - {result.detail}")
         rows.append(_deployment_row(model, n, format_name, result, modelfile))
@@ -623,7 +623,7 @@ def build_answers_asset(format_name: str) -> dg.AssetsDefinition:
             frame,
             questions=frame.height,
             backend=str(served["backend"]),
-            avg_chars=float(frame["chars"].mean() or 0.0),
+            avg_chars=float(frame["chars"].cast(pl.Float64).mean() or 0.0),  # type: ignore[arg-type]
             sec_per_question=total_seconds / max(frame.height, 1),
             tokens_per_s=float(frame["tokens"].sum()) / total_seconds if total_seconds else 0.0,
             hit_max_tokens=truncated,

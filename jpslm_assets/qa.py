@@ -139,6 +139,11 @@ def _markdown_table(frame: pl.DataFrame, percent: tuple[str, ...] = (), digits: 
     return "\n".join([header, rule, *rows])
 
 
+def _number(value: Any) -> float:
+    """A polars aggregate (None for an empty column) as a float for metadata."""
+    return float(value or 0.0)
+
+
 def _column_schema(frame: pl.DataFrame) -> dg.TableSchema:
     return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()])
 
@@ -303,9 +308,9 @@ def qa_pool(
                 percent=("share", "paper_share"),
             )
         ),
-        "max_share_delta_pp": float(shares["delta_pp"].abs().max() or 0.0),
-        "avg_answer_chars": float(pool["answer_chars"].mean() or 0.0),
-        "avg_question_chars": float(pool["question_chars"].mean() or 0.0),
+        "max_share_delta_pp": _number(shares["delta_pp"].abs().max()),
+        "avg_answer_chars": _number(pool["answer_chars"].mean()),
+        "avg_question_chars": _number(pool["question_chars"].mean()),
         "paper_answer_chars": f"{paper.answer_chars[0]}-{paper.answer_chars[1]}",
         "pairs_by_category": dg.MetadataValue.md(_markdown_table(categories)),
         "dagster/column_schema": _column_schema(pool),
@@ -598,7 +603,7 @@ def relation_shares_stable_across_n(
         passed=bool(stability["passed"].all()),
         metadata={
             "cv_limit": cv_limit,
-            "max_cv": float(stability["cv"].max() or 0.0),
+            "max_cv": _number(stability["cv"].max()),
             "types_over_limit": dg.MetadataValue.json(
                 stability.filter(pl.col("cv") >= cv_limit)["relation_type"].to_list()
             ),
@@ -852,8 +857,8 @@ def test_set_has_no_lexical_overlap(
     return dg.AssetCheckResult(
         passed=bool(results["passed"].all()),
         metadata={
-            "definition": f"shared character {width}-gram after NFKC, case folding and whitespace removal",
-            "leaking_questions": int(results["leaking_questions"].max() or 0),
+            "definition": f"shared character {width}-gram after NFKC, lower-casing and whitespace removal",
+            "leaking_questions": int(_number(results["leaking_questions"].max())),
             "leaking_ids": dg.MetadataValue.json(
                 sorted({i for ids in results["leaking_ids"].to_list() for i in ids})
             ),

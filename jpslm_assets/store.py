@@ -307,8 +307,10 @@ class LineageRecord:
     def insert(self, conn: duckdb.DuckDBPyConnection, table: str, frame: pl.DataFrame) -> str:
         materialization_id = uuid.uuid4().hex
         artifact: dict[str, Any] = dict.fromkeys(ARTIFACT_COLUMNS)
-        if frame.height == 1 and all(column in frame.columns for column in ARTIFACT_COLUMNS):
-            artifact = {column: frame[column][0] for column in ARTIFACT_COLUMNS}
+        if frame.height and all(column in frame.columns for column in ARTIFACT_COLUMNS):
+            distinct = frame.select(ARTIFACT_COLUMNS).unique()
+            if distinct.height == 1:  # one file per materialization, repeated on every row
+                artifact = distinct.row(0, named=True)
         conn.execute(
             "INSERT INTO lineage.materializations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
@@ -449,8 +451,9 @@ class DuckDBTableIOManager(dg.ConfigurableIOManager):
         slices = _partition_slices(metadata, partition_keys)
         frame = self.store.read_slices(metadata["table"], slices)
         reads = self._reads().setdefault(context.op_def.name, [])
+        read_keys: list[str | None] = list(partition_keys) if partition_keys else [None]
         with self.store.connect(read_only=True) as conn:
-            for key in partition_keys or [None]:
+            for key in read_keys:
                 mat_id, version = self.store.latest_materialization(
                     conn, _key_string(context.asset_key), key
                 )

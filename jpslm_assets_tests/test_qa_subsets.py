@@ -194,3 +194,21 @@ def test_chat_lines_are_messages_in_position_order() -> None:
     assert first["messages"][0]["content"] == subset["question"][0]
     with_system = json.loads(qa_subsets.chat_lines(subset, "システム")[0])
     assert with_system["messages"][0] == {"role": "system", "content": "システム"}
+
+
+def test_quality_figures_render_with_the_packaged_japanese_font() -> None:
+    from jpslm_assets.domain import qa_plots
+
+    assert qa_plots.japanese_font_path().name == "ipaexg.ttf"
+    rebalanced = seed_rebalanced()
+    ordered = nested_order(rebalanced, seed=42)
+    subsets = pl.concat([take_subset(ordered, n) for n in DEMO_GRID])
+    pool_shares = dict(qa_generation.relation_shares(rebalanced).select("relation_type", "share").iter_rows())
+    stability = qa_subsets.share_stability(subsets, pool_shares, cv_limit=0.03)
+    figures = [
+        qa_plots.relation_share_figure(qa_subsets.subset_shares(subsets), pool_shares),
+        qa_plots.answer_length_figure(qa_subsets.subset_summary(subsets, ["Design"]), (370, 380)),
+        qa_plots.quality_summary_figure(stability, qa_subsets.subset_shares(subsets, "category"), 0.03),
+    ]
+    for png in figures:
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000

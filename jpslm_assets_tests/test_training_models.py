@@ -110,18 +110,67 @@ def test_architecture_facts_come_from_each_config(key: str, heads: int, kv_heads
         assert 130_000_000 < facts["parameters"] < 140_000_000 and facts["vocab_size"] == 49152
 
 
+@pytest.fixture(scope="module")
+def smollm2_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ModelFactory().prepare_base("smollm2-135m", [], tmp_path_factory.mktemp("smollm2"), "k").folder
+
+
 @pytest.mark.slow
-def test_smollm2_base_is_dense_real_weights_with_its_chat_template(tmp_path: Path) -> None:
+def test_smollm2_base_is_dense_real_weights_with_its_chat_template(smollm2_base: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    info = ModelFactory().prepare_base("smollm2-135m", [], tmp_path, "k")
-    assert info.base_model_ref == str(info.folder) and info.tokenizer_vocab == 49152
-    assert "<|im_start|>" in (info.chat_template or "")
-    model = AutoModelForCausalLM.from_pretrained(info.folder, dtype=torch.float32)
+    tokenizer = load_tokenizer(str(smollm2_base))
+    assert len(tokenizer) == 49152 and "<|im_start|>" in tokenizer.chat_template
+    model = AutoModelForCausalLM.from_pretrained(smollm2_base, dtype=torch.float32)
     assert getattr(model, "hf_quantizer", None) is None
-    tokenizer = load_tokenizer(info.base_model_ref)
     ids = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         logits = model(**ids).logits[0, -1]
     assert tokenizer.decode(int(logits.argmax())).strip() == "Paris", "real weights, not random ones"
+
+
+@pytest.mark.slow
+def test_smollm2_test_nll_falls_with_training(smollm2_base: Path, tmp_path: Path) -> None:
+    from jpslm_assets.domain.chat_format import encode_pairs
+    from jpslm_assets.domain.nll import answer_token_nll
+    from jpslm_assets.domain.training_plan import resolve_plan
+    from jpslm_assets.resources import trainer as trainer_lib
+    from jpslm_assets.resources.models import load_for_scoring
+    from jpslm_assets.settings import load_profile
+    from jpslm_assets_tests.test_training_support import eval_questions_frame
+
+    pool = qa_pairs(32, seed=3)
+    data = tmp_path / "train.jsonl"
+    trainer_lib.write_training_records(
+        data, list(zip(pool["qa_id"], pool["question"], pool["answer"], strict=True))
+    )
+    overrides = {
+        "max_steps": 6,
+        "per_device_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "max_seq_length": 128,
+    }
+    result = trainer_lib.run_training(
+        trainer_lib.TrainingSpec(
+            partition="smollm2-135m|32",
+            model="smollm2-135m",
+            base_model_ref=str(smollm2_base),
+            end_of_turn="<|im_end|>",
+            plan=resolve_plan(load_profile("demo").train, 1, overrides),
+            backend="cpu_lora",
+            data_path=str(data),
+            checkpoint_dir=str(tmp_path / "checkpoints"),
+            output_dir=str(tmp_path / "adapter"),
+        ),
+        lambda message: None,
+    )
+    tests = eval_questions_frame(12)
+    scorer = load_for_scoring(str(smollm2_base), Path(result.adapter_path), result.backend)
+    triples = list(zip(tests["question_id"], tests["question"], tests["reference_answer"], strict=True))[:12]
+    examples = encode_pairs(scorer.tokenizer, triples, "<|im_end|>", 512)
+    adapted = answer_token_nll(scorer.model, examples, scorer.pad_id, batch_size=4)
+    with scorer.model.disable_adapter():
+        base = answer_token_nll(scorer.model, examples, scorer.pad_id, batch_size=4)
+    assert adapted.answer_tokens == base.answer_tokens > 0
+    assert adapted.nll < base.nll - 0.05, f"NLL {adapted.nll:.3f} should fall below the base's {base.nll:.3f}"

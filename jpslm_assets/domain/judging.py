@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import polars as pl
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from jpslm_assets.resources.generation_api import (
     ChatMessage,
@@ -57,12 +57,16 @@ class JudgeBackendError(RuntimeError):
 
 
 class RubricLevel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     score: int = Field(ge=0)
     ja: str = Field(min_length=1)
     en: str = Field(min_length=1)
 
 
 class RubricInstructions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     system: str
     rubric_heading: str
     question: str
@@ -75,13 +79,17 @@ class RubricInstructions(BaseModel):
 
 
 class GenerationDefaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     reason_max_chars: int = Field(gt=0, le=2000)
-    max_tokens: int = Field(gt=0)
     retry_temperature: float = Field(ge=0.0, le=2.0)
     num_ctx: int = Field(gt=256)
+    embedded_weights: Literal["source", "f16", "q8_0"] = "source"
 
 
 class CitationVocabulary(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     volumes: dict[str, list[str]]
     chapter_patterns: list[str]
     section_patterns: list[str]
@@ -103,6 +111,8 @@ class CitationVocabulary(BaseModel):
 
 
 class Rubric(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
+
     prompt_version: str = Field(min_length=1)
     default_language_by_backend: dict[str, Language]
     generation: GenerationDefaults
@@ -158,6 +168,18 @@ def _parse_rubric(text: str, origin: str) -> Rubric:
 # ------------------------------------------------------------------------------------ judge settings
 
 
+# Bytes of the JSON frame of a reply with every optional space the grammar allows:
+# { "score" : 3 , "reason" : "" } -> 31. A token is at least one byte, so bytes bound tokens.
+REPLY_FRAME_BYTES = 31
+# Bytes one reason character can take: an escape pair (\\n) in ASCII, up to 4 in UTF-8 otherwise.
+MAX_BYTES_PER_REASON_CHAR = {True: 2, False: 4}
+
+
+def reply_token_budget(reason_max_chars: int, ascii_reason: bool) -> int:
+    """max_tokens that always lets the longest admissible reply finish (a cut reply cannot be parsed)."""
+    return REPLY_FRAME_BYTES + reason_max_chars * MAX_BYTES_PER_REASON_CHAR[ascii_reason]
+
+
 @dataclass(frozen=True)
 class JudgeSettings:
     """Everything that determines a judgement besides the inputs; stored as JSON with every row."""
@@ -169,11 +191,13 @@ class JudgeSettings:
     retries: int
     max_tokens: int
     reason_max_chars: int
+    reason_ascii: bool
     temperature: float
     retry_temperature: float
     seed: int
     constraint: Constraint
     prompt_version: str
+    weights: str | None = None
 
     @property
     def name(self) -> str:
@@ -192,10 +216,15 @@ def judge_settings(
     retries: int,
     language: Language | None = None,
     seed: int = 42,
-    max_tokens: int | None = None,
     constraint: Constraint | None = None,
+    weights: str | None = None,
 ) -> JudgeSettings:
-    """Settings for one judge: profile values, run-config overrides, rubric defaults for the rest."""
+    """Settings for one judge: profile values, run-config overrides, rubric defaults for the rest.
+
+    With a grammar and English instructions the reason is restricted to printable ASCII: a small judge
+    otherwise copies Japanese text from the prompt into its reason until ``max_tokens`` cuts the reply.
+    ``max_tokens`` always fits the longest admissible reply.
+    """
     if language is None:
         if backend not in rubric.default_language_by_backend:
             raise RubricError(
@@ -210,39 +239,45 @@ def judge_settings(
         raise RubricError(f"judge.max_answer_chars must be positive, got {max_answer_chars}")
     if retries < 0:
         raise RubricError(f"judge.retries must be >= 0, got {retries}")
+    reason_ascii = language == "en" and constraint == "grammar"
+    reason_max_chars = rubric.generation.reason_max_chars
     return JudgeSettings(
         backend=backend,
         model=model,
         language=language,
         max_answer_chars=max_answer_chars,
         retries=retries,
-        max_tokens=max_tokens or rubric.generation.max_tokens,
-        reason_max_chars=rubric.generation.reason_max_chars,
+        max_tokens=reply_token_budget(reason_max_chars, reason_ascii),
+        reason_max_chars=reason_max_chars,
+        reason_ascii=reason_ascii,
         temperature=0.0,
         retry_temperature=rubric.generation.retry_temperature,
         seed=seed,
         constraint=constraint,
         prompt_version=rubric.prompt_version,
+        weights=weights,
     )
 
 
 # ---------------------------------------------------------------------------- output constraints
 
 
-def judge_grammar(rubric: Rubric, reason_max_chars: int | None = None) -> str:
+def judge_grammar(rubric: Rubric, reason_max_chars: int | None = None, ascii_reason: bool = False) -> str:
     """A GBNF grammar admitting exactly ``{"score": <level>, "reason": "<1..max chars>"}``.
 
     Written by hand rather than converted from the JSON schema: llama.cpp's converter ignores integer
     bounds and lets control characters into strings, so its output could still fail to parse.
+    ``ascii_reason`` limits the reason to printable ASCII (an English reason).
     """
     limit = reason_max_chars or rubric.generation.reason_max_chars
     levels = " | ".join(f'"{score}"' for score in rubric.scores)
+    plain = "[ !#-[\\]-~]" if ascii_reason else '[^"\\\\\\x00-\\x1F\\x7F]'
     return "\n".join(
         [
             'root ::= "{" space "\\"score\\"" space ":" space score space "," space '
             '"\\"reason\\"" space ":" space "\\"" char{1,' + str(limit) + '} "\\"" space "}"',
             f"score ::= {levels}",
-            'char ::= [^"\\\\\\x00-\\x1F\\x7F] | "\\\\" ["\\\\/bfnrt]',
+            f'char ::= {plain} | "\\\\" ["\\\\/bfnrt]',
             'space ::= " "?',
         ]
     )
@@ -396,7 +431,11 @@ def judge_one(item: JudgeItem, generate: GenerateFn, rubric: Rubric, settings: J
     if not item.answer or not item.answer.strip():
         return Verdict(item.question_id, 0, EMPTY_ANSWER_REASON, True, None, 0, None, 0.0)
     messages = build_judge_messages(item, rubric, settings.language, settings.max_answer_chars)
-    grammar = judge_grammar(rubric, settings.reason_max_chars) if settings.constraint == "grammar" else None
+    grammar = (
+        judge_grammar(rubric, settings.reason_max_chars, settings.reason_ascii)
+        if settings.constraint == "grammar"
+        else None
+    )
     schema = (
         judge_json_schema(rubric, settings.reason_max_chars) if settings.constraint == "json_schema" else None
     )

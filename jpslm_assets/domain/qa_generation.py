@@ -190,9 +190,9 @@ def expand_templates(
         citation = "".join(citations)
         values["citations"] = "、".join(citations)
         source_id, target_id = str(relation["source_id"]), str(relation["target_id"])
-        for template, frame in resolved[relation_type]:
+        for template, answer_frame in resolved[relation_type]:
             question = template.question.format_map(values).strip()
-            answer = frame.format_map(values).strip()
+            answer = answer_frame.format_map(values).strip()
             template_id = f"{relation_type}.{template.id}"
             columns["qa_id"].append(f"{relation_id}:{template_id}")
             columns["relation_id"].append(relation_id)

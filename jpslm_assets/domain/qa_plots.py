@@ -124,14 +124,21 @@ def quality_summary_figure(stability: pl.DataFrame, category_shares: pl.DataFram
         if limited:
             bar.set_hatch("//")
             bar.set_edgecolor("white")
-    left.axvline(100 * cv_limit, color="black", linestyle="--", label=f"上限 {100 * cv_limit:.0f}%")
+    limit_line = left.axvline(
+        100 * cv_limit, color="black", linestyle="--", label=f"上限 {100 * cv_limit:.0f}%"
+    )
+    handles = [limit_line]
     if any(stability["integer_limited"].to_list()):
-        left.bar(0, 0, color="tab:blue", hatch="//", edgecolor="white", label="件数が少なく整数の制約で判定")
+        from matplotlib.patches import Patch
+
+        handles.append(
+            Patch(facecolor="tab:blue", hatch="//", edgecolor="white", label="件数が少なく整数の制約で判定")
+        )
     left.invert_yaxis()
     left.tick_params(axis="y", labelsize=8)
     left.set_xlabel("変動係数 CV (%)", fontproperties=font)
     left.set_title("関係タイプ割合の変動係数", fontproperties=font)
-    left.legend(prop=font, fontsize=8)
+    left.legend(handles=handles, prop=font, fontsize=8)
 
     sizes = sorted(category_shares["n"].unique().to_list())
     categories = sorted(category_shares["category"].unique().to_list())

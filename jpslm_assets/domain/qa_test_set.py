@@ -1,7 +1,7 @@
 """The held-out test set: parsing and validating ``test_set_200.jsonl``, and lexical leakage measures.
 
 Leakage is defined concretely: a test question leaks when it shares a character n-gram (default 8) with
-any training question after ``normalize_text`` (NFKC, case-folded, whitespace removed). Besides the
+any training question after ``normalize_text`` (NFKC, lower-cased, whitespace removed). Besides the
 verdict we report the longest common substring found between any test and any training question, so the
 margin to the threshold is visible.
 """

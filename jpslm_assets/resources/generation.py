@@ -164,9 +164,6 @@ class LlamaCppBackend(GenerationBackend):
 
         return _LLAMA_MODELS.get(key, load, self.max_loaded_models)
 
-    def chat_template(self, model_ref: str) -> str | None:
-        return self.load(model_ref).metadata.get("tokenizer.chat_template")
-
     def check_chat_template(self, model_ref: str) -> None:
         llm = self.load(model_ref)
         template = llm.metadata.get("tokenizer.chat_template")
@@ -194,7 +191,7 @@ class LlamaCppBackend(GenerationBackend):
             bos_token=_token_text(llm, llm.token_bos()),
         )
         try:
-            prompt = formatter(messages=list(messages)).prompt
+            prompt = formatter(messages=list(messages)).prompt  # type: ignore[arg-type]
         except Exception as exc:  # the template's own raise_exception, or a Jinja error
             raise self._error(model_ref, f"the chat template refused the conversation: {exc}") from exc
         return list(llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
@@ -254,19 +251,6 @@ class LlamaCppBackend(GenerationBackend):
     def tokenize(self, model_ref: str, text: str) -> list[int]:
         """Token ids of ``text`` without BOS, special markers parsed (as HF's ``add_special_tokens=False``)."""
         return list(self.load(model_ref).tokenize(text.encode("utf-8"), add_bos=False, special=True))
-
-    def vocabulary(self, model_ref: str) -> dict[str, Any]:
-        """BOS/EOS ids and texts, and whether llama.cpp prepends BOS to a prompt."""
-        llm = self.load(model_ref)
-        bos, eos = llm.token_bos(), llm.token_eos()
-        return {
-            "bos_id": bos if bos >= 0 else None,
-            "eos_id": eos if eos >= 0 else None,
-            "bos_token": _token_text(llm, bos),
-            "eos_token": _token_text(llm, eos),
-            "add_bos": bool(llm._model.add_bos_token()),
-            "n_vocab": llm.n_vocab(),
-        }
 
     def score(self, model_ref: str, sequences: Sequence[ScoringSequence]) -> list[SequenceNll]:
         """Answer-token NLL of each sequence from llama.cpp's logits (all positions)."""
@@ -428,7 +412,7 @@ class OllamaBackend(GenerationBackend):
         if request.grammar and request.json_schema is None:
             raise self._error(model_ref, "Ollama takes a JSON schema (`format`), not a GBNF grammar; give the "
                               "request a json_schema")
-        options = {
+        options: dict[str, Any] = {
             "seed": request.seed,
             "temperature": request.temperature,
             "num_ctx": self.num_ctx,
@@ -573,7 +557,7 @@ class TransformersBackend(GenerationBackend):
                 )
                 kwargs["device_map"] = {"": 0}
             dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype), **kwargs)
+            model: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype), **kwargs)
             if self.quantization != "nf4":
                 model = model.to(device)
             model.eval()
@@ -594,19 +578,6 @@ class TransformersBackend(GenerationBackend):
             return load_tokenizer(str(folder))
 
         return _HF_TOKENIZERS.get(key, load, 4)
-
-    def render_chat(self, model_ref: str, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
-        """The conversation as text, laid out by the folder's chat template."""
-        tokenizer = self.tokenizer(model_ref)
-        if not tokenizer.chat_template:
-            raise self._error(model_ref, "the tokenizer has no chat template; set one and re-materialize")
-        return tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
-        )
-
-    def tokenize(self, model_ref: str, text: str) -> list[int]:
-        """Token ids of ``text`` without added BOS/EOS (the chat template writes what it needs)."""
-        return list(self.tokenizer(model_ref)(text, add_special_tokens=False)["input_ids"])
 
     def generate(self, model_ref: str, request: GenerationRequest) -> GenerationResult:
         if request.grammar or request.json_schema is not None:
@@ -630,11 +601,9 @@ class TransformersBackend(GenerationBackend):
             kwargs.update(do_sample=False)
         prompt_tokens = int(encoded["input_ids"].shape[1])
         started = time.perf_counter()
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         with torch.no_grad():
-            output = model.generate(
-                **encoded, max_new_tokens=request.max_tokens, pad_token_id=tokenizer.pad_token_id
-                or tokenizer.eos_token_id, **kwargs
-            )
+            output = model.generate(**encoded, max_new_tokens=request.max_tokens, pad_token_id=pad_id, **kwargs)
         seconds = time.perf_counter() - started
         new_tokens = output[0, prompt_tokens:].tolist()
         eos_ids = model.generation_config.eos_token_id
@@ -671,12 +640,13 @@ class TransformersBackend(GenerationBackend):
     def deploy(self, request: DeploymentRequest) -> Deployment:
         if request.hf_dir is None:
             raise self._error(request.served_name, "deploying with transformers needs the merged HF folder")
-        backend = self if request.format != "nf4" else TransformersBackend(quantization="nf4", device=self.device)
         if request.format not in ("f16", "nf4"):
             return Deployment(
                 self.backend_name, str(request.hf_dir), request.served_name, request.format, "unavailable",
                 f"{request.format} is a llama.cpp format; serve it with the llama_cpp or ollama backend",
             )
+        # f16 here means the merged 16-bit HF folder itself; nf4 loads it 4-bit with bitsandbytes.
+        backend = self if request.format != "nf4" else TransformersBackend(quantization="nf4", device=self.device)
         available, reason = backend.availability()
         return Deployment(
             backend=self.backend_name,

@@ -135,6 +135,39 @@ def gguf_summary(path: Path) -> GgufSummary:
     return GgufSummary(types, len(reader.tensors), not incompatible, incompatible)
 
 
+@dataclass(frozen=True)
+class GgufChatMetadata:
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+    add_bos: bool  # whether llama.cpp (and Ollama) prepend BOS to a prompt
+
+
+def gguf_chat_metadata(path: Path) -> GgufChatMetadata:
+    """The chat template and BOS/EOS facts from a GGUF header, without loading its weights."""
+    check_gguf_file(path)
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+
+    def value(key: str) -> Any:
+        return fields[key].contents() if key in fields else None
+
+    def token_text(key: str) -> str:
+        token = value(key)
+        return str(fields["tokenizer.ggml.tokens"].contents(int(token))) if token is not None else ""
+
+    add_bos = value("tokenizer.ggml.add_bos_token")
+    if add_bos is None:  # llama.cpp's default: SentencePiece vocabularies add BOS, others do not
+        add_bos = value("tokenizer.ggml.model") == "llama"
+    return GgufChatMetadata(
+        chat_template=value("tokenizer.chat_template"),
+        bos_token=token_text("tokenizer.ggml.bos_token_id"),
+        eos_token=token_text("tokenizer.ggml.eos_token_id"),
+        add_bos=bool(add_bos),
+    )
+
+
 def remove_stale_partials(target: Path) -> list[Path]:
     """Delete temporary files a killed export left next to ``target``; returns what was removed."""
     removed = []
@@ -398,7 +431,7 @@ def _convert_with_overrides(converter: str, overrides_json: str, arguments: list
                 self.add_string(key, str(value))
         return original(self, *args, **kwargs)
 
-    gguf.GGUFWriter.write_header_to_file = write_header_with_overrides
+    gguf.GGUFWriter.write_header_to_file = write_header_with_overrides  # type: ignore[method-assign]
     sys.argv = [str(Path(converter) / "convert_hf_to_gguf.py"), *arguments]
     runpy.run_path(sys.argv[0], run_name="__main__")
 

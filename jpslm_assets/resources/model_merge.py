@@ -184,12 +184,12 @@ def merge_adapter(
         base_ref, dtype=dtype, low_cpu_mem_usage=True, trust_remote_code=trust_remote_code
     )
     try:
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        with_adapter = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise MergeError(
             f"adapter {adapter_dir} does not fit base model {base_ref!r} ({exc}); retrain the adapter on this base."
         ) from exc
-    merged = model.merge_and_unload()
+    merged: Any = with_adapter.merge_and_unload()
     parameters = sum(parameter.numel() for parameter in merged.parameters())
 
     source = tokenizer_source_folder(adapter_dir, base_ref)
