@@ -61,7 +61,7 @@ def plan_batches(defs, chosen_n: Callable[[], int | None]) -> list[Callable[[], 
     import dagster as dg
 
     graph = defs.resolve_asset_graph()
-    order = [key for level in graph.toposort_asset_keys() for key in sorted(level)]
+    order = [key for level in graph.toposorted_asset_keys_by_level for key in sorted(level)]
     order = [key for key in order if graph.get(key).is_materializable]
 
     def partition_plan(key: dg.AssetKey) -> tuple[str, Callable[[], list[str | None]]]:

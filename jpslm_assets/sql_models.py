@@ -196,10 +196,11 @@ def _python_model_parts(path: Path) -> tuple[str, str | None]:
     source: str | None = None
     found = False
     for node in module.body:
-        targets = node.targets if isinstance(node, ast.Assign) else []
-        if any(isinstance(t, ast.Name) and t.id == "SOURCE" for t in targets):
+        if not isinstance(node, ast.Assign):
+            continue
+        if any(isinstance(t, ast.Name) and t.id == "SOURCE" for t in node.targets):
             found = True
-            value = node.value  # type: ignore[union-attr]
+            value = node.value
             if isinstance(value, ast.Constant) and (value.value is None or isinstance(value.value, str)):
                 source = value.value
             else:
@@ -267,8 +268,8 @@ def load_project(folder: Path | str | None = None) -> Project:
             text,
             _sql_description(text),
             reads,
-            severity,
-            depends_on,  # type: ignore[arg-type]
+            "warn" if severity == "warn" else "error",
+            depends_on,
         )
     return Project(root, models, tests, sources, order)
 
@@ -342,9 +343,11 @@ def existing_tables(conn: duckdb.DuckDBPyConnection) -> set[str]:
     return {row[0] for row in rows}
 
 
-def _empty_relation(source: Source) -> exp.Expression:
+def _empty_relation(source: Source) -> exp.Select:
     columns = ", ".join(f'CAST(NULL AS {kind}) AS "{name}"' for name, kind in source.columns.items())
-    return sqlglot.parse_one(f"SELECT {columns} WHERE FALSE", read=DIALECT)
+    select = sqlglot.parse_one(f"SELECT {columns} WHERE FALSE", read=DIALECT)
+    assert isinstance(select, exp.Select)
+    return select
 
 
 def resolve_missing_sources(sql: str, sources: dict[str, Source], present: set[str]) -> tuple[str, list[str]]:

@@ -182,7 +182,9 @@ def test_cron_comes_from_the_profile_and_a_bad_one_names_the_setting(
         reevaluation_location(str(store.file))
 
 
-def test_the_code_location_has_the_schedule_over_the_real_evaluation_assets() -> None:
+def test_the_code_location_has_the_schedule_over_the_real_evaluation_assets(
+    store: DuckDBStore, instance: dg.DagsterInstance
+) -> None:
     from jpslm_assets.definitions import defs
 
     schedule = defs.resolve_schedule_def("reevaluation_schedule")
@@ -194,3 +196,6 @@ def test_the_code_location_has_the_schedule_over_the_real_evaluation_assets() ->
         defs.resolve_assets_def(key).group_names_by_key[key] for key in job.asset_layer.selected_asset_keys
     }
     assert {"marts", "reports"} <= groups
+    # On a store where nothing was deployed, the real schedule skips with its reason.
+    result = _tick(defs, store, instance)
+    assert not result.run_requests and "no deployed model to re-evaluate" in (result.skip_message or "")
