@@ -3,7 +3,7 @@
 Backends (``LoraTrainer.backend``; ``auto`` picks the first that applies):
 - ``unsloth``: unsloth's ``FastLanguageModel`` 4-bit QLoRA, when unsloth is installed and CUDA is present;
 - ``bnb_qlora``: transformers + bitsandbytes NF4 with double quantization, bf16 compute, peft LoRA, TRL;
-- ``cpu_lora``: float32 weights on CPU with a peft LoRA, TRL's ``SFTTrainer``.
+- ``cpu_lora``: float32 weights on CPU with a peft LoRA, TRL's ``SFTTrainer`` (bf16 autocast on request).
 
 All three train on the same pre-tokenized sequences (``domain/chat_format.py``): labels are ``-100`` on the
 prompt, so the loss covers answer tokens only. Runs are seeded, checkpoint every K optimizer steps into a
@@ -204,14 +204,13 @@ def resumable_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
     import torch
 
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     text = str(exc).lower()
-    return isinstance(exc, (RuntimeError, MemoryError)) and (
-        "out of memory" in text or "can't allocate memory" in text or isinstance(exc, MemoryError)
-    )
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def _oom_error(spec: TrainingSpec, exc: BaseException) -> TrainingOutOfMemoryError:
