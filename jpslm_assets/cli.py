@@ -56,19 +56,23 @@ def _stale_resolver(instance, defs):
     return CachingStaleStatusResolver(instance=instance, asset_graph=asset_graph, loading_context=view)
 
 
-def plan_batches(defs, chosen_n: Callable[[], int | None]) -> list[Callable[[], Batch]]:
-    """Consecutive assets (in dependency order) sharing a partitioning form one batch per partition."""
+def plan_batches(defs, chosen_n: Callable[[], int | None]) -> list[Callable[[], Batch]]:  # noqa: ANN001
+    """Order assets by dependency and group consecutive ones sharing a partition plan into batches.
+
+    Among ready assets the order prefers one that continues the current batch (fewer runs), then any asset
+    not at "the chosen n": those can only be planned once the scale stage has run.
+    """
     import dagster as dg
 
     graph = defs.resolve_asset_graph()
-    order = [key for level in graph.toposorted_asset_keys_by_level for key in sorted(level)]
-    order = [key for key in order if graph.get(key).is_materializable]
+    keys = {key for key in graph.get_all_asset_keys() if graph.get(key).is_materializable}
 
     def partition_plan(key: dg.AssetKey) -> tuple[str, Callable[[], list[str | None]]]:
         node = graph.get(key)
         partitions = node.partitions_def
         if partitions is None:
             return "none", lambda: [None]
+        signature = ",".join(partitions.get_partition_keys())
         if isinstance(partitions, dg.MultiPartitionsDefinition) and node.group_name not in GRID_GROUPS:
 
             def at_chosen_n() -> list[str | None]:
@@ -77,21 +81,40 @@ def plan_batches(defs, chosen_n: Callable[[], int | None]) -> list[Callable[[], 
                     raise RuntimeError("no optimal n is known yet: the scale stage did not produce one")
                 return [k for k in partitions.get_partition_keys() if k.keys_by_dimension["n"] == str(n)]
 
-            return f"{id(partitions)}:chosen", at_chosen_n
-        return f"{id(partitions)}:all", lambda: list(partitions.get_partition_keys())
+            return f"chosen:{signature}", at_chosen_n
+        return f"all:{signature}", lambda: list(partitions.get_partition_keys())
+
+    plans = {key: partition_plan(key) for key in keys}
+    waiting = {key: {p for p in graph.get(key).parent_keys if p in keys} for key in keys}
+    order: list[dg.AssetKey] = []
+    current_plan = ""
+    while waiting:
+        ready = [key for key, parents in waiting.items() if not parents]
+        if not ready:
+            raise RuntimeError(f"asset graph has a cycle among {sorted(k.to_user_string() for k in waiting)}")
+        key = min(
+            ready,
+            key=lambda k: (
+                plans[k][0] != current_plan,
+                plans[k][0].startswith("chosen:"),
+                k.to_user_string(),
+            ),
+        )
+        order.append(key)
+        current_plan = plans[key][0]
+        del waiting[key]
+        for parents in waiting.values():
+            parents.discard(key)
 
     batches: list[Callable[[], Batch]] = []
     current: list[dg.AssetKey] = []
-    current_plan: tuple[str, Callable[[], list[str | None]]] | None = None
     for key in order:
-        plan = partition_plan(key)
-        if current_plan is not None and plan[0] != current_plan[0]:
-            batches.append(_batch(current, current_plan[1]))
+        if current and plans[key][0] != plans[current[-1]][0]:
+            batches.append(_batch(current, plans[current[-1]][1]))
             current = []
         current.append(key)
-        current_plan = plan
-    if current and current_plan is not None:
-        batches.append(_batch(current, current_plan[1]))
+    if current:
+        batches.append(_batch(current, plans[current[-1]][1]))
     return batches
 
 
