@@ -394,6 +394,7 @@ def lora_adapter(
         "seed": plan.seed,
         "plan_fingerprint": plan.fingerprint(),
         "examples": result.examples,
+        "skipped_examples": result.skipped_examples,
         "steps": result.steps,
         "train_loss_final": result.train_loss_final,
         "train_loss_avg": result.train_loss_avg,

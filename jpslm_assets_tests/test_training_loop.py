@@ -108,6 +108,25 @@ def test_training_writes_a_peft_adapter_and_a_loss_curve(tiny_base: Path, tmp_pa
         trainer_lib.run_training(make_spec(tiny_base, tmp_path, 8, max_steps=3), messages.append)
 
 
+def test_pairs_whose_prompt_fills_the_budget_are_reported_not_trained(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    spec = make_spec(tiny_base, tmp_path, 8, max_steps=1, max_seq_length=48)
+    records = trainer_lib.read_training_records(Path(spec.data_path))
+    records[:2] = [(qa_id, question * 40, answer) for qa_id, question, answer in records[:2]]
+    trainer_lib.write_training_records(Path(spec.data_path), records)
+    messages: list[str] = []
+    result = trainer_lib.run_training(spec, messages.append)
+    assert (result.examples, result.skipped_examples) == (6, 2)
+    assert any("2 of 8 pairs left out" in m and records[0][0] in m for m in messages)
+
+    everything_long = [(qa_id, question * 40, answer) for qa_id, question, answer in records]
+    trainer_lib.write_training_records(Path(spec.data_path), everything_long)
+    again = spec.model_copy(update={"output_dir": str(tmp_path / "again")})
+    with pytest.raises(trainer_lib.TrainingError, match=r"tiny-llama\|8: every one of the 8 prompts"):
+        trainer_lib.run_training(again, messages.append)
+
+
 def test_cpu_bf16_autocast_keeps_float32_adapter_weights(tiny_base: Path, tmp_path: Path) -> None:
     import torch
 

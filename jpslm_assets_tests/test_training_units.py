@@ -65,6 +65,18 @@ def test_long_answers_keep_their_start_and_long_prompts_are_refused() -> None:
         chat_format.encode_pair(CharTokenizer(), "q", "", "", max_length=64, record_id="QA-3")
 
 
+def test_training_encoding_leaves_out_prompts_that_fill_the_budget() -> None:
+    records = [
+        ("QA-1", "q", "answer"),
+        ("QA-2", "a very long question indeed", "answer"),
+        ("QA-3", "q2", "ok"),
+    ]
+    examples, skipped = chat_format.encode_training_pairs(CharTokenizer(), records, "$", max_length=26)
+    assert [e.record_id for e in examples] == ["QA-1", "QA-3"] and skipped == ["QA-2"]
+    with pytest.raises(chat_format.PromptTooLongError, match="QA-2"):
+        chat_format.encode_pairs(CharTokenizer(), records, "$", max_length=26)
+
+
 def test_unknown_chat_template_names_the_folder() -> None:
     assert "<|im_start|>" in chat_format.chat_template_text("chatml")
     with pytest.raises(ValueError, match="chat_templates"):

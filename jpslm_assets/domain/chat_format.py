@@ -27,6 +27,10 @@ class EncodingError(ValueError):
     """A record cannot be encoded within the sequence budget; the message names the record and the fix."""
 
 
+class PromptTooLongError(EncodingError):
+    """The prompt alone fills the sequence budget, leaving no answer token to learn or score."""
+
+
 @dataclass(frozen=True)
 class EncodedExample:
     record_id: str
@@ -89,7 +93,7 @@ def encode_pair(
     if not answer_ids:
         raise EncodingError(f"record {record_id}: the answer is empty; fix or drop the record.")
     if len(prompt_ids) >= max_length:
-        raise EncodingError(
+        raise PromptTooLongError(
             f"record {record_id}: the prompt alone is {len(prompt_ids)} tokens, which leaves no answer tokens "
             f"within max_seq_length={max_length}; raise max_seq_length (profile train.max_seq_length or run "
             "config) or shorten the question."
@@ -105,8 +109,31 @@ def encode_pairs(
     end_of_turn: str,
     max_length: int,
 ) -> list[EncodedExample]:
-    """Encode ``(record_id, question, answer)`` triples, in order."""
+    """Encode ``(record_id, question, answer)`` triples, in order; any record that does not fit is an error."""
     return [
         encode_pair(tokenizer, question, answer, end_of_turn, max_length, record_id=record_id)
         for record_id, question, answer in records
     ]
+
+
+def encode_training_pairs(
+    tokenizer: ChatTokenizer,
+    records: list[tuple[str, str, str]],
+    end_of_turn: str,
+    max_length: int,
+) -> tuple[list[EncodedExample], list[str]]:
+    """Encode training triples, leaving out those whose prompt alone fills ``max_length``.
+
+    Such a record has no answer token to learn from (the trainer would drop it after truncation anyway);
+    its id is returned so the caller can report it rather than lose it silently.
+    """
+    examples: list[EncodedExample] = []
+    skipped: list[str] = []
+    for record_id, question, answer in records:
+        try:
+            examples.append(
+                encode_pair(tokenizer, question, answer, end_of_turn, max_length, record_id=record_id)
+            )
+        except PromptTooLongError:
+            skipped.append(record_id)
+    return examples, skipped

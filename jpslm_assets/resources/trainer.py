@@ -40,7 +40,7 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import BaseModel, Field
 
-from jpslm_assets.domain.chat_format import EncodedExample, encode_pairs
+from jpslm_assets.domain.chat_format import EncodedExample, encode_training_pairs
 from jpslm_assets.domain.training_plan import LoraPlan
 from jpslm_assets.resources.models import cpu_thread_count
 
@@ -97,6 +97,7 @@ class TrainingResult(BaseModel):
     precision: str = Field(description="fp32, bf16-autocast (CPU) or nf4+bf16 (QLoRA)")
     device: str
     examples: int
+    skipped_examples: int = Field(default=0, description="pairs left out: prompt alone fills max_seq_length")
     steps: int
     train_loss_final: float
     train_loss_avg: float
@@ -231,6 +232,7 @@ class PreparedRun:
 
     trainer: Any
     examples: list[EncodedExample]
+    skipped: list[str]
     device: str
     world_size: int
     is_main_process: bool
@@ -361,7 +363,17 @@ def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
     plan = spec.plan
     records = read_training_records(Path(spec.data_path))
     model, tokenizer = _load_backend_model(spec)
-    examples = encode_pairs(tokenizer, records, spec.end_of_turn, plan.max_seq_length)
+    examples, skipped = encode_training_pairs(tokenizer, records, spec.end_of_turn, plan.max_seq_length)
+    if not examples:
+        raise TrainingError(
+            f"partition {spec.partition}: every one of the {len(records)} prompts is at least max_seq_length="
+            f"{plan.max_seq_length} tokens long, so no answer token is left to train on; raise max_seq_length."
+        )
+    if skipped:
+        sink(
+            f"{spec.partition}: WARNING {len(skipped)} of {len(records)} pairs left out: their prompt alone fills "
+            f"max_seq_length={plan.max_seq_length} (first: {', '.join(skipped[:5])}); raise max_seq_length to keep them"
+        )
     dataset = Dataset.from_dict(
         {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
     )
@@ -415,6 +427,7 @@ def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
     return PreparedRun(
         trainer=trainer,
         examples=examples,
+        skipped=skipped,
         device=str(trainer.args.device),
         world_size=int(trainer.args.world_size),
         is_main_process=bool(trainer.is_world_process_zero()),
@@ -487,6 +500,7 @@ def run_training(spec: TrainingSpec, sink: ProgressSink = print) -> TrainingResu
         precision=precision_label(spec),
         device=prepared.device,
         examples=len(prepared.examples),
+        skipped_examples=len(prepared.skipped),
         steps=int(state.global_step),
         train_loss_final=losses[-1],
         train_loss_avg=sum(losses) / len(losses),
