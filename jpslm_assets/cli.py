@@ -56,7 +56,7 @@ def _stale_resolver(instance, defs):
     return CachingStaleStatusResolver(instance=instance, asset_graph=asset_graph, loading_context=view)
 
 
-def plan_batches(defs, chosen_n: Callable[[], int | None]) -> list[Callable[[], Batch]]:  # noqa: ANN001
+def plan_batches(defs, chosen_n: Callable[[], int | None]) -> list[Callable[[], Batch]]:
     """Order assets by dependency and group consecutive ones sharing a partition plan into batches.
 
     Among ready assets the order prefers one that continues the current batch (fewer runs), then any asset
