@@ -580,6 +580,19 @@ def render_loss_curves(
         return _finish(spec, figure, settings, rows, stats)
 
 
+def optimal_rows(curve: pl.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per model, the row marked ``is_optimal`` by the evaluation stage, else the lowest test NLL."""
+    best: dict[str, dict[str, Any]] = {}
+    for (model,), part in curve.group_by("model", maintain_order=True):
+        marked = (
+            part.filter(pl.col("is_optimal").fill_null(False))
+            if "is_optimal" in part.columns
+            else part.head(0)
+        )
+        best[str(model)] = (marked if marked.height else part.sort("test_nll")).row(0, named=True)
+    return best
+
+
 def render_nll_curve(
     spec: FigureSpec, frames: Mapping[str, pl.DataFrame | None], settings: RenderSettings
 ) -> FigureResult:
@@ -591,58 +604,41 @@ def render_nll_curve(
     require_columns(curve, table, ["model", "n", "test_nll", "test_ppl"], spec.key)
     curve = curve.drop_nulls(["test_nll"]).sort("model", "n")
     models = _ordered_unique(curve["model"].to_list())
-    colors = _palette(len(models))
-    optimal: dict[str, int] = {}
+    best = optimal_rows(curve)
+    has_loss = "train_loss_final" in curve.columns
+    # One column per model: NLL levels differ by model (vocabulary, pre-training), and a shared axis would
+    # flatten every U-curve but the highest.
     with _style():
-        figure = _new_figure(8.5, 7.0)
-        top, bottom = figure.subplots(2, 1, sharex=True)
-        loss_axes = top.twinx() if "train_loss_final" in curve.columns else None
-        for color, model in zip(colors, models, strict=True):
+        figure = _new_figure(max(5.0 * len(models), 7.0), 6.8)
+        grid = figure.subplots(2, len(models), squeeze=False, sharex="col")
+        for column, model in enumerate(models):
             part = curve.filter(pl.col("model") == model)
             sizes = part["n"].to_list()
-            top.plot(sizes, part["test_nll"].to_list(), marker="o", color=color, label=f"{model} test NLL")
-            bottom.plot(sizes, part["test_ppl"].to_list(), marker="s", color=color, label=f"{model} PPL")
-            if loss_axes is not None:
+            top, bottom = grid[0][column], grid[1][column]
+            top.plot(sizes, part["test_nll"].to_list(), marker="o", color="#1f77b4", label="テストNLL")
+            chosen = best[str(model)]
+            top.scatter([chosen["n"]], [chosen["test_nll"]], marker="*", s=260, color="#d62728",
+                        edgecolor="black", zorder=5, label=f"最適 n={chosen['n']}")  # fmt: skip
+            if has_loss:
                 loss = part.drop_nulls(["train_loss_final"])
-                loss_axes.plot(
-                    loss["n"].to_list(),
-                    loss["train_loss_final"].to_list(),
-                    linestyle="--",
-                    marker=".",
-                    color=color,
-                    alpha=0.6,
-                    label=f"{model} train loss",
-                )
-            if "is_optimal" in part.columns and part["is_optimal"].fill_null(False).any():
-                best = part.filter(pl.col("is_optimal").fill_null(False)).row(0, named=True)
+                loss_axes = top.twinx()
+                loss_axes.spines["right"].set_visible(True)
+                loss_axes.plot(loss["n"].to_list(), loss["train_loss_final"].to_list(), linestyle="--",
+                               marker=".", color="#7f7f7f", label="最終学習損失")  # fmt: skip
+                loss_axes.set_ylabel("最終学習損失 (dashed)")
+                handles, labels = top.get_legend_handles_labels()
+                more_handles, more_labels = loss_axes.get_legend_handles_labels()
+                top.legend(handles + more_handles, labels + more_labels, fontsize=7, loc="best")
             else:
-                best = part.sort("test_nll").row(0, named=True)
-            optimal[str(model)] = int(best["n"])
-            top.scatter(
-                [best["n"]], [best["test_nll"]], marker="*", s=260, color=color, edgecolor="black", zorder=5
-            )
-            top.annotate(
-                f"最適 n={best['n']}",
-                (best["n"], best["test_nll"]),
-                textcoords="offset points",
-                xytext=(8, 6),
-                fontsize=8,
-            )
-        top.set_ylabel("テストNLL (answer tokens)")
-        top.set_title("テストNLL と 学習損失")
-        handles, labels = top.get_legend_handles_labels()
-        if loss_axes is not None:
-            loss_axes.set_ylabel("最終学習損失 (dashed)")
-            loss_axes.spines["right"].set_visible(True)
-            more_handles, more_labels = loss_axes.get_legend_handles_labels()
-            handles, labels = handles + more_handles, labels + more_labels
-        top.legend(handles, labels, fontsize=7, loc="upper right")
-        bottom.set_ylabel("テスト perplexity")
-        bottom.set_xlabel("学習データ数 n")
-        bottom.legend(fontsize=7)
-        sizes_all = sorted(curve["n"].unique().to_list())
-        bottom.set_xticks(sizes_all, [str(n) for n in sizes_all])
-        return _finish(spec, figure, settings, rows, {"optimal_n": optimal})
+                top.legend(fontsize=7, loc="best")
+            top.set_title(str(model))
+            top.set_ylabel("テストNLL (answer tokens)")
+            bottom.plot(sizes, part["test_ppl"].to_list(), marker="s", color="#2ca02c")
+            bottom.set_ylabel("テスト perplexity")
+            bottom.set_xlabel("学習データ数 n")
+            bottom.set_xticks(sizes, [str(n) for n in sizes])
+        stats = {"optimal_n": {model: int(row["n"]) for model, row in best.items()}}
+        return _finish(spec, figure, settings, rows, stats)
 
 
 def render_model_comparison(
@@ -711,6 +707,8 @@ def render_model_comparison(
                 axes.bar_label(bars, [fmt.format(v) for v in values], fontsize=7, padding=2)
             axes.set_xticks(range(len(groups)), groups, rotation=15 if len(groups) > 3 else 0)
             axes.set_title(label)
+            if column == "perfect_rate":
+                axes.set_ylim(0, 105)
             if column == "avg_score":
                 axes.set_ylim(0, 3.3)
                 if has_ci:
