@@ -252,14 +252,17 @@ def provenance_rows(store: DuckDBStore, tables: Sequence[str]) -> list[tuple[str
         "GROUP BY table_name, asset_key ORDER BY table_name, asset_key",
         [list(tables)],
     )
-    return [
-        (
-            f"{row['table_name']} ← {row['asset_key']}",
-            f"{row['at']:%Y-%m-%d %H:%M:%S} UTC, data version {row['data_version']}, "
-            f"{row['partitions']} partition(s)",
+    rows = []
+    for row in latest.iter_rows(named=True):
+        scope = (
+            f"{row['partitions']} partition(s), newest data version {row['data_version']}"
+            if row["partitions"]
+            else f"data version {row['data_version']}"
         )
-        for row in latest.iter_rows(named=True)
-    ]
+        rows.append(
+            (f"{row['table_name']} ← {row['asset_key']}", f"{row['at']:%Y-%m-%d %H:%M:%S} UTC, {scope}")
+        )
+    return rows
 
 
 def load_figure_png(row: Mapping[str, Any], figure_key: str) -> bytes:

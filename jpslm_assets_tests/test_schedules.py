@@ -163,8 +163,12 @@ def test_schedule_requests_one_run_per_deployment_and_the_run_succeeds(
                              ("tiny-llama", 120, "q4_k_m", 6)]  # fmt: skip
     summary = store.query("SELECT model, format FROM marts.score_summary ORDER BY ALL")
     assert summary.height == 3
-    reports_written = store.query("SELECT artifact_path FROM reports.report_history")
+    reports_written = store.query("SELECT artifact_path FROM reports.report_history ORDER BY created_at")
     assert reports_written.height == 2 and all(Path(p).is_file() for p in reports_written["artifact_path"])
+    # The newest report names where its tables came from (lineage written with the data).
+    html = Path(reports_written["artifact_path"][-1]).read_text("utf-8")
+    assert "eval.judge_scores ← judge_scores_f16" in html
+    assert "marts.score_summary ← score_summary" in html
 
 
 def test_cron_comes_from_the_profile_and_a_bad_one_names_the_setting(
