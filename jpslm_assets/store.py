@@ -423,7 +423,8 @@ class DuckDBTableIOManager(dg.ConfigurableIOManager):
                 f"asset {_key_string(context.asset_key)} writes {len(slices)} partitions in one step; "
                 "materialize one partition per step."
             )
-        partition_key = context.partition_key if context.has_partition_key else None
+        # An unpartitioned asset inside a partitioned run still has no partition of its own.
+        partition_key = context.partition_key if context.has_asset_partitions else None
         reads = self._reads().pop(context.op_def.name, [])
         record = LineageRecord(
             asset_key=_key_string(context.asset_key),
