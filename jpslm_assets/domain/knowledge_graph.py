@@ -11,7 +11,6 @@ Plain functions only: no Dagster, no driver. Matplotlib is imported inside the c
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import re
@@ -576,26 +575,15 @@ def node_label_counts(graph: KnowledgeGraph, vocabulary: Vocabulary) -> dict[str
     return {label: counts.get(label, 0) for label in vocabulary.node_labels}
 
 
-def japanese_font_file() -> Path:
-    """IPAexGothic as shipped inside the ``japanize-matplotlib`` package."""
-    spec = importlib.util.find_spec("japanize_matplotlib")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    path = Path(locations[0]) / "fonts" / "ipaexg.ttf" if locations else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError(
-            "the Japanese chart font (ipaexg.ttf from japanize-matplotlib) is missing; "
-            "`pip install japanize-matplotlib`"
-        )
-    return path
-
-
 def relation_type_chart(counts: Mapping[str, int], title: str, font_file: Path | None = None) -> bytes:
     """A horizontal bar chart (PNG bytes) of relations per type with Japanese labels."""
     from matplotlib import font_manager
     from matplotlib.figure import Figure
 
     # The font is loaded from its file, so the chart renders the same on machines without Japanese fonts.
-    font = font_manager.FontProperties(fname=str(font_file or japanese_font_file()))
+    from jpslm_assets.domain.figures import japanese_font_path
+
+    font = font_manager.FontProperties(fname=str(font_file or japanese_font_path()))
     total = sum(counts.values()) or 1
     names = list(counts)[::-1]
     values = [counts[name] for name in names]

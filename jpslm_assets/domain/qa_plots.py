@@ -7,31 +7,13 @@ Figures are built with ``matplotlib.figure.Figure`` (no pyplot global state), wh
 
 from __future__ import annotations
 
-import importlib.util
 import io
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-
-class PlotError(RuntimeError):
-    """A figure cannot be drawn (font missing); the message names the fix."""
-
-
-@lru_cache(maxsize=1)
-def japanese_font_path() -> Path:
-    spec = importlib.util.find_spec("japanize_matplotlib")
-    if spec is None or spec.origin is None:
-        raise PlotError(
-            "japanize-matplotlib is not installed; `pip install japanize-matplotlib` for the font."
-        )
-    path = Path(spec.origin).parent / "fonts" / "ipaexg.ttf"
-    if not path.is_file():
-        raise PlotError(f"font file {path} is missing; reinstall japanize-matplotlib.")
-    return path
+from jpslm_assets.domain.figures import japanese_font_path
 
 
 def _font() -> Any:

@@ -8,20 +8,11 @@ processes) and returned as PNG bytes. Japanese labels use the IPAex Gothic font 
 from __future__ import annotations
 
 import io
-from functools import lru_cache
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-
-@lru_cache(maxsize=1)
-def japanese_font_path() -> Path:
-    path = Path(str(resources.files("japanize_matplotlib") / "fonts" / "ipaexg.ttf"))
-    if not path.is_file():
-        raise FileNotFoundError(f"the Japanese font {path} is missing; reinstall japanize-matplotlib")
-    return path
+from jpslm_assets.domain.figures import japanese_font_path
 
 
 def _figure(width: float = 7.0, height: float = 4.2) -> tuple[Any, Any, Any]:
