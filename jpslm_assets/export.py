@@ -10,17 +10,16 @@ Per model x n (the chosen n in practice):
 - ``deployment``: an Ollama Modelfile from the model's chat template and, through the ``generation`` resource,
   ``ollama create`` or the embedded llama.cpp deployment (``serve.deployments``).
 - ``answers_f16``, ``answers_q4_k_m``: the profile's evaluation questions answered with deterministic settings
-  (``eval.answers``, one slice per format).
+  (``eval.answers``, one slice per format), ``generation.concurrency`` at once where the backend has the slots.
 
 The ``generation`` resource is chosen from the profile's ``generation.backend``; judging and QA rephrasing use
 the same resource. ``stage3_export_evaluation`` runs this stage and judging for one model x n;
 ``stage3_sensor`` starts it when a model's adapter at the chosen n is new.
 """
 
-
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,14 @@ import polars as pl
 
 from jpslm_assets import settings
 from jpslm_assets.catalogue import model_entry
-from jpslm_assets.domain.answering import AnsweringInputError, select_eval_questions, served_name
-from jpslm_assets.domain.chat_format import EncodingError, chat_messages, encode_pair, render_prompt
+from jpslm_assets.domain.answering import (
+    AnsweringInputError,
+    QuestionFailed,
+    answer_questions,
+    select_eval_questions,
+    served_name,
+)
+from jpslm_assets.domain.chat_format import EncodingError, encode_pair, render_prompt
 from jpslm_assets.domain.fidelity import ScoringSequence, compare_tokenizations, mean_nll, relative_difference
 from jpslm_assets.domain.modelfile import ChatTemplateError, build_modelfile
 from jpslm_assets.domain.progress import ProgressLogger
@@ -46,7 +51,7 @@ from jpslm_assets.resources.generation import (
     release_loaded_models,
     serving_backend,
 )
-from jpslm_assets.resources.generation_api import GenerationError, GenerationRequest
+from jpslm_assets.resources.generation_api import GenerationError, GenerationResult
 from jpslm_assets.resources.llama_cpp_tools import (
     ConversionFailed,
     LlamaCppToolError,
@@ -143,7 +148,9 @@ def merged_model(context: dg.AssetExecutionContext, lora_adapter: pl.DataFrame) 
             }
         ]
     )
-    context.log.info(f"merged {model} n={n} ({result.parameters:,} parameters, {result.dtype}) in {seconds:.1f} s")
+    context.log.info(
+        f"merged {model} n={n} ({result.parameters:,} parameters, {result.dtype}) in {seconds:.1f} s"
+    )
     return _output(
         frame,
         path=record["artifact_path"],
@@ -184,8 +191,14 @@ def _fidelity(
         question_id = str(row["question_id"])
         answer = (row["reference_answer"] or "") + end_of_turn
         try:
-            example = encode_pair(tokenizer, row["question"], row["reference_answer"] or "", end_of_turn,
-                                  max_length=1 << 20, record_id=question_id)
+            example = encode_pair(
+                tokenizer,
+                row["question"],
+                row["reference_answer"] or "",
+                end_of_turn,
+                max_length=1 << 20,
+                record_id=question_id,
+            )
         except EncodingError as exc:
             raise dg.Failure(f"test set: {exc}") from exc
         question_ids.append(question_id)
@@ -201,8 +214,10 @@ def _fidelity(
     ]
     agreement = compare_tokenizations(question_ids, [example.input_ids for example in encoded], gguf_ids)
     if agreement.first_mismatch:
-        log.warning(f"GGUF tokenization differs from HF on {agreement.texts - agreement.identical} of "
-                    f"{agreement.texts} test texts; {agreement.first_mismatch}")
+        log.warning(
+            f"GGUF tokenization differs from HF on {agreement.texts - agreement.identical} of "
+            f"{agreement.texts} test texts; {agreement.first_mismatch}"
+        )
     sequences = [
         ScoringSequence(question_id, tuple(example.input_ids), example.prompt_tokens)
         for question_id, example in zip(question_ids, encoded, strict=True)
@@ -227,13 +242,22 @@ def _gguf_checks(format_name: str) -> list[dg.AssetCheckSpec]:
     key = dg.AssetKey(f"gguf_{format_name}")
     specs = [
         dg.AssetCheckSpec("converted", asset=key, description="llama.cpp produced the GGUF"),
-        dg.AssetCheckSpec("tokenizer_matches_hf", asset=key, description="GGUF token ids == HF ids on the test set"),
+        dg.AssetCheckSpec(
+            "tokenizer_matches_hf", asset=key, description="GGUF token ids == HF ids on the test set"
+        ),
     ]
     if format_name == "f16":
-        specs.append(dg.AssetCheckSpec("nll_within_1pct_of_hf", asset=key, description="F16 GGUF NLL within 1% of HF"))
+        specs.append(
+            dg.AssetCheckSpec("nll_within_1pct_of_hf", asset=key, description="F16 GGUF NLL within 1% of HF")
+        )
     else:
-        specs.append(dg.AssetCheckSpec("size_at_most_40pct_of_f16", asset=key,
-                                       description="Q4_K_M <= 40% of F16 where K-quants apply"))
+        specs.append(
+            dg.AssetCheckSpec(
+                "size_at_most_40pct_of_f16",
+                asset=key,
+                description="Q4_K_M <= 40% of F16 where K-quants apply",
+            )
+        )
     return specs
 
 
@@ -241,30 +265,40 @@ def _gguf_check_results(format_name: str, row: dict[str, Any]) -> list[dg.AssetC
     ok = row["status"] == "ok"
     results = [
         dg.AssetCheckResult(
-            check_name="converted", passed=ok, severity=dg.AssetCheckSeverity.WARN,
+            check_name="converted",
+            passed=ok,
+            severity=dg.AssetCheckSeverity.WARN,
             metadata={"status": row["status"], "reason": row.get("failure_reason") or ""},
         ),
         dg.AssetCheckResult(
-            check_name="tokenizer_matches_hf", passed=bool(ok and row["tokenizer_agreement"] == 1.0),
-            metadata={"agreement": float(row["tokenizer_agreement"] or 0.0),
-                      "first_mismatch": row.get("tokenizer_first_mismatch") or ""},
+            check_name="tokenizer_matches_hf",
+            passed=bool(ok and row["tokenizer_agreement"] == 1.0),
+            metadata={
+                "agreement": float(row["tokenizer_agreement"] or 0.0),
+                "first_mismatch": row.get("tokenizer_first_mismatch") or "",
+            },
         ),
     ]
     if format_name == "f16":
         diff = row.get("nll_rel_diff")
-        results.append(dg.AssetCheckResult(
-            check_name="nll_within_1pct_of_hf", passed=bool(ok and diff is not None and diff <= NLL_TOLERANCE),
-            metadata={"hf_nll": row.get("hf_nll"), "gguf_nll": row.get("gguf_nll"), "rel_diff": diff},
-        ))
+        results.append(
+            dg.AssetCheckResult(
+                check_name="nll_within_1pct_of_hf",
+                passed=bool(ok and diff is not None and diff <= NLL_TOLERANCE),
+                metadata={"hf_nll": row.get("hf_nll"), "gguf_nll": row.get("gguf_nll"), "rel_diff": diff},
+            )
+        )
     else:
         ratio = row.get("size_ratio_to_f16")
         applies = bool(row.get("kquant_compatible"))
-        results.append(dg.AssetCheckResult(
-            check_name="size_at_most_40pct_of_f16",
-            passed=bool(ok and ratio is not None and (ratio <= Q4_SIZE_LIMIT or not applies)),
-            severity=dg.AssetCheckSeverity.ERROR if applies else dg.AssetCheckSeverity.WARN,
-            metadata={"size_ratio": ratio, "kquants_apply": applies},
-        ))
+        results.append(
+            dg.AssetCheckResult(
+                check_name="size_at_most_40pct_of_f16",
+                passed=bool(ok and ratio is not None and (ratio <= Q4_SIZE_LIMIT or not applies)),
+                severity=dg.AssetCheckSeverity.ERROR if applies else dg.AssetCheckSeverity.WARN,
+                metadata={"size_ratio": ratio, "kquants_apply": applies},
+            )
+        )
     return results
 
 
@@ -425,9 +459,9 @@ def gguf_q4_k_m(
     test_set: pl.DataFrame,
     gguf_f16: pl.DataFrame,
 ) -> Iterator[Any]:
-    yield from _materialize_gguf(context, "q4_k_m", config, llama_cpp_tools, store, merged_model, test_set, gguf_f16)
-
-
+    yield from _materialize_gguf(
+        context, "q4_k_m", config, llama_cpp_tools, store, merged_model, test_set, gguf_f16
+    )
 
 
 # ------------------------------------------------------------------------------------------ deployment
@@ -440,7 +474,9 @@ DEPLOYMENT_SCHEMA = {
 }  # fmt: skip
 
 
-def _deployment_row(model: str, n: int, format_name: str, deployment: Deployment, modelfile: Path | None) -> dict:
+def _deployment_row(
+    model: str, n: int, format_name: str, deployment: Deployment, modelfile: Path | None
+) -> dict:
     return {
         "model": model, "n": n, "format": format_name, "backend": deployment.backend,
         "served_name": deployment.served_name, "model_ref": deployment.model_ref,
@@ -477,7 +513,8 @@ def deployment(
 ) -> dg.Output[pl.DataFrame]:
     """Each format made servable: a Modelfile from the model's chat template (stop tokens, fixed seed,
     temperature and context, no double BOS) and ``ollama create`` when the Ollama server answers, else the
-    embedded llama.cpp deployment; a model without a GGUF gets the HF + NF4 fallback."""
+    embedded llama.cpp deployment (with ``generation.backend: llama_server``, the GGUF checked for llama-server
+    to serve); a model without a GGUF gets the HF + NF4 fallback."""
     model, n = split_model_n(context)
     merged = _single_row(merged_model, "merged_model", model, n)
     entry = model_entry(model)
@@ -488,14 +525,27 @@ def deployment(
         name = served_name(model, n, format_name)
         if gguf["status"] != "ok":
             if format_name == "f16":
-                request = DeploymentRequest(model, n, "nf4", served_name(model, n, "nf4"),
-                                            hf_dir=Path(merged["artifact_path"]))
+                request = DeploymentRequest(
+                    model, n, "nf4", served_name(model, n, "nf4"), hf_dir=Path(merged["artifact_path"])
+                )
                 rows.append(_deployment_row(model, n, format_name, generation.deploy(request), None))
             else:
-                rows.append(_deployment_row(model, n, format_name, Deployment(
-                    "none", "", name, format_name, "unavailable",
-                    f"no {format_name} GGUF: {gguf['failure_reason']}",
-                ), None))
+                rows.append(
+                    _deployment_row(
+                        model,
+                        n,
+                        format_name,
+                        Deployment(
+                            "none",
+                            "",
+                            name,
+                            format_name,
+                            "unavailable",
+                            f"no {format_name} GGUF: {gguf['failure_reason']}",
+                        ),
+                        None,
+                    )
+                )
             context.log.warning(f"{model} n={n} {format_name}: {rows[-1]['detail']}")
             continue
         gguf_path = Path(gguf["artifact_path"])
@@ -516,8 +566,15 @@ def deployment(
                 comment=f"{name}: {model} fine-tuned on n={n}, {format_name}; written by the deployment asset",
             )
             modelfile = _write_modelfile(gguf_path.with_name(f"Modelfile.{format_name}"), spec.render())
-            request = DeploymentRequest(model, n, format_name, name, gguf_path=gguf_path,
-                                        hf_dir=Path(merged["artifact_path"]), modelfile=spec)
+            request = DeploymentRequest(
+                model,
+                n,
+                format_name,
+                name,
+                gguf_path=gguf_path,
+                hf_dir=Path(merged["artifact_path"]),
+                modelfile=spec,
+            )
             result = generation.deploy(request)
         except (ChatTemplateError, GenerationError, LlamaCppToolError) as exc:
             raise dg.Failure(f"{model} n={n} {format_name}: {exc}") from exc
@@ -569,7 +626,9 @@ def build_answers_asset(format_name: str) -> dg.AssetsDefinition:
         rows = deployment.filter(pl.col("format") == format_name)
         served = _single_row(rows, f"deployment ({format_name})", model, n)
         if served["status"] != "ok":
-            context.log.warning(f"{model} n={n} {format_name} is not servable: {served['detail']}; no answers")
+            context.log.warning(
+                f"{model} n={n} {format_name} is not servable: {served['detail']}; no answers"
+            )
             frame = pl.DataFrame(schema=ANSWER_SCHEMA)
             return _output(frame, status="unavailable", reason=served["detail"], questions=0)
         profile = current_profile()
@@ -583,21 +642,24 @@ def build_answers_asset(format_name: str) -> dg.AssetsDefinition:
         progress = ProgressLogger(
             f"answers_{format_name} {model} n={n}", questions.height, context.log.info, unit="questions"
         )
-        answers = []
-        for question in questions.iter_rows(named=True):
-            request = GenerationRequest(
-                messages=chat_messages(question["question"]),
-                max_tokens=settings_used.max_new_tokens,
-                temperature=settings_used.temperature,
-                seed=settings_used.seed,
-                stop=stops,
+        question_rows = list(questions.iter_rows(named=True))
+        answers: list[dict[str, Any]] = []
+
+        def on_answer(question: Mapping[str, Any], result: GenerationResult) -> None:
+            progress.advance(
+                detail=f"{question['question_id']}: {result.completion_tokens} tokens, {result.finish_reason}"
             )
-            try:
-                result = backend.generate(served["model_ref"], request)
-            except GenerationError as exc:
-                raise dg.Failure(
-                    f"question {question['question_id']} ({progress.done}/{progress.total} answered so far): {exc}"
-                ) from exc
+
+        try:
+            answered = answer_questions(
+                backend, served["model_ref"], question_rows, settings_used, stops,
+                concurrency=settings_used.concurrency, on_answer=on_answer,
+            )  # fmt: skip
+        except QuestionFailed as exc:
+            raise dg.Failure(str(exc)) from exc
+        finally:
+            release_loaded_models()  # also stops a llama-server this step started
+        for question, result in zip(question_rows, answered.results, strict=True):
             answers.append({
                 "model": model, "n": n, "format": format_name, "question_id": str(question["question_id"]),
                 "category": question["category"], "question": question["question"], "answer": result.text,
@@ -607,10 +669,7 @@ def build_answers_asset(format_name: str) -> dg.AssetsDefinition:
                 "finish_reason": result.finish_reason, "seed": settings_used.seed,
                 "temperature": settings_used.temperature, "max_new_tokens": settings_used.max_new_tokens,
             })  # fmt: skip
-            progress.advance(detail=f"{question['question_id']}: {result.completion_tokens} tokens, "
-                                    f"{result.finish_reason}")
         summary = progress.finish()
-        release_loaded_models()
         frame = pl.DataFrame(answers, schema=ANSWER_SCHEMA)
         truncated = int((frame["finish_reason"] == "length").sum())
         if truncated:
@@ -627,6 +686,8 @@ def build_answers_asset(format_name: str) -> dg.AssetsDefinition:
             sec_per_question=total_seconds / max(frame.height, 1),
             tokens_per_s=float(frame["tokens"].sum()) / total_seconds if total_seconds else 0.0,
             hit_max_tokens=truncated,
+            concurrency=answered.concurrency,
+            wall_seconds=round(answered.wall_seconds, 3),
             **summary.as_metadata("answering"),
         )
 
@@ -655,7 +716,11 @@ def stage3_requests(
     seen: dict[str, int] = json.loads(cursor) if cursor else {}
     n = chosen_n(store, profile)
     if n is None:
-        return [], json.dumps(seen), f"no chosen n yet: eval.scale_curve has no optimum for {profile.models[0]}"
+        return (
+            [],
+            json.dumps(seen),
+            f"no chosen n yet: eval.scale_curve has no optimum for {profile.models[0]}",
+        )
     requests = []
     for model in profile.models:
         key = model_n_key(model, n)

@@ -47,11 +47,14 @@ class TrainSettings(BaseModel):
 
 
 class GenerationSettings(BaseModel):
-    backend: Literal["llama_cpp", "ollama", "transformers"] = "llama_cpp"
+    backend: Literal["llama_cpp", "llama_server", "ollama", "transformers"] = "llama_cpp"
     max_new_tokens: int = Field(gt=0)
-    num_ctx: int = Field(gt=0)
+    num_ctx: int = Field(gt=0)  # per request (llama_server: per slot)
     temperature: float = Field(ge=0.0)
     seed: int = 42
+    # Questions answered at once; capped by the backend's max_concurrency (1 for llama_cpp and transformers,
+    # OllamaBackend.parallel, LlamaServerBackend.parallel). Env: JPSLM_GENERATION__CONCURRENCY.
+    concurrency: int = Field(default=1, ge=1)
 
 
 class JudgeSettings(BaseModel):

@@ -1,10 +1,19 @@
-"""Answering the evaluation questions: which questions are asked, and under which served name."""
+"""Answering the evaluation questions: which questions are asked, under which served name, and the loop
+that asks them (``answer_questions``, what the answers assets and a benchmark both call)."""
 
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import polars as pl
+
+from jpslm_assets.domain.chat_format import chat_messages
+from jpslm_assets.resources.generation_api import GenerationError, GenerationRequest, GenerationResult
 
 TEST_SET_COLUMNS = ("question_id", "category", "question", "reference_answer", "human_written")
 
@@ -43,3 +52,125 @@ def served_name(model: str, n: int, format_name: str) -> str:
     """The Ollama model name for an export, e.g. ``jpslm-tiny-llama-n120:q4_k_m``."""
     base = re.sub(r"[^a-z0-9._-]+", "-", model.lower()).strip("-")
     return f"jpslm-{base}-n{n}:{format_name}"
+
+
+class Generator(Protocol):
+    """What answering needs of a generation backend."""
+
+    @property
+    def max_concurrency(self) -> int: ...
+
+    def generate(self, model_ref: str, request: GenerationRequest) -> GenerationResult: ...
+
+
+class GenerationSettingsLike(Protocol):
+    @property
+    def max_new_tokens(self) -> int: ...
+
+    @property
+    def temperature(self) -> float: ...
+
+    @property
+    def seed(self) -> int: ...
+
+
+class QuestionFailed(GenerationError):
+    """Answering one question failed; ``question_id`` names it and ``answered`` counts the answers done."""
+
+    def __init__(self, question_id: str, answered: int, total: int, cause: GenerationError) -> None:
+        super().__init__(f"question {question_id} ({answered}/{total} answered so far): {cause}")
+        self.question_id = question_id
+        self.answered = answered
+        self.total = total
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class AnsweredQuestions:
+    """The results in question order, the wall time of the whole loop and the workers it used."""
+
+    results: list[GenerationResult]
+    wall_seconds: float
+    concurrency: int
+
+
+def effective_concurrency(requested: int, backend: Generator) -> int:
+    """Workers for answering: the profile's ``generation.concurrency`` capped by the backend's slots."""
+    return max(1, min(int(requested), int(backend.max_concurrency)))
+
+
+def answer_request(
+    question: str, settings: GenerationSettingsLike, stops: Sequence[str]
+) -> GenerationRequest:
+    """The deterministic request for one evaluation question."""
+    return GenerationRequest(
+        messages=chat_messages(question),
+        max_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        seed=settings.seed,
+        stop=tuple(stops),
+    )
+
+
+def answer_questions(
+    backend: Generator,
+    model_ref: str,
+    questions: Sequence[Mapping[str, Any]],
+    settings: GenerationSettingsLike,
+    stops: Sequence[str] = (),
+    concurrency: int = 1,
+    on_answer: Callable[[Mapping[str, Any], GenerationResult], object] | None = None,
+) -> AnsweredQuestions:
+    """Answer each question (a mapping with ``question_id`` and ``question``) with ``backend``.
+
+    ``min(concurrency, backend.max_concurrency)`` requests run at once on a thread pool (one: in this thread,
+    in order). ``on_answer(question, result)`` is called in this thread as each answer arrives; the results
+    come back in question order. The first failure raises ``QuestionFailed`` naming the question; questions
+    not yet started are cancelled and those already running are awaited before it is raised.
+    """
+    workers = effective_concurrency(concurrency, backend)
+    total = len(questions)
+    results: list[GenerationResult | None] = [None] * total
+    started = time.perf_counter()
+
+    def ask(index: int) -> GenerationResult:
+        return backend.generate(model_ref, answer_request(str(questions[index]["question"]), settings, stops))
+
+    def done(index: int, result: GenerationResult) -> None:
+        results[index] = result
+        if on_answer is not None:
+            on_answer(questions[index], result)
+
+    answered = 0
+    if workers == 1:
+        for index in range(total):
+            try:
+                result = ask(index)
+            except GenerationError as exc:
+                raise QuestionFailed(str(questions[index]["question_id"]), answered, total, exc) from exc
+            done(index, result)
+            answered += 1
+    else:
+        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="answering")
+        pending: dict[Future[GenerationResult], int] = {}
+        try:
+            pending = {executor.submit(ask, index): index for index in range(total)}
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in sorted(finished, key=pending.__getitem__):
+                    index = pending.pop(future)
+                    try:
+                        result = future.result()
+                    except GenerationError as exc:
+                        raise QuestionFailed(
+                            str(questions[index]["question_id"]), answered, total, exc
+                        ) from exc
+                    done(index, result)
+                    answered += 1
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+    return AnsweredQuestions(
+        results=[result for result in results if result is not None],
+        wall_seconds=time.perf_counter() - started,
+        concurrency=workers,
+    )

@@ -1,8 +1,12 @@
-"""Generation backends: Ollama (official client), embedded llama.cpp (llama-cpp-python), transformers.
+"""Generation backends: Ollama (official client), embedded llama.cpp (llama-cpp-python), llama.cpp's own
+HTTP server (``llama-server``, started by the backend), transformers.
 
-All three implement ``generate(model_ref, request) -> GenerationResult`` from ``generation_api``; answering,
+All four implement ``generate(model_ref, request) -> GenerationResult`` from ``generation_api``; answering,
 judging and QA rephrasing depend on that method only. A ``model_ref`` is what the backend loads: a GGUF path
-(llama.cpp), a served model name (Ollama) or a Hugging Face folder (transformers).
+(llama.cpp, llama-server), a served model name (Ollama) or a Hugging Face folder (transformers).
+
+``max_concurrency`` says how many requests a backend serves at once: 1 for the in-process backends, the
+server's parallel slots for Ollama (``OLLAMA_NUM_PARALLEL``) and llama-server (``-np``).
 
 Each backend also ``deploy``s an exported model for its kind of serving and reports what it did, so the
 deployment asset never branches on the backend (Ollama falls back to the embedded llama.cpp deployment when
@@ -13,7 +17,14 @@ Heavy libraries (llama_cpp, torch, transformers) are imported inside methods: im
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -32,7 +43,13 @@ from jpslm_assets.resources.llama_cpp_tools import LlamaCppToolError, check_gguf
 
 OLLAMA_HOST_ENV = "OLLAMA_HOST"
 DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
-BackendName = Literal["llama_cpp", "ollama", "transformers"]
+LLAMA_SERVER_ENV = "JPSLM_LLAMA_SERVER"
+BackendName = Literal["llama_cpp", "llama_server", "ollama", "transformers"]
+LLAMA_SERVER_BUILD = (
+    "build llama.cpp's server with CUDA (`cmake -B build -DGGML_CUDA=ON && cmake --build build --config Release "
+    "--target llama-server`) and put build/bin/llama-server on PATH, or point "
+    f"${LLAMA_SERVER_ENV} (the resource's `binary`) at it"
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,11 @@ class GenerationBackend(dg.ConfigurableResource):
     def deploy(self, request: DeploymentRequest) -> Deployment:
         raise NotImplementedError
 
+    @property
+    def max_concurrency(self) -> int:
+        """How many ``generate`` calls may run at once (1: calls must not overlap)."""
+        return 1
+
     def _error(self, model_ref: str, cause: str) -> GenerationError:
         return GenerationError(f"{self.backend_name} backend, model {model_ref}: {cause}")
 
@@ -97,6 +119,14 @@ class _LoadedModels:
             self._models[key] = loaded
             return loaded
 
+    def discard(self, key: tuple[Any, ...]) -> None:
+        """Forget (and close) one entry."""
+        with self._lock:
+            model = self._models.pop(key, None)
+        close = getattr(model, "close", None)
+        if callable(close):
+            close()
+
     def clear(self) -> None:
         with self._lock:
             for model in self._models.values():
@@ -109,12 +139,17 @@ class _LoadedModels:
 _LLAMA_MODELS = _LoadedModels()
 _HF_MODELS = _LoadedModels()
 _HF_TOKENIZERS = _LoadedModels()
+_LLAMA_SERVERS = _LoadedModels()  # running llama-server processes; close() stops one
 
 
 def release_loaded_models() -> None:
-    """Free every model this process holds (between export steps that each need a lot of memory)."""
-    for cache in (_LLAMA_MODELS, _HF_MODELS, _HF_TOKENIZERS):
+    """Free every model this process holds (between export steps that each need a lot of memory), and stop
+    the llama-server processes it started."""
+    for cache in (_LLAMA_MODELS, _HF_MODELS, _HF_TOKENIZERS, _LLAMA_SERVERS):
         cache.clear()
+
+
+atexit.register(_LLAMA_SERVERS.clear)
 
 
 def _file_identity(path: Path) -> tuple[str, int, int]:
@@ -158,8 +193,9 @@ class LlamaCppBackend(GenerationBackend):
                 )
             except (ValueError, RuntimeError, OSError) as exc:
                 raise self._error(
-                    model_ref, f"llama.cpp cannot load it ({exc}); the file is corrupt or from an incompatible "
-                    "llama.cpp version: delete it and re-materialize the gguf asset."
+                    model_ref,
+                    f"llama.cpp cannot load it ({exc}); the file is corrupt or from an incompatible "
+                    "llama.cpp version: delete it and re-materialize the gguf asset.",
                 ) from exc
 
         return _LLAMA_MODELS.get(key, load, self.max_loaded_models)
@@ -168,10 +204,15 @@ class LlamaCppBackend(GenerationBackend):
         llm = self.load(model_ref)
         template = llm.metadata.get("tokenizer.chat_template")
         if not template:
-            raise self._error(model_ref, "the GGUF carries no tokenizer.chat_template; re-export from a folder "
-                              "whose tokenizer has a chat template")
+            raise self._error(
+                model_ref,
+                "the GGUF carries no tokenizer.chat_template; re-export from a folder "
+                "whose tokenizer has a chat template",
+            )
         try:
-            chat_turns(template, _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos()), model_ref)
+            chat_turns(
+                template, _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos()), model_ref
+            )
         except ChatTemplateError as exc:
             raise self._error(model_ref, str(exc)) from exc
 
@@ -201,8 +242,9 @@ class LlamaCppBackend(GenerationBackend):
         prompt = self.render_prompt(model_ref, request.messages)
         if len(prompt) + request.max_tokens > self.n_ctx:
             raise self._error(
-                model_ref, f"the {len(prompt)}-token prompt plus max_tokens={request.max_tokens} do not fit "
-                f"n_ctx={self.n_ctx}; raise generation.num_ctx in the profile or lower max_new_tokens."
+                model_ref,
+                f"the {len(prompt)}-token prompt plus max_tokens={request.max_tokens} do not fit "
+                f"n_ctx={self.n_ctx}; raise generation.num_ctx in the profile or lower max_new_tokens.",
             )
         grammar = self._grammar(llm, model_ref, request) if request.grammar or request.json_schema else None
         started = time.perf_counter()
@@ -244,7 +286,9 @@ class LlamaCppBackend(GenerationBackend):
             llm._model.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
         )
         if not sampler:
-            raise self._error(model_ref, "the GBNF grammar does not parse (llama.cpp rejected it); check its rules")
+            raise self._error(
+                model_ref, "the GBNF grammar does not parse (llama.cpp rejected it); check its rules"
+            )
         llama_cpp.llama_sampler_free(sampler)
         return grammar
 
@@ -258,7 +302,9 @@ class LlamaCppBackend(GenerationBackend):
 
         longest = max((len(sequence.ids) for sequence in sequences), default=0)
         if longest > self.n_ctx:
-            raise self._error(model_ref, f"a scored sequence has {longest} tokens, more than n_ctx={self.n_ctx}")
+            raise self._error(
+                model_ref, f"a scored sequence has {longest} tokens, more than n_ctx={self.n_ctx}"
+            )
         llm = self.load(model_ref, logits_all=True)
         results = []
         for sequence in sequences:
@@ -318,8 +364,16 @@ def complete_tokens(
     finish: Literal["stop", "length"] = "length"
     text = ""
     # temperature 0 is llama.cpp's greedy sampler; otherwise llama-cpp-python's default sampling chain.
-    for token in llm.generate(list(prompt), temp=temperature, top_k=40, top_p=0.95, min_p=0.05,
-                              repeat_penalty=1.0, reset=True, grammar=grammar):
+    for token in llm.generate(
+        list(prompt),
+        temp=temperature,
+        top_k=40,
+        top_p=0.95,
+        min_p=0.05,
+        repeat_penalty=1.0,
+        reset=True,
+        grammar=grammar,
+    ):
         if llama_cpp.llama_vocab_is_eog(vocab, token):
             finish = "stop"
             break
@@ -358,6 +412,15 @@ class OllamaBackend(GenerationBackend):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     num_ctx: int = Field(default=4096, gt=0)
     keep_alive: str | None = Field(default=None, description="How long Ollama keeps the model loaded")
+    parallel: int = Field(
+        default=1,
+        gt=0,
+        description="Requests sent at once; match the server's OLLAMA_NUM_PARALLEL (its slots)",
+    )
+
+    @property
+    def max_concurrency(self) -> int:
+        return self.parallel
 
     def resolved_host(self) -> str:
         return ollama_host(self.host)
@@ -377,18 +440,21 @@ class OllamaBackend(GenerationBackend):
         if isinstance(exc, ollama.ResponseError):
             if exc.status_code == 404:
                 return self._error(
-                    model_ref, f"Ollama at {host} does not know this model ({exc.error}); materialize the "
-                    "deployment asset (ollama create) or `ollama pull` it."
+                    model_ref,
+                    f"Ollama at {host} does not know this model ({exc.error}); materialize the "
+                    "deployment asset (ollama create) or `ollama pull` it.",
                 )
             return self._error(model_ref, f"Ollama at {host} answered HTTP {exc.status_code}: {exc.error}")
         if isinstance(exc, ConnectionError | httpx.ConnectError):
             return self._error(
-                model_ref, f"Ollama at {host} is unreachable; start `ollama serve` there or set {OLLAMA_HOST_ENV} "
-                "to a server that runs."
+                model_ref,
+                f"Ollama at {host} is unreachable; start `ollama serve` there or set {OLLAMA_HOST_ENV} "
+                "to a server that runs.",
             )
         if isinstance(exc, httpx.TimeoutException):
             return self._error(
-                model_ref, f"Ollama at {host} did not answer within timeout_s={self.timeout_s:.0f} s ({exc!r})"
+                model_ref,
+                f"Ollama at {host} did not answer within timeout_s={self.timeout_s:.0f} s ({exc!r})",
             )
         return self._error(model_ref, f"Ollama at {host} failed: {exc!r}")
 
@@ -403,15 +469,20 @@ class OllamaBackend(GenerationBackend):
             with self.client(timeout_s=self.connect_timeout_s) as client:
                 client.list()
         except ollama.ResponseError as exc:
-            return True, f"Ollama at {self.resolved_host()} answers (with HTTP {exc.status_code} to /api/tags)"
+            return (
+                True,
+                f"Ollama at {self.resolved_host()} answers (with HTTP {exc.status_code} to /api/tags)",
+            )
         except Exception as exc:
             return False, str(self._translate("-", exc))
         return True, f"Ollama at {self.resolved_host()} answers"
 
     def generate(self, model_ref: str, request: GenerationRequest) -> GenerationResult:
         if request.grammar and request.json_schema is None:
-            raise self._error(model_ref, "Ollama takes a JSON schema (`format`), not a GBNF grammar; give the "
-                              "request a json_schema")
+            raise self._error(
+                model_ref,
+                "Ollama takes a JSON schema (`format`), not a GBNF grammar; give the request a json_schema",
+            )
         options: dict[str, Any] = {
             "seed": request.seed,
             "temperature": request.temperature,
@@ -493,6 +564,305 @@ class OllamaBackend(GenerationBackend):
         )
 
 
+# ------------------------------------------------------------------------------------------ llama-server
+
+
+class _LlamaServer:
+    """One ``llama-server`` process serving one GGUF, with a shared HTTP client sized for its slots."""
+
+    def __init__(self, command: list[str], url: str, log_path: Path, parallel: int, timeout_s: float) -> None:
+        import httpx
+
+        self.command = command
+        self.url = url
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        try:
+            self.process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError:
+            self._log.close()
+            raise
+        self.client = httpx.Client(
+            base_url=url,
+            timeout=httpx.Timeout(timeout_s, connect=10.0),
+            limits=httpx.Limits(max_connections=parallel + 2, max_keepalive_connections=parallel + 2),
+        )
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text("utf-8", errors="replace")
+        except OSError:
+            return "(no server log)"
+        tail = [line for line in text.splitlines() if line.strip()][-lines:]
+        return "\n".join(tail) if tail else "(the server wrote nothing)"
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def close(self) -> None:
+        """Stop the server's whole process group (SIGTERM, then SIGKILL) and close the client."""
+        self.client.close()
+        if self.running():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self._log.close()
+        self.log_path.unlink(missing_ok=True)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+class LlamaServerBackend(GenerationBackend):
+    """llama.cpp's own HTTP server: ``model_ref`` is a GGUF path; the backend starts ``llama-server`` for it
+    (``-np parallel`` slots of ``n_ctx`` tokens each, layers on the GPU) and keeps it running until
+    ``release_loaded_models()`` or the end of the process. Requests go to ``/v1/chat/completions`` and the chat
+    layout is the GGUF's own template (``--jinja``); up to ``parallel`` of them are answered at once."""
+
+    backend_name: ClassVar[str] = "llama_server"
+
+    binary: str | None = Field(
+        default=None,
+        description=f"llama-server executable (a name on PATH or a path); None: ${LLAMA_SERVER_ENV}, else "
+        "`llama-server` on PATH",
+    )
+    host: str = Field(default="127.0.0.1", description="Address the server listens on")
+    port: int = Field(default=0, ge=0, lt=65536, description="0 picks a free port")
+    parallel: int = Field(default=8, gt=0, description="Slots: requests the server decodes at once (-np)")
+    n_ctx: int = Field(default=4096, gt=0, description="Context per slot; the server gets -c parallel*n_ctx")
+    n_gpu_layers: int = Field(default=999, description="Layers offloaded to the GPU (-ngl); 999: all")
+    startup_timeout_s: float = Field(
+        default=300.0, gt=0, description="Wait this long for GET /health to be 200"
+    )
+    timeout_s: float = Field(default=600.0, gt=0, description="Per-request read timeout")
+    extra_args: list[str] = Field(
+        default_factory=list, description="More llama-server flags, passed as given"
+    )
+    max_servers: int = Field(default=1, gt=0, description="Servers (GGUFs) kept running per process")
+
+    @property
+    def max_concurrency(self) -> int:
+        return self.parallel
+
+    def resolved_binary(self) -> str:
+        return self.binary or os.environ.get(LLAMA_SERVER_ENV) or "llama-server"
+
+    def executable(self) -> str | None:
+        """The server executable's path, or None when it is neither on PATH nor an executable file."""
+        binary = self.resolved_binary()
+        if os.sep in binary or (os.altsep and os.altsep in binary):
+            path = Path(binary).expanduser()
+            return str(path) if path.is_file() and os.access(path, os.X_OK) else None
+        return shutil.which(binary)
+
+    def command(self, gguf: Path, port: int) -> list[str]:
+        executable = self.executable() or self.resolved_binary()
+        return [
+            executable, "-m", str(gguf), "--host", self.host, "--port", str(port),
+            "-np", str(self.parallel), "-c", str(self.parallel * self.n_ctx), "-ngl", str(self.n_gpu_layers),
+            "--jinja", *self.extra_args,
+        ]  # fmt: skip
+
+    def server(self, model_ref: str) -> _LlamaServer:
+        """The running server for a GGUF, started (and waited for) on first use."""
+        path = Path(model_ref)
+        try:
+            check_gguf_file(path)
+        except LlamaCppToolError as exc:
+            raise self._error(model_ref, str(exc)) from exc
+        key = (
+            *_file_identity(path), self.resolved_binary(), self.host, self.port, self.parallel, self.n_ctx,
+            self.n_gpu_layers, tuple(self.extra_args),
+        )  # fmt: skip
+        server: _LlamaServer = _LLAMA_SERVERS.get(key, lambda: self._start(path), self.max_servers)
+        if not server.running():
+            # Died since it started (killed, out of memory): report it now, and start afresh on the next call.
+            _LLAMA_SERVERS.discard(key)
+            raise self._error(
+                model_ref,
+                f"llama-server exited with code {server.process.returncode}; its last log lines:\n"
+                f"{server.log_tail()}",
+            )
+        return server
+
+    def _start(self, path: Path) -> _LlamaServer:
+        model_ref = str(path)
+        if self.executable() is None:
+            raise self._error(
+                model_ref, f"no llama-server executable {self.resolved_binary()!r}; {LLAMA_SERVER_BUILD}"
+            )
+        port = self.port or _free_port(self.host)
+        command = self.command(path, port)
+        log_path = Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log")[1])
+        try:
+            server = _LlamaServer(
+                command, f"http://{self.host}:{port}", log_path, self.parallel, self.timeout_s
+            )
+        except OSError as exc:
+            log_path.unlink(missing_ok=True)
+            raise self._error(model_ref, f"cannot start {command[0]} ({exc}); {LLAMA_SERVER_BUILD}") from exc
+        try:
+            self._wait_until_healthy(server, model_ref)
+        except BaseException:
+            server.close()
+            raise
+        return server
+
+    def _wait_until_healthy(self, server: _LlamaServer, model_ref: str) -> None:
+        import httpx
+
+        deadline = time.monotonic() + self.startup_timeout_s
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            if not server.running():
+                raise self._error(
+                    model_ref,
+                    f"llama-server exited with code {server.process.returncode} while starting "
+                    f"({' '.join(server.command)}); its last log lines:\n{server.log_tail()}",
+                )
+            try:
+                response = server.client.get("/health", timeout=5.0)
+                if response.status_code == 200:
+                    return
+                last = f"HTTP {response.status_code} {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            time.sleep(0.2)
+        raise self._error(
+            model_ref,
+            f"llama-server at {server.url} was not healthy within startup_timeout_s="
+            f"{self.startup_timeout_s:.0f} s (last: {last}); its last log lines:\n{server.log_tail()}",
+        )
+
+    def generate(self, model_ref: str, request: GenerationRequest) -> GenerationResult:
+        import httpx
+
+        server = self.server(model_ref)
+        body: dict[str, Any] = {
+            "messages": list(request.messages),
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "seed": request.seed,
+            "stream": False,
+        }
+        if request.stop:
+            body["stop"] = list(request.stop)
+        if request.grammar:
+            body["grammar"] = request.grammar
+        elif request.json_schema is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"schema": request.json_schema}}
+        started = time.perf_counter()
+        try:
+            response = server.client.post("/v1/chat/completions", json=body)
+        except httpx.TimeoutException as exc:
+            raise self._error(
+                model_ref,
+                f"llama-server at {server.url} did not answer within timeout_s={self.timeout_s:.0f} s "
+                f"({exc!r})",
+            ) from exc
+        except httpx.HTTPError as exc:
+            state = "is running" if server.running() else f"exited with code {server.process.returncode}"
+            raise self._error(
+                model_ref,
+                f"llama-server at {server.url} failed ({exc!r}); the server {state}; its last log "
+                f"lines:\n{server.log_tail()}",
+            ) from exc
+        seconds = time.perf_counter() - started
+        if response.status_code != 200:
+            raise self._error(model_ref, self._http_error(server, response))
+        try:
+            payload = response.json()
+            choice = payload["choices"][0]
+            text = choice["message"].get("content") or ""
+            usage = payload.get("usage") or {}
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise self._error(
+                model_ref,
+                f"llama-server at {server.url} sent an unexpected reply ({exc!r}): {response.text[:300]}",
+            ) from exc
+        return GenerationResult(
+            text=text,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            seconds=seconds,
+            finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
+            backend=self.backend_name,
+            model=model_ref,
+            extra={"timings": payload.get("timings") or {}},
+        )
+
+    def _http_error(self, server: _LlamaServer, response: Any) -> str:
+        try:
+            error = response.json().get("error")
+            message = error.get("message") if isinstance(error, dict) else str(error)
+        except (ValueError, AttributeError):
+            message = response.text[:300]
+        detail = f"llama-server at {server.url} answered HTTP {response.status_code}: {message}"
+        if "context" in str(message).lower():
+            detail += (
+                f"; each of the {self.parallel} slots holds n_ctx={self.n_ctx} tokens: raise generation.num_ctx "
+                "in the profile or lower max_new_tokens"
+            )
+        return detail
+
+    def deploy(self, request: DeploymentRequest) -> Deployment:
+        if request.gguf_path is None:
+            return TransformersBackend(quantization="nf4").deploy(request)
+        from jpslm_assets.resources.llama_cpp_tools import gguf_chat_metadata, tensor_type_counts
+
+        gguf = request.gguf_path
+        model_ref = str(gguf)
+        try:
+            header = gguf_chat_metadata(gguf)  # the header only: the weights load in the server
+        except LlamaCppToolError as exc:
+            raise self._error(model_ref, str(exc)) from exc
+        if not header.chat_template:
+            raise self._error(
+                model_ref,
+                "the GGUF carries no tokenizer.chat_template; re-export from a folder "
+                "whose tokenizer has a chat template",
+            )
+        try:
+            chat_turns(header.chat_template, header.bos_token, header.eos_token, model_ref)
+        except ChatTemplateError as exc:
+            raise self._error(model_ref, str(exc)) from exc
+        executable = self.executable()
+        if executable is None:
+            return Deployment(
+                backend=self.backend_name,
+                model_ref=model_ref,
+                served_name=request.served_name,
+                quantization=request.format,
+                status="unavailable",
+                detail=f"no llama-server executable {self.resolved_binary()!r} (generation resource setting "
+                f"`binary`, or ${LLAMA_SERVER_ENV}); {LLAMA_SERVER_BUILD}",
+            )
+        types = tensor_type_counts(gguf)
+        return Deployment(
+            backend=self.backend_name,
+            model_ref=model_ref,
+            served_name=request.served_name,
+            quantization=request.format,
+            status="ok",
+            detail=f"{executable} serves {gguf.name} ({_describe_types(types)}) with {self.parallel} slots of "
+            f"{self.n_ctx} tokens, -ngl {self.n_gpu_layers}",
+        )
+
+
 # ------------------------------------------------------------------------------------------ transformers
 
 
@@ -522,7 +892,10 @@ class TransformersBackend(GenerationBackend):
         import torch
 
         if not torch.cuda.is_available():
-            return False, "HF + bitsandbytes NF4 needs CUDA and torch.cuda.is_available() is False on this machine"
+            return (
+                False,
+                "HF + bitsandbytes NF4 needs CUDA and torch.cuda.is_available() is False on this machine",
+            )
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as exc:
@@ -532,11 +905,18 @@ class TransformersBackend(GenerationBackend):
     def load(self, model_ref: str) -> tuple[Any, Any]:
         folder = Path(model_ref)
         if not (folder / "config.json").is_file():
-            raise self._error(model_ref, "not a Hugging Face model folder (no config.json); materialize merged_model")
+            raise self._error(
+                model_ref, "not a Hugging Face model folder (no config.json); materialize merged_model"
+            )
         available, reason = self.availability()
         if not available:
             raise self._error(model_ref, reason)
-        key = (str(folder.resolve()), (folder / "config.json").stat().st_mtime_ns, self.quantization, self.dtype)
+        key = (
+            str(folder.resolve()),
+            (folder / "config.json").stat().st_mtime_ns,
+            self.quantization,
+            self.dtype,
+        )
 
         def load() -> tuple[Any, Any]:
             import torch
@@ -557,7 +937,9 @@ class TransformersBackend(GenerationBackend):
                 )
                 kwargs["device_map"] = {"": 0}
             dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-            model: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype), **kwargs)
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=getattr(torch, dtype), **kwargs
+            )
             if self.quantization != "nf4":
                 model = model.to(device)
             model.eval()
@@ -570,7 +952,10 @@ class TransformersBackend(GenerationBackend):
         folder = Path(model_ref)
         if not folder.is_dir():
             raise self._error(model_ref, "not a folder; materialize merged_model")
-        key = (str(folder.resolve()), max((p.stat().st_mtime_ns for p in folder.glob("tokenizer*")), default=0))
+        key = (
+            str(folder.resolve()),
+            max((p.stat().st_mtime_ns for p in folder.glob("tokenizer*")), default=0),
+        )
 
         def load() -> Any:
             from jpslm_assets.resources.models import load_tokenizer
@@ -581,8 +966,9 @@ class TransformersBackend(GenerationBackend):
 
     def generate(self, model_ref: str, request: GenerationRequest) -> GenerationResult:
         if request.grammar or request.json_schema is not None:
-            raise self._error(model_ref, "constrained output (grammar / JSON schema) needs the llama_cpp or "
-                              "ollama backend")
+            raise self._error(
+                model_ref, "constrained output (grammar / JSON schema) needs the llama_cpp or ollama backend"
+            )
         import torch
 
         model, tokenizer = self.load(model_ref)
@@ -603,7 +989,9 @@ class TransformersBackend(GenerationBackend):
         started = time.perf_counter()
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         with torch.no_grad():
-            output = model.generate(**encoded, max_new_tokens=request.max_tokens, pad_token_id=pad_id, **kwargs)
+            output = model.generate(
+                **encoded, max_new_tokens=request.max_tokens, pad_token_id=pad_id, **kwargs
+            )
         seconds = time.perf_counter() - started
         new_tokens = output[0, prompt_tokens:].tolist()
         eos_ids = model.generation_config.eos_token_id
@@ -642,11 +1030,17 @@ class TransformersBackend(GenerationBackend):
             raise self._error(request.served_name, "deploying with transformers needs the merged HF folder")
         if request.format not in ("f16", "nf4"):
             return Deployment(
-                self.backend_name, str(request.hf_dir), request.served_name, request.format, "unavailable",
+                self.backend_name,
+                str(request.hf_dir),
+                request.served_name,
+                request.format,
+                "unavailable",
                 f"{request.format} is a llama.cpp format; serve it with the llama_cpp or ollama backend",
             )
         # f16 here means the merged 16-bit HF folder itself; nf4 loads it 4-bit with bitsandbytes.
-        backend = self if request.format != "nf4" else TransformersBackend(quantization="nf4", device=self.device)
+        backend = (
+            self if request.format != "nf4" else TransformersBackend(quantization="nf4", device=self.device)
+        )
         available, reason = backend.availability()
         return Deployment(
             backend=self.backend_name,
@@ -665,14 +1059,20 @@ def backend_for(kind: str, num_ctx: int, quantization: str = "none") -> Generati
     """A backend of the named kind with the profile's context size."""
     if kind == "llama_cpp":
         return LlamaCppBackend(n_ctx=num_ctx)
+    if kind == "llama_server":
+        return LlamaServerBackend(n_ctx=num_ctx)
     if kind == "ollama":
         return OllamaBackend(num_ctx=num_ctx)
     if kind == "transformers":
         return TransformersBackend(quantization="nf4" if quantization == "nf4" else "none")
-    raise GenerationError(f"generation backend {kind!r} is not one of llama_cpp, ollama, transformers")
+    raise GenerationError(
+        f"generation backend {kind!r} is not one of llama_cpp, llama_server, ollama, transformers"
+    )
 
 
-def serving_backend(configured: GenerationBackend, deployment: Deployment | dict[str, Any]) -> GenerationBackend:
+def serving_backend(
+    configured: GenerationBackend, deployment: Deployment | dict[str, Any]
+) -> GenerationBackend:
     """The backend that serves a recorded deployment: the configured one when it matches, else the recorded
     kind (e.g. embedded llama.cpp after Ollama was unreachable, transformers for the NF4 fallback)."""
     record = deployment if isinstance(deployment, dict) else deployment.__dict__
