@@ -66,7 +66,8 @@ def adapter_tensors(folder: Path) -> dict:
 def test_loss_covers_answer_tokens_only(tiny_base: Path, tmp_path: Path) -> None:
     import torch
 
-    prepared = trainer_lib.prepare_run(make_spec(tiny_base, tmp_path, 8), lambda message: None)
+    spec = make_spec(tiny_base, tmp_path, 8).model_copy(update={"padding_free": False})
+    prepared = trainer_lib.prepare_run(spec, lambda message: None)
     trainer = prepared.trainer
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     labels, input_ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
@@ -93,6 +94,119 @@ def test_loss_covers_answer_tokens_only(tiny_base: Path, tmp_path: Path) -> None
         whole_sequence = float(all_sums.sum() / all_counts.sum())
     assert loss == pytest.approx(answer_only, rel=1e-5)
     assert abs(loss - whole_sequence) > 1e-3, "the check must tell answer-only from whole-sequence loss"
+
+
+def test_padding_free_batches_mask_prompts_and_give_the_padded_loss(tiny_base: Path, tmp_path: Path) -> None:
+    """One row per micro-batch, positions restarting per example: same answer-only loss as padded rows."""
+    import torch
+
+    def first_batch(padding_free: bool) -> tuple[trainer_lib.PreparedRun, dict]:
+        spec = make_spec(tiny_base, tmp_path / str(padding_free), 8, per_device_batch_size=4)
+        prepared = trainer_lib.prepare_run(
+            spec.model_copy(update={"padding_free": padding_free}), lambda m: None
+        )
+        trainer = prepared.trainer
+        return prepared, trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+    packed_run, packed = first_batch(True)
+    padded_run, padded = first_batch(False)
+    assert packed_run.layout.padding_free and not padded_run.layout.padding_free
+    assert "attention_mask" not in packed and packed["input_ids"].size(0) == 1
+    assert packed["input_ids"].numel() == int(padded["attention_mask"].sum()), "no padding token in the row"
+    starts = (packed["position_ids"][0] == 0).nonzero().flatten().tolist()
+    ends = [*starts[1:], packed["input_ids"].size(1)]
+    by_ids = {tuple(example.input_ids): example for example in packed_run.examples}
+    assert len(starts) == 4
+    for start, end in zip(starts, ends, strict=True):
+        example = by_ids[tuple(packed["input_ids"][0, start:end].tolist())]
+        labels = packed["labels"][0, start:end]
+        assert (labels[: example.prompt_tokens] == IGNORE_INDEX).all(), "prompt tokens must not be trained on"
+        assert (labels[example.prompt_tokens :] != IGNORE_INDEX).all()
+
+    losses = []
+    for prepared, batch in ((packed_run, packed), (padded_run, padded)):
+        prepared.trainer.model.eval()
+        with torch.no_grad():
+            losses.append(float(prepared.trainer.compute_loss(prepared.trainer.model, dict(batch))))
+        if prepared is packed_run:
+            with torch.no_grad():  # the same row read as one long sequence: examples would see each other
+                crossed = {key: packed[key] for key in ("input_ids", "labels")}
+                losses.append(float(prepared.trainer.compute_loss(prepared.trainer.model, crossed)))
+    packed_loss, crossed_loss, padded_loss = losses
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+    assert abs(crossed_loss - padded_loss) > 1e-4, "the check must tell a block-diagonal mask from none"
+
+
+def test_padding_free_training_ends_with_the_padded_runs_adapter(tiny_base: Path, tmp_path: Path) -> None:
+    import torch
+
+    adapters = []
+    for padding_free in (True, False):
+        # LoRA dropout off: its random masks are drawn over differently shaped tensors in the two layouts.
+        spec = make_spec(
+            tiny_base, tmp_path / str(padding_free), 8, per_device_batch_size=4, max_steps=3, dropout=0.0
+        )
+        result = trainer_lib.run_training(
+            spec.model_copy(update={"padding_free": padding_free}), lambda m: None
+        )
+        assert result.layout is not None and result.layout.padding_free is padding_free
+        assert all(point.seconds is not None and point.seconds > 0 for point in result.loss_curve)
+        adapters.append(adapter_tensors(Path(result.adapter_path)))
+    packed, padded = adapters
+    assert packed.keys() == padded.keys()
+    for name in packed:
+        torch.testing.assert_close(packed[name], padded[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_layout_keeps_the_effective_batch_and_checkpoints_only_when_memory_is_short(tiny_base: Path) -> None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_base)
+    spec = make_spec(
+        tiny_base, tiny_base.parent / "layout", 4, per_device_batch_size=2, gradient_accumulation_steps=4
+    )
+    per_token = trainer_lib.activation_bytes_per_token(config, spec.plan.dropout)
+
+    cpu = trainer_lib.choose_layout(spec, config, 100, None, fused_available=True)
+    assert (cpu.per_device_batch_size, cpu.gradient_accumulation_steps, cpu.gradient_checkpointing) == (
+        2,
+        4,
+        False,
+    )
+    assert not cpu.fused_kernels, "fused kernels are CUDA-only"
+
+    roomy = trainer_lib.choose_layout(spec, config, 100, 10**12, fused_available=False)
+    assert (roomy.per_device_batch_size, roomy.gradient_accumulation_steps) == (8, 1)
+    assert not roomy.gradient_checkpointing and not roomy.fused_kernels
+
+    # Room for 4 examples' activations but not 8: micro-batch 4, accumulation 2, still no checkpointing.
+    four = trainer_lib.choose_layout(spec, config, 100, int(5 * 100 * per_token / 0.7), fused_available=True)
+    assert (four.per_device_batch_size, four.gradient_accumulation_steps, four.gradient_checkpointing) == (
+        4,
+        2,
+        False,
+    )
+    assert four.fused_kernels
+
+    # Not even one example without checkpointing: checkpointing on, largest micro-batch that then fits.
+    short = trainer_lib.choose_layout(
+        spec, config, 100, int(0.9 * 100 * per_token / 0.7), fused_available=False
+    )
+    assert (
+        short.gradient_checkpointing and short.per_device_batch_size * short.gradient_accumulation_steps == 8
+    )
+
+    fixed = spec.model_copy(update={"adapt_micro_batch": False, "gradient_checkpointing": True})
+    forced = trainer_lib.choose_layout(fixed, config, 100, 10**12, fused_available=False)
+    assert (
+        forced.per_device_batch_size,
+        forced.gradient_accumulation_steps,
+        forced.gradient_checkpointing,
+    ) == (
+        2,
+        4,
+        True,
+    )
 
 
 def test_training_writes_a_peft_adapter_and_a_loss_curve(tiny_base: Path, tmp_path: Path) -> None:

@@ -8,12 +8,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-import polars as pl
+from typing import TYPE_CHECKING, Any, Protocol
 
 from jpslm_assets.domain.chat_format import chat_messages
 from jpslm_assets.resources.generation_api import GenerationError, GenerationRequest, GenerationResult
+
+if TYPE_CHECKING:  # polars is imported where it is used: the answering loop runs on machines without it
+    import polars as pl
 
 TEST_SET_COLUMNS = ("question_id", "category", "question", "reference_answer", "human_written")
 
@@ -24,6 +25,8 @@ class AnsweringInputError(ValueError):
 
 def select_eval_questions(test_set: pl.DataFrame, count: int) -> pl.DataFrame:
     """The first ``count`` human-written questions in question_id order (the paper's 100 of 200)."""
+    import polars as pl
+
     missing = [column for column in TEST_SET_COLUMNS if column not in test_set.columns]
     if missing:
         raise AnsweringInputError(

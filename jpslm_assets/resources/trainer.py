@@ -23,6 +23,7 @@ also what a subprocess or an external scheduler runs; progress lines go to stdou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -81,6 +82,26 @@ class TrainingSpec(BaseModel):
     cpu_bf16: bool = Field(
         default=False, description="bf16 autocast for CPU matmuls (LoRA weights stay fp32)"
     )
+    # How the run is laid out on the device. None of these change what is computed: every optimizer step sees
+    # the same examples and the same answer-token loss; they only change speed and memory.
+    padding_free: bool = Field(
+        default=True,
+        description="concatenate each micro-batch into one row with per-example positions (no padding tokens); "
+        "attention stays within each example through the model's block-diagonal mask",
+    )
+    gradient_checkpointing: bool | None = Field(
+        default=None,
+        description="None: on CUDA, only when activations would not fit in free memory; off on CPU",
+    )
+    adapt_micro_batch: bool = Field(
+        default=True,
+        description="on CUDA, take the largest micro-batch that divides the effective batch and fits in free "
+        "memory (fewer, larger steps; the effective batch stays the plan's)",
+    )
+    fused_kernels: bool | None = Field(
+        default=None,
+        description="Liger's fused RMSNorm/SwiGLU/RoPE kernels; None: when installed and on CUDA",
+    )
 
 
 class LossPoint(BaseModel):
@@ -89,6 +110,20 @@ class LossPoint(BaseModel):
     learning_rate: float
     epoch: float
     tokens_seen: int
+    seconds: float | None = Field(
+        default=None, description="wall seconds since this session's training began"
+    )
+
+
+class RunLayout(BaseModel):
+    """The device layout chosen for a run, and why; recorded with the result."""
+
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    padding_free: bool
+    gradient_checkpointing: bool
+    fused_kernels: bool
+    reason: str
 
 
 class TrainingResult(BaseModel):
@@ -107,6 +142,10 @@ class TrainingResult(BaseModel):
     tokens_per_s: float
     resumed_from_step: int | None
     world_size: int
+    layout: RunLayout | None = None
+    peak_memory_bytes: int | None = Field(
+        default=None, description="peak CUDA memory allocated (main process)"
+    )
     loss_curve: list[LossPoint]
 
 
@@ -226,6 +265,104 @@ def _oom_error(spec: TrainingSpec, exc: BaseException) -> TrainingOutOfMemoryErr
     )
 
 
+GIB = 1024**3
+
+
+def activation_bytes_per_token(config: Any, dropout: float) -> int:
+    """Upper estimate of the activation memory one token keeps for the backward pass (no checkpointing).
+
+    Per decoder layer, a LoRA-wrapped Llama/Qwen2 block saves about 30 bytes per hidden unit (norm inputs and
+    outputs in float32 after k-bit preparation, bf16 projection inputs, attention q/k/v/out) and 8 bytes per MLP
+    unit (gate, up, activation, product); LoRA dropout keeps masked copies of each projection input. A 1.5x margin
+    covers allocator fragmentation and kernel workspaces.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(text.hidden_size)
+    intermediate = int(getattr(text, "intermediate_size", 4 * hidden))
+    layers = int(text.num_hidden_layers)
+    per_layer = 30 * hidden + 8 * intermediate
+    if dropout > 0:
+        per_layer += 12 * hidden + 4 * intermediate
+    return int(layers * per_layer * 1.5)
+
+
+def choose_layout(
+    spec: TrainingSpec,
+    config: Any,
+    longest_example: int,
+    free_bytes: int | None,
+    fused_available: bool,
+) -> RunLayout:
+    """The micro-batch, checkpointing and kernels for a run, from the spec and the device's free memory.
+
+    ``free_bytes`` is the device memory free after the model is loaded, or None on CPU. On CUDA, candidates are
+    the divisors of the effective batch from the largest down; the first whose activations (micro-batch x the
+    longest example, in tokens) fit in 70% of free memory runs without checkpointing. If none fits, gradient
+    checkpointing is switched on and the largest micro-batch that fits with it is taken. Every candidate keeps
+    the effective batch, so each optimizer step sees the same examples and the same loss.
+    """
+    plan = spec.plan
+    effective = plan.effective_batch_size
+    fused = (
+        bool(fused_available if spec.fused_kernels is None else spec.fused_kernels) and free_bytes is not None
+    )
+    if free_bytes is None:
+        return RunLayout(
+            per_device_batch_size=plan.per_device_batch_size,
+            gradient_accumulation_steps=plan.gradient_accumulation_steps,
+            padding_free=spec.padding_free,
+            gradient_checkpointing=bool(spec.gradient_checkpointing),
+            fused_kernels=False,
+            reason="CPU: the plan's micro-batch",
+        )
+    per_token = activation_bytes_per_token(config, plan.dropout)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # With checkpointing only each layer's input is kept, plus one layer's activations during its recompute.
+    checkpointed_per_token = int(text.num_hidden_layers) * int(text.hidden_size) * 4 + per_token // int(
+        text.num_hidden_layers
+    )
+    budget = int(free_bytes * 0.7)
+    sizes = (
+        [size for size in range(effective, 0, -1) if effective % size == 0]
+        if spec.adapt_micro_batch
+        else [plan.per_device_batch_size]
+    )
+
+    def layout(size: int, checkpointing: bool, reason: str) -> RunLayout:
+        return RunLayout(
+            per_device_batch_size=size,
+            gradient_accumulation_steps=effective // size,
+            padding_free=spec.padding_free,
+            gradient_checkpointing=checkpointing,
+            fused_kernels=fused,
+            reason=reason,
+        )
+
+    free_text = f"{free_bytes / GIB:.1f} GiB free"
+    if spec.gradient_checkpointing is not True:
+        for size in sizes:
+            need = size * longest_example * per_token
+            if need <= budget:
+                return layout(
+                    size,
+                    False,
+                    f"{free_text}; micro-batch {size} x {longest_example} tokens needs ~{need / GIB:.1f} "
+                    "GiB of activations without checkpointing",
+                )
+        if spec.gradient_checkpointing is False:
+            return layout(sizes[-1], False, f"{free_text}; checkpointing off by request")
+    for size in sizes:
+        need = size * longest_example * checkpointed_per_token
+        if need <= budget:
+            return layout(
+                size,
+                True,
+                f"{free_text}; micro-batch {size} x {longest_example} tokens needs ~{need / GIB:.1f} GiB "
+                "with gradient checkpointing",
+            )
+    return layout(sizes[-1], True, f"{free_text}; smallest micro-batch with checkpointing (may not fit)")
+
+
 @dataclass
 class PreparedRun:
     """A configured Trainer with what the run loop needs around it."""
@@ -236,6 +373,8 @@ class PreparedRun:
     device: str
     world_size: int
     is_main_process: bool
+    layout: RunLayout
+    progress: _ProgressCallback
 
 
 class _ProgressCallback:
@@ -247,6 +386,7 @@ class _ProgressCallback:
         self.start_time = time.monotonic()
         self.start_step = 0
         self.start_tokens = 0
+        self.step_seconds: dict[int, float] = {}
 
     def build(self) -> Any:
         from transformers import TrainerCallback
@@ -266,6 +406,7 @@ class _ProgressCallback:
                 if not state.is_world_process_zero or not logs or "loss" not in logs:
                     return
                 elapsed = max(time.monotonic() - outer.start_time, 1e-9)
+                outer.step_seconds[int(state.global_step)] = elapsed
                 done = max(state.global_step - outer.start_step, 1)
                 remaining = max(state.max_steps - state.global_step, 0)
                 tokens_per_s = (state.num_input_tokens_seen - outer.start_tokens) / elapsed
@@ -332,7 +473,8 @@ def _load_backend_model(spec: TrainingSpec) -> tuple[Any, Any]:
             quantization_config=quantization,
             trust_remote_code=spec.trust_remote_code,
         )
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        # Checkpointing is decided later, from free memory (choose_layout); this only prepares the k-bit model.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model = load_causal_lm(spec.base_model_ref, dtype="float32", trust_remote_code=spec.trust_remote_code)
     set_seed(plan.seed)
@@ -345,6 +487,21 @@ def _load_backend_model(spec: TrainingSpec) -> tuple[Any, Any]:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora), tokenizer
+
+
+def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """Trainer arguments for (non-reentrant) activation checkpointing, under the name this transformers uses.
+
+    transformers 5.2x calls it ``activation_checkpointing`` and keeps ``gradient_checkpointing`` as a deprecated
+    alias; earlier releases know only the latter."""
+    from transformers import TrainingArguments
+
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+        else "gradient_checkpointing"
+    )
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
@@ -378,12 +535,32 @@ def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
         {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
     )
     on_cuda = spec.backend != "cpu_lora"
+    free_bytes = None
+    if on_cuda:
+        torch.cuda.synchronize()
+        free_bytes = int(torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")))[0])
+    layout = choose_layout(
+        spec,
+        model.config,
+        max(len(e.input_ids) for e in examples),
+        free_bytes,
+        fused_available=importlib.util.find_spec("liger_kernel") is not None,
+    )
+    sink(
+        f"{spec.partition}: micro-batch {layout.per_device_batch_size} x {layout.gradient_accumulation_steps} "
+        f"accumulation, padding-free {'on' if layout.padding_free else 'off'}, gradient checkpointing "
+        f"{'on' if layout.gradient_checkpointing else 'off'}, fused kernels {'on' if layout.fused_kernels else 'off'}"
+        f" ({layout.reason})"
+    )
+    if layout.gradient_checkpointing:
+        model.enable_input_require_grads()
+    progress = _ProgressCallback(spec.partition, sink)
     config = SFTConfig(
         output_dir=spec.checkpoint_dir,
         num_train_epochs=plan.epochs,
         max_steps=plan.max_steps or -1,
-        per_device_train_batch_size=plan.per_device_batch_size,
-        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        per_device_train_batch_size=layout.per_device_batch_size,
+        gradient_accumulation_steps=layout.gradient_accumulation_steps,
         learning_rate=plan.learning_rate,
         lr_scheduler_type=plan.lr_scheduler,
         warmup_steps=plan.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
@@ -396,15 +573,19 @@ def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
         save_total_limit=2,  # the newest and one before it, in case the newest is cut short
         seed=plan.seed,
         data_seed=plan.seed,
-        max_length=plan.max_seq_length,
+        # Examples are already cut to max_seq_length by encode_training_pairs; TRL refuses a max_length with
+        # padding-free batches (it could not enforce it), so it is left to the encoder in that case.
+        max_length=None if layout.padding_free else plan.max_seq_length,
         packing=False,
+        padding_free=layout.padding_free,
+        use_liger_kernel=layout.fused_kernels,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=True,
         use_cpu=not on_cuda,
         # On CPU, bf16 makes the Trainer autocast matmuls to bfloat16; weights and optimizer stay float32.
         bf16=on_cuda or spec.cpu_bf16,
-        activation_checkpointing=on_cuda,
+        **_checkpointing_arguments(layout.gradient_checkpointing),
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False if on_cuda else None,
     )
@@ -413,7 +594,7 @@ def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[_ProgressCallback(spec.partition, sink).build()],
+        callbacks=[progress.build()],
     )
     # Progress goes through the sink; the Trainer's own printer would repeat every log dict on stdout.
     trainer.remove_callback(PrinterCallback)
@@ -431,19 +612,44 @@ def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
         device=str(trainer.args.device),
         world_size=int(trainer.args.world_size),
         is_main_process=bool(trainer.is_world_process_zero()),
+        layout=layout,
+        progress=progress,
     )
 
 
-def _loss_curve(log_history: list[dict[str, Any]]) -> list[LossPoint]:
+@contextlib.contextmanager
+def _attention_kernels(on_cuda: bool) -> Iterator[None]:
+    """SDPA without cuDNN's backend while training on CUDA.
+
+    cuDNN's attention builds an execution plan for every new sequence length. Training batches change length
+    from step to step (padding-free rows always, padded batches with their longest example), and on an H200 the
+    plan building cost more CPU time per step than the attention itself (profiled: about 160 ms a step for an
+    8B model, several seconds at each new length). Flash and memory-efficient attention compute the same
+    result without that cost.
+    """
+    if not on_cuda:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
+
+
+def _loss_curve(
+    log_history: list[dict[str, Any]], step_seconds: dict[int, float] | None = None
+) -> list[LossPoint]:
     points: dict[int, LossPoint] = {}
     for entry in log_history:
         if "loss" in entry and "step" in entry:
-            points[int(entry["step"])] = LossPoint(
-                step=int(entry["step"]),
+            step = int(entry["step"])
+            points[step] = LossPoint(
+                step=step,
                 loss=float(entry["loss"]),
                 learning_rate=float(entry.get("learning_rate", 0.0)),
                 epoch=float(entry.get("epoch", 0.0)),
                 tokens_seen=int(entry.get("num_input_tokens_seen", 0)),
+                seconds=(step_seconds or {}).get(step),
             )
     return [points[step] for step in sorted(points)]
 
@@ -461,6 +667,11 @@ def run_training(spec: TrainingSpec, sink: ProgressSink = print) -> TrainingResu
     try:
         prepared = prepare_run(spec, sink)
         trainer = prepared.trainer
+        on_cuda = spec.backend != "cpu_lora"
+        if on_cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
         if resume is not None:
             sink(f"{spec.partition}: resuming from {resume.name}")
         started, cpu_started = time.monotonic(), time.process_time()
@@ -469,7 +680,8 @@ def run_training(spec: TrainingSpec, sink: ProgressSink = print) -> TrainingResu
             tokens_before = int(
                 json.loads((resume / "trainer_state.json").read_text("utf-8")).get("num_input_tokens_seen", 0)
             )
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with _attention_kernels(on_cuda):
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds, cpu_seconds = time.monotonic() - started, time.process_time() - cpu_started
     except Exception as exc:
         if _is_out_of_memory(exc):
@@ -477,7 +689,12 @@ def run_training(spec: TrainingSpec, sink: ProgressSink = print) -> TrainingResu
         raise
 
     state = trainer.state
-    curve = _loss_curve(state.log_history)
+    curve = _loss_curve(state.log_history, prepared.progress.step_seconds)
+    peak = None
+    if on_cuda:
+        import torch
+
+        peak = int(torch.cuda.max_memory_allocated())
     losses = [point.loss for point in curve]
     if not losses or not all(math.isfinite(loss) for loss in losses):
         raise TrainingError(
@@ -510,6 +727,8 @@ def run_training(spec: TrainingSpec, sink: ProgressSink = print) -> TrainingResu
         tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
         resumed_from_step=int(resume.name.removeprefix(CHECKPOINT_PREFIX)) if resume else None,
         world_size=prepared.world_size,
+        layout=prepared.layout,
+        peak_memory_bytes=peak,
         loss_curve=curve,
     )
 

@@ -1,0 +1,473 @@
+"""QLoRA training throughput on one CUDA GPU: the project's trainer against a plain peft + bitsandbytes loop.
+
+Both train the same LoRA (r=16, alpha 16, all attention and MLP projections) on the same NF4 double-quant base
+(bf16 compute, SDPA attention) over the same token sequences, 8 examples per optimizer step, AdamW at 2e-4.
+What differs is only how the work is laid out on the device:
+
+- ``baseline``: the textbook loop: ``prepare_model_for_kbit_training`` with gradient checkpointing, every batch
+  padded to ``max_seq_length`` (384), one forward/backward per optimizer step.
+- ``project``: ``jpslm_assets.resources.trainer.run_training`` with backend ``bnb_qlora`` and its automatic
+  layout (padding-free rows, gradient checkpointing only when activations would not fit, micro-batch from free
+  memory; see ``choose_layout``).
+- ``project_fused``: the same with Liger's fused RMSNorm/SwiGLU/RoPE kernels, when ``liger_kernel`` imports.
+- ``project_padded``: the project's trainer with padding-free rows switched off (batches padded to their longest
+  example), to separate the effect of the layout from the rest.
+
+``--profile-steps K`` runs PyTorch's profiler over K steps after the warm-up in every variant and prints the
+operations that took the most CUDA and CPU time.
+
+The base is an 8B Llama-3-shaped model with random weights (hidden 4096, 32 layers, 32 heads / 8 KV heads,
+MLP 14336, vocab 128,256), built from a config on the GPU and saved once; nothing is downloaded. Its tokenizer
+is the project's corpus-trained SentencePiece model (ids stay below 4,096; the embedding and LM head keep the
+full vocabulary, so the compute is an 8B model's). Training examples are the shipped test set's questions with
+reference answers joined until each example reaches a length drawn from 220-380 tokens (about the paper's QA
+pairs), so padding to 384 wastes what it would waste on real data.
+
+Reported per variant, after ``--warmup`` steps: real (non-padding) tokens/s, padded tokens/s, seconds per
+optimizer step, peak CUDA memory, and minutes per 1,000 samples x 3 epochs at the measured rate. Each variant
+runs in its own process, one after the other, in the same invocation.
+
+    python benchmarks/bench_gpu_training.py --work /tmp/bench-gpu --steps 24 --warmup 4
+    python benchmarks/bench_gpu_training.py --work /tmp/bench-smoke --shape tiny --variants project   # CPU ok
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_SET = ROOT / "jpslm_assets" / "data" / "test_set_200.jsonl"
+VARIANTS = ("baseline", "project", "project_fused", "project_padded")
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # Meta-Llama-3-8B's published architecture.
+    "llama3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+    ),
+    # For checking the script itself on any machine.
+    "tiny": dict(
+        hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, vocab_size=8192, max_position_embeddings=1024, tie_word_embeddings=False,
+    ),
+}  # fmt: skip
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def test_pairs() -> list[tuple[str, str]]:
+    rows = [json.loads(line) for line in TEST_SET.read_text("utf-8").splitlines() if line.strip()]
+    return [(row["question"], row["reference_answer"]) for row in rows]
+
+
+def prepare(work: Path, shape: str, samples: int, seed: int) -> None:
+    """Base model folder (``work/model``) and training records (``work/train.jsonl``), built once."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from jpslm_assets.catalogue import model_entry
+    from jpslm_assets.domain.chat_format import encode_training_pairs
+    from jpslm_assets.resources.models import build_config_model, load_tokenizer
+    from jpslm_assets.resources.trainer import write_training_records
+
+    model_dir = work / "model"
+    if (model_dir / "done").is_file():
+        log(f"reusing {model_dir}")
+        return
+    shutil.rmtree(model_dir, ignore_errors=True)
+    pairs = test_pairs()
+    started = time.monotonic()
+    tokenizer_dir = work / "tokenizer-source"
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    tokenizer_dir.mkdir(parents=True)
+    build_config_model(model_entry("tiny-llama"), pairs, tokenizer_dir, seed)
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    log(f"tokenizer: {len(tokenizer)} pieces ({time.monotonic() - started:.0f}s)")
+
+    config = LlamaConfig(
+        **SHAPES[shape],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    started = time.monotonic()
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    parameters = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(model_dir, max_shard_size="4GB")
+    del model
+    for name in os.listdir(tokenizer_dir):
+        if name.startswith("tokenizer") or name in ("special_tokens_map.json", "chat_template.jinja"):
+            shutil.copy2(tokenizer_dir / name, model_dir / name)
+    log(
+        f"{shape}: {parameters / 1e9:.2f}B parameters built on {device} and saved ({time.monotonic() - started:.0f}s)"
+    )
+
+    rng = random.Random(seed)
+    answers = [answer for _, answer in pairs]
+    records = []
+    for index in range(samples):
+        question = pairs[index % len(pairs)][0]
+        target = rng.randint(220, 380)
+        answer = ""
+        while True:
+            candidate = answer + rng.choice(answers)
+            encoded, _ = encode_training_pairs(tokenizer, [("x", question, candidate)], "<|im_end|>", 4096)
+            answer = candidate
+            if len(encoded[0].input_ids) >= target:
+                break
+        cut = len(answer)
+        while cut > 1:  # trim characters until the example is at most the target length
+            encoded, _ = encode_training_pairs(tokenizer, [("x", question, answer[:cut])], "<|im_end|>", 4096)
+            if len(encoded[0].input_ids) <= target:
+                break
+            cut -= max(1, (len(encoded[0].input_ids) - target) // 2)
+        records.append((f"B-{index:05d}", question, answer[:cut]))
+    write_training_records(work / "train.jsonl", records)
+    (model_dir / "done").write_text("ok")
+
+
+def encoded_examples(work: Path, max_len: int) -> list[Any]:
+    from jpslm_assets.domain.chat_format import encode_training_pairs
+    from jpslm_assets.resources.models import load_tokenizer
+    from jpslm_assets.resources.trainer import read_training_records
+
+    tokenizer = load_tokenizer(str(work / "model"))
+    examples, skipped = encode_training_pairs(
+        tokenizer, read_training_records(work / "train.jsonl"), "<|im_end|>", max_len
+    )
+    assert not skipped
+    return examples
+
+
+class StepProfiler:
+    """torch.profiler over steps (start, start + count]; prints the top operations when done."""
+
+    def __init__(self, name: str, start: int, count: int) -> None:
+        self.name, self.start, self.count = name, start, count
+        self.profiler: Any = None
+
+    def step_begin(self, step: int) -> None:
+        import torch
+
+        if self.count and step == self.start:
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def step_end(self, step: int) -> None:
+        import torch
+
+        if self.profiler is not None and step == self.start + self.count - 1:
+            torch.cuda.synchronize()
+            self.profiler.__exit__(None, None, None)
+            averages = self.profiler.key_averages()
+            for key in ("cuda_time_total", "cpu_time_total"):
+                print(f"== {self.name}: top operations by {key} over {self.count} steps", flush=True)
+                print(averages.table(sort_by=key, row_limit=22, max_name_column_width=60), flush=True)
+            self.profiler = None
+
+
+def run_baseline(
+    work: Path, steps: int, warmup: int, batch: int, max_len: int, seed: int, profile_steps: int = 0
+) -> dict[str, Any]:
+    """The plain loop the trainer is measured against; see the module docstring."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from jpslm_assets.domain.chat_format import IGNORE_INDEX
+    from jpslm_assets.domain.training_plan import DEFAULT_TARGET_MODULES
+
+    examples = encoded_examples(work, max_len)
+    started = time.monotonic()
+    model = AutoModelForCausalLM.from_pretrained(
+        work / "model",
+        dtype=torch.bfloat16,
+        device_map={"": 0},
+        attn_implementation="sdpa",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        ),
+    )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(DEFAULT_TARGET_MODULES))
+    )
+    load_seconds = time.monotonic() - started
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0
+    )
+    pad = model.config.pad_token_id or 0
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    model.train()
+    torch.cuda.reset_peak_memory_stats()
+    step_times, real_tokens = [], []
+    profiler = StepProfiler("baseline", warmup, profile_steps)
+    for step in range(warmup + steps):
+        profiler.step_begin(step)
+        chosen = [examples[order[(step * batch + i) % len(order)]] for i in range(batch)]
+        input_ids = torch.full((batch, max_len), pad, dtype=torch.long)
+        labels = torch.full((batch, max_len), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((batch, max_len), dtype=torch.long)
+        for row, example in enumerate(chosen):
+            length = len(example.input_ids)
+            input_ids[row, :length] = torch.tensor(example.input_ids)
+            labels[row, :length] = torch.tensor(example.labels)
+            mask[row, :length] = 1
+        torch.cuda.synchronize()
+        tick = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=input_ids.cuda(), attention_mask=mask.cuda(), labels=labels.cuda()).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        profiler.step_end(step)
+        if step >= warmup:
+            step_times.append(time.perf_counter() - tick)
+            real_tokens.append(int(mask.sum()))
+        log(
+            f"baseline step {step + 1}/{warmup + steps} loss {float(loss):.4f} {time.perf_counter() - tick:.3f}s"
+        )
+    seconds = sum(step_times)
+    return {
+        "variant": "baseline",
+        "load_seconds": round(load_seconds, 1),
+        "steps_timed": steps,
+        "seconds_per_step": seconds / steps,
+        "real_tokens_per_s": sum(real_tokens) / seconds,
+        "padded_tokens_per_s": steps * batch * max_len / seconds,
+        "mean_real_tokens_per_example": sum(real_tokens) / (steps * batch),
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 1024**3,
+        "layout": {"per_device_batch_size": batch, "gradient_checkpointing": True, "padding_free": False},
+        "final_loss": float(loss),
+    }
+
+
+def run_project(
+    work: Path,
+    steps: int,
+    warmup: int,
+    batch: int,
+    max_len: int,
+    seed: int,
+    variant: str,
+    profile_steps: int = 0,
+) -> dict[str, Any]:
+    """The project's trainer, as the ``lora_adapter`` asset calls it, on the same data."""
+    import torch
+    from transformers import TrainerCallback
+
+    from jpslm_assets.domain.training_plan import LoraPlan
+    from jpslm_assets.resources import trainer as trainer_lib
+
+    backend = "bnb_qlora" if torch.cuda.is_available() else "cpu_lora"
+    run_dir = work / f"run-{variant}"
+    profiler = StepProfiler(variant, warmup, profile_steps if backend == "bnb_qlora" else 0)
+
+    class Timing(TrainerCallback):  # per-step wall time in the log, and the profiler's window
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.tick = time.perf_counter()
+            profiler.step_begin(state.global_step)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if backend == "bnb_qlora":
+                torch.cuda.synchronize()
+            profiler.step_end(state.global_step - 1)
+            log(f"{variant} step {state.global_step}: {time.perf_counter() - self.tick:.3f}s")
+
+    prepare_run = trainer_lib.prepare_run
+
+    def prepare_with_timing(spec: Any, sink: Any) -> Any:
+        prepared = prepare_run(spec, sink)
+        prepared.trainer.add_callback(Timing())
+        return prepared
+
+    trainer_lib.prepare_run = prepare_with_timing  # run_training looks it up at call time
+    shutil.rmtree(run_dir, ignore_errors=True)
+    plan = LoraPlan(
+        stage=1, r=16, alpha=16, dropout=0.0, epochs=3, max_steps=warmup + steps, learning_rate=2e-4,
+        lr_scheduler="cosine", warmup_ratio=0.1, per_device_batch_size=2, gradient_accumulation_steps=batch // 2,
+        max_seq_length=max_len, checkpoint_every_steps=10**6, seed=seed,
+    )  # fmt: skip
+    spec = trainer_lib.TrainingSpec(
+        partition="bench|8b",
+        model="bench-llama3-8b",
+        base_model_ref=str(work / "model"),
+        end_of_turn="<|im_end|>",
+        plan=plan,
+        backend=backend,
+        data_path=str(work / "train.jsonl"),
+        checkpoint_dir=str(run_dir / "checkpoints"),
+        output_dir=str(run_dir / "adapter"),
+        fused_kernels=variant == "project_fused",
+        padding_free=variant != "project_padded",
+    )
+    started = time.monotonic()
+    result = trainer_lib.run_training(spec, log)
+    curve = result.loss_curve
+    first, last = curve[warmup - 1], curve[-1]
+    assert first.seconds is not None and last.seconds is not None
+    seconds = last.seconds - first.seconds
+    real = last.tokens_seen - first.tokens_seen
+    timed = last.step - first.step
+    peak = result.peak_memory_bytes or 0
+    return {
+        "variant": variant,
+        "total_seconds": round(time.monotonic() - started, 1),
+        "steps_timed": timed,
+        "seconds_per_step": seconds / timed,
+        "real_tokens_per_s": real / seconds,
+        "padded_tokens_per_s": real / seconds,
+        "mean_real_tokens_per_example": real / (timed * batch),
+        "peak_memory_gib": peak / 1024**3,
+        "layout": result.layout.model_dump() if result.layout else None,
+        "final_loss": result.train_loss_final,
+        "backend": result.backend,
+        "precision": result.precision,
+    }
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    found = {}
+    for name in (
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "bitsandbytes",
+        "accelerate",
+        "liger_kernel",
+        "unsloth",
+    ):
+        try:
+            found[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--work", type=Path, required=True, help="folder for the base model and data (~16 GB)"
+    )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=24, help="optimizer steps timed per variant")
+    parser.add_argument("--warmup", type=int, default=4, help="optimizer steps run before timing")
+    parser.add_argument("--batch", type=int, default=8, help="examples per optimizer step")
+    parser.add_argument("--max-seq-length", type=int, default=384)
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--profile-steps", type=int, default=0, help="profile this many steps per variant")
+    parser.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)  # one variant, in this process
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    if args.only:
+        common = (args.work, args.steps, args.warmup, args.batch, args.max_seq_length, args.seed)
+        if args.only == "baseline":
+            row = run_baseline(*common, profile_steps=args.profile_steps)
+        else:
+            row = run_project(*common, variant=args.only, profile_steps=args.profile_steps)
+        print("RESULT " + json.dumps(row), flush=True)
+        return
+
+    import torch
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    prepare(args.work, args.shape, args.samples, args.seed)
+    rows = []
+    for variant in args.variants:
+        if variant == "project_fused" and versions()["liger_kernel"] == "not installed":
+            log("project_fused skipped: liger_kernel is not installed")
+            continue
+        command = [sys.executable, __file__, *sys.argv[1:], "--only", variant]
+        log(f"--- {variant}")
+        completed = subprocess.run(command, capture_output=True, text=True, check=False)
+        output = completed.stdout + completed.stderr
+        result_lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+        if completed.returncode != 0 or not result_lines:
+            log(f"{variant} failed (exit {completed.returncode}):\n{output[-4000:]}")
+            rows.append({"variant": variant, "error": output[-1500:]})
+            continue
+        keep = [line for line in output.splitlines() if not line.startswith("RESULT ")]
+        print(
+            "\n".join(line for line in keep if "Loading weights" not in line and "%|" not in line), flush=True
+        )
+        rows.append(json.loads(result_lines[-1].removeprefix("RESULT ")))
+        log(f"{variant}: {rows[-1]['real_tokens_per_s']:.0f} real tokens/s")
+
+    baseline = next((r for r in rows if r["variant"] == "baseline" and "error" not in r), None)
+    print(
+        "\n| variant | real tok/s | padded tok/s | s/step | peak GiB | min per 1k x 3 ep | vs baseline | layout |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['variant']} | failed | | | | | | |")
+            continue
+        tokens_per_example = row["mean_real_tokens_per_example"]
+        row["minutes_per_1000x3"] = 3000 * tokens_per_example / row["real_tokens_per_s"] / 60
+        ratio = row["real_tokens_per_s"] / baseline["real_tokens_per_s"] if baseline else float("nan")
+        row["speedup_vs_baseline"] = ratio
+        layout = row.get("layout") or {}
+        print(
+            f"| {row['variant']} | {row['real_tokens_per_s']:,.0f} | {row['padded_tokens_per_s']:,.0f} | "
+            f"{row['seconds_per_step']:.3f} | {row['peak_memory_gib']:.1f} | {row['minutes_per_1000x3']:.2f} | "
+            f"{ratio:.2f}x | micro {layout.get('per_device_batch_size')}, ckpt "
+            f"{'on' if layout.get('gradient_checkpointing') else 'off'}, padding-free "
+            f"{'on' if layout.get('padding_free') else 'off'} |"
+        )
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor(),
+        "python": platform.python_version(),
+        "versions": versions(),
+        "shape": args.shape,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("work", "json", "only")},
+        "rows": rows,
+    }
+    print(json.dumps(report, indent=2, default=str))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The CUDA code paths: QLoRA (bitsandbytes NF4) training, merging, the nf4 answer format, multi-GPU.
+
+Skipped without CUDA. Self-contained (no DuckDB, no Dagster instance): on a GPU machine that has only torch,
+transformers, peft, trl, datasets and bitsandbytes besides this package, run
+
+    python -m pytest jpslm_assets_tests/test_gpu.py -m gpu --noconftest -p no:cacheprovider
+"""
+
+import json
+import math
+import os
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def shipped_pairs(count: int) -> list[tuple[str, str, str]]:
+    text = (resources.files("jpslm_assets") / "data" / "test_set_200.jsonl").read_text("utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [(row["question_id"], row["question"], row["reference_answer"]) for row in rows[:count]]
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2"])
+def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    from jpslm_assets.catalogue import model_entry
+    from jpslm_assets.resources.models import build_config_model
+
+    folder = tmp_path_factory.mktemp(request.param)
+    pairs = [(question, answer) for _, question, answer in shipped_pairs(200)]
+    build_config_model(model_entry(request.param), pairs, folder, 5)
+    return request.param, folder
+
+
+def qlora_spec(model: str, folder: Path, work: Path, **overrides: object):  # type: ignore[no-untyped-def]
+    from jpslm_assets.domain.training_plan import resolve_plan
+    from jpslm_assets.resources import trainer as trainer_lib
+    from jpslm_assets.settings import load_profile
+
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "train.jsonl"
+    trainer_lib.write_training_records(data, shipped_pairs(64))
+    settings = {
+        "per_device_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "max_seq_length": 256,
+        "learning_rate": 1e-3,
+        "max_steps": 40,
+        "checkpoint_every_steps": 10,
+        **overrides,
+    }
+    return trainer_lib.TrainingSpec(
+        partition=f"{model}|64",
+        model=model,
+        base_model_ref=str(folder),
+        end_of_turn="<|im_end|>",
+        plan=resolve_plan(load_profile("demo").train, 1, settings),
+        backend="bnb_qlora",
+        data_path=str(data),
+        checkpoint_dir=str(work / "checkpoints"),
+        output_dir=str(work / "adapter"),
+    )
+
+
+def test_backend_auto_picks_bitsandbytes_qlora_on_cuda() -> None:
+    pytest.importorskip("bitsandbytes")
+    from jpslm_assets.resources import trainer as trainer_lib
+
+    expected = "unsloth" if trainer_lib.importlib.util.find_spec("unsloth") else "bnb_qlora"
+    assert trainer_lib.select_backend("auto") == expected
+
+
+def test_qlora_loads_nf4_and_lays_out_from_free_memory(base: tuple[str, Path], tmp_path: Path) -> None:
+    import bitsandbytes as bnb
+
+    from jpslm_assets.resources import trainer as trainer_lib
+
+    model, folder = base
+    prepared = trainer_lib.prepare_run(qlora_spec(model, folder, tmp_path), lambda message: None)
+    modules = list(prepared.trainer.model.modules())
+    four_bit = [m for m in modules if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit, "the base projections must be bitsandbytes 4-bit layers"
+    assert all(m.weight.quant_type == "nf4" for m in four_bit)
+    assert prepared.device.startswith("cuda")
+    layout = prepared.layout
+    # A tiny model on a large GPU: the whole effective batch in one micro-batch, no checkpointing.
+    assert (layout.per_device_batch_size, layout.gradient_accumulation_steps) == (8, 1)
+    assert not layout.gradient_checkpointing and layout.padding_free
+    trainable = [p for p in prepared.trainer.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+
+
+def test_qlora_training_lowers_the_loss_and_the_merge_keeps_what_it_learned(
+    base: tuple[str, Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    from jpslm_assets.domain import nll
+    from jpslm_assets.domain.chat_format import encode_training_pairs
+    from jpslm_assets.resources import trainer as trainer_lib
+    from jpslm_assets.resources.model_merge import merge_adapter
+    from jpslm_assets.resources.models import load_causal_lm, load_tokenizer
+
+    model, folder = base
+    messages: list[str] = []
+    result = trainer_lib.run_training(qlora_spec(model, folder, tmp_path), messages.append)
+    assert result.backend == "bnb_qlora" and result.precision == "nf4+bf16"
+    assert result.device.startswith("cuda") and result.peak_memory_bytes and result.peak_memory_bytes > 0
+    losses = [point.loss for point in result.loss_curve]
+    assert len(losses) == 40 and all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3, losses
+    assert any("tokens/s" in m and "ETA" in m for m in messages)
+
+    adapter = Path(result.adapter_path)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any("lora_B" in name and float(t.abs().max()) > 0 for name, t in tensors.items())
+
+    merged = merge_adapter(str(folder), adapter, tmp_path / "merged")
+    tokenizer = load_tokenizer(str(folder))
+    examples, _ = encode_training_pairs(tokenizer, shipped_pairs(16), "<|im_end|>", 256)
+    scores = {}
+    for name, ref in (("base", str(folder)), ("merged", str(merged.path))):
+        loaded = load_causal_lm(ref, dtype="bfloat16").to("cuda")
+        scores[name] = nll.answer_token_nll(loaded, examples, tokenizer.pad_token_id, batch_size=8).nll
+        del loaded
+    assert scores["merged"] < scores["base"] - 0.3, scores
+
+
+def test_gradient_checkpointing_path_trains_when_forced(base: tuple[str, Path], tmp_path: Path) -> None:
+    from jpslm_assets.resources import trainer as trainer_lib
+
+    model, folder = base
+    spec = qlora_spec(model, folder, tmp_path, max_steps=3).model_copy(
+        update={"gradient_checkpointing": True, "adapt_micro_batch": False}
+    )
+    result = trainer_lib.run_training(spec, lambda message: None)
+    assert result.layout is not None and result.layout.gradient_checkpointing
+    assert (result.layout.per_device_batch_size, result.layout.gradient_accumulation_steps) == (4, 2)
+    assert result.steps == 3 and math.isfinite(result.train_loss_final)
+
+
+def test_fused_kernels_train_when_liger_is_installed(base: tuple[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("liger_kernel")
+    from jpslm_assets.resources import trainer as trainer_lib
+
+    model, folder = base
+    spec = qlora_spec(model, folder, tmp_path, max_steps=3).model_copy(update={"fused_kernels": True})
+    result = trainer_lib.run_training(spec, lambda message: None)
+    assert result.layout is not None and result.layout.fused_kernels
+    assert math.isfinite(result.train_loss_final)
+
+
+def test_nf4_answer_format_generates_on_cuda(base: tuple[str, Path]) -> None:
+    import bitsandbytes as bnb
+
+    from jpslm_assets.domain.chat_format import chat_messages
+    from jpslm_assets.resources.generation import TransformersBackend
+    from jpslm_assets.resources.generation_api import GenerationRequest
+
+    _, folder = base
+    backend = TransformersBackend(quantization="nf4")
+    assert backend.availability()[0]
+    loaded, _ = backend.load(str(folder))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.modules())
+    request = GenerationRequest(
+        messages=chat_messages(shipped_pairs(1)[0][1]), max_tokens=16, temperature=0.0, stop=("<|im_end|>",)
+    )
+    first = backend.generate(str(folder), request)
+    again = backend.generate(str(folder), request)
+    assert first.backend == "transformers" and 0 < first.completion_tokens <= 16
+    assert first.text == again.text, "greedy decoding must repeat itself"
+
+
+def test_unsloth_backend_trains_when_installed(base: tuple[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("unsloth")
+    from jpslm_assets.resources import trainer as trainer_lib
+
+    model, folder = base
+    spec = qlora_spec(model, folder, tmp_path, max_steps=3).model_copy(update={"backend": "unsloth"})
+    result = trainer_lib.run_training(spec, lambda message: None)
+    assert result.backend == "unsloth" and math.isfinite(result.train_loss_final)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two or more GPUs")
+def test_several_gpus_train_data_parallel_through_torchrun(base: tuple[str, Path], tmp_path: Path) -> None:
+    from jpslm_assets.resources.trainer import LoraTrainer
+
+    model, folder = base
+    resource = LoraTrainer(backend="bnb_qlora")
+    assert resource.launcher_for("bnb_qlora") == ("torchrun", torch.cuda.device_count())
+    result = resource.train(qlora_spec(model, folder, tmp_path, max_steps=4), lambda message: None)
+    assert result.world_size == torch.cuda.device_count() and math.isfinite(result.train_loss_final)
