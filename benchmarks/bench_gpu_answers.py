@@ -192,10 +192,9 @@ def main() -> None:
     backend = LlamaServerBackend(
         binary=str(build / "bin" / "llama-server"), parallel=args.parallel, n_ctx=per_slot, n_gpu_layers=999
     )
-    load_started = time.monotonic()
-    warm = timed(backend, q4, asked[:1], Settings(max_new_tokens=8), 1)
-    load_s = time.monotonic() - load_started - warm["wall_seconds"]
-    log(f"server up in {load_s:.1f}s")
+    # The server starts inside the first request: this is start-up, GGUF load and one 8-token answer.
+    load_s = timed(backend, q4, asked[:1], Settings(max_new_tokens=8), 1)["wall_seconds"]
+    log(f"server started and answered a first 8-token request in {load_s:.1f}s")
     parallel = timed(backend, q4, asked, settings, args.parallel)
     log(f"{parallel['questions']} answers, {args.parallel} at once: {parallel['wall_seconds']:.1f}s")
     sequential = timed(backend, q4, asked[: args.sequential], settings, 1)
@@ -209,7 +208,7 @@ def main() -> None:
         "machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "gguf": {"path": str(q4), "bytes": q4.stat().st_size, "type": "Q4_K_M", "shape": args.shape},
         "setup_seconds": {"build_and_convert": round(build_s, 1), "quantize": round(quantize_s, 1)},
-        "server_start_seconds": round(load_s, 1),
+        "server_start_and_first_answer_seconds": round(load_s, 1),
         "parallel": parallel,
         "sequential": sequential,
         "projected_sequential_seconds_for_all": sequential["seconds_per_question"] * parallel["questions"],
