@@ -11,6 +11,7 @@ while tokens per CPU-second move much less.
 
     python benchmarks/bench_cpu_training.py                    # all demo models, fp32 and bf16, 6 steps
     python benchmarks/bench_cpu_training.py --steps 10 --models tiny-llama --precisions fp32
+    python benchmarks/bench_cpu_training.py --models smollm2-135m --threads 1 2 --max-seq-length 192
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps timed per model")
     parser.add_argument("--n", type=int, default=60, help="training-set size the steps draw from")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument(
+        "--threads",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="torch thread counts to time (0: the trainer's choice)",
+    )
+    parser.add_argument("--max-seq-length", type=int, help="instead of the demo profile's max_seq_length")
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,7 +84,8 @@ def main() -> None:
     )
     print(
         f"# demo profile: batch {profile.train.per_device_batch_size} x accumulation "
-        f"{profile.train.gradient_accumulation_steps}, max_seq_length {profile.train.max_seq_length}, "
+        f"{profile.train.gradient_accumulation_steps}, max_seq_length "
+        f"{args.max_seq_length or profile.train.max_seq_length}, "
         f"{args.steps} steps on n={args.n} pairs (avg answer {subset['answer'].str.len_chars().mean():.0f} chars)"
     )
 
@@ -92,10 +102,12 @@ def main() -> None:
                 model, corpus if entry.source == "config" else [], root / "bases", "b"
             )
             base_seconds = time.perf_counter() - started
-            plan = resolve_plan(
-                profile.train, 1, {"max_steps": args.steps, "checkpoint_every_steps": args.steps + 1}
-            )
-            for precision in args.precisions:
+            overrides = {"max_steps": args.steps, "checkpoint_every_steps": args.steps + 1}
+            if args.max_seq_length:
+                overrides["max_seq_length"] = args.max_seq_length
+            plan = resolve_plan(profile.train, 1, overrides)
+            for precision, requested in [(p, t) for p in args.precisions for t in args.threads]:
+                run = f"{model}-{precision}-t{requested}"
                 spec = TrainingSpec(
                     partition=f"{model}|{args.n}",
                     model=model,
@@ -104,12 +116,13 @@ def main() -> None:
                     plan=plan,
                     backend="cpu_lora",
                     data_path=str(data),
-                    checkpoint_dir=str(root / "checkpoints" / f"{model}-{precision}"),
-                    output_dir=str(root / "adapters" / f"{model}-{precision}"),
+                    checkpoint_dir=str(root / "checkpoints" / run),
+                    output_dir=str(root / "adapters" / run),
+                    cpu_threads=requested or None,
                     cpu_bf16=precision == "bf16",
                 )
                 load_before = os.getloadavg()[0]
-                threads = cpu_thread_count()
+                threads = cpu_thread_count(requested or None)
                 result = run_training(spec, lambda message: None)
                 cpu_seconds = result.cpu_seconds
                 examples_per_s = result.steps * plan.effective_batch_size / result.seconds
@@ -118,6 +131,7 @@ def main() -> None:
                         "model": model,
                         "precision": precision,
                         "threads": threads,
+                        "max_seq_length": plan.max_seq_length,
                         "base_s": base_seconds,
                         "steps": result.steps,
                         "tokens": result.tokens,
@@ -131,19 +145,22 @@ def main() -> None:
                         "final_loss": result.train_loss_final,
                     }
                 )
-    fp32_rate = {row["model"]: row["tokens_per_cpu_s"] for row in rows if row["precision"] == "fp32"}
+    fp32_rate = {
+        (row["model"], row["threads"]): row["tokens_per_cpu_s"] for row in rows if row["precision"] == "fp32"
+    }
     print()
     print(
-        "| model | precision | threads | base build s | steps | tokens | tokens/example | train wall s | CPU s | "
-        "tokens/s | tokens/CPU-s | vs fp32 (per CPU-s) | est. demo grid (min) | final loss | load avg |"
+        "| model | precision | threads | max_seq_length | base build s | steps | tokens | tokens/example | "
+        "train wall s | CPU s | tokens/s | tokens/CPU-s | vs fp32 (per CPU-s) | est. demo grid (min) | "
+        "final loss | load avg |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        ratio = (
-            row["tokens_per_cpu_s"] / fp32_rate[row["model"]] if row["model"] in fp32_rate else float("nan")
-        )
+        fp32 = fp32_rate.get((row["model"], row["threads"]))
+        ratio = row["tokens_per_cpu_s"] / fp32 if fp32 else float("nan")
         print(
-            f"| {row['model']} | {row['precision']} | {row['threads']} | {row['base_s']:.1f} | {row['steps']} | "
+            f"| {row['model']} | {row['precision']} | {row['threads']} | {row['max_seq_length']} | "
+            f"{row['base_s']:.1f} | {row['steps']} | "
             f"{row['tokens']} | {row['tokens_per_example']:.0f} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | "
             f"{row['tokens_per_s']:.0f} | {row['tokens_per_cpu_s']:.0f} | {ratio:.2f} | "
             f"{row['demo_grid_min']:.1f} | {row['final_loss']:.3f} | {row['load']:.1f} |"

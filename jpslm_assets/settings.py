@@ -42,6 +42,8 @@ class TrainSettings(BaseModel):
     warmup_ratio: float = Field(ge=0.0, lt=1.0)
     checkpoint_every_steps: int = Field(gt=0)
     seed: int = 42
+    # CPU training only (backend cpu_lora); the default of the trainer resource's cpu_precision.
+    cpu_precision: Literal["fp32", "bf16"] = "fp32"
     stage1: LoraStage
     stage2: LoraStage
 

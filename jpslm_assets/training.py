@@ -17,6 +17,7 @@ No ``from __future__ import annotations`` here: Dagster reads the real annotatio
 """
 
 import base64
+import dataclasses
 import hashlib
 import json
 import math
@@ -36,7 +37,7 @@ from jpslm_assets.domain import scaling
 from jpslm_assets.domain.answering import select_eval_questions
 from jpslm_assets.domain.chat_format import encode_pairs
 from jpslm_assets.domain.model_facts import architecture_facts
-from jpslm_assets.domain.nll import answer_token_nll
+from jpslm_assets.domain.nll import NllResult, answer_token_nll
 from jpslm_assets.domain.training_plan import resolve_plan
 from jpslm_assets.domain.training_plots import plot_loss_curves, plot_scale_curve
 from jpslm_assets.execution import GPU_POOL
@@ -340,7 +341,9 @@ def lora_adapter(
     plan = resolve_plan(profile.train, stage, config.overrides())
     backend = trainer.resolved_backend()
 
-    data_key = _digest(records, base["artifact_sha256"], plan.fingerprint(), backend)[:16]
+    # fp32 and bf16-autocast runs train differently: a checkpoint of one is never resumed by the other.
+    precision = trainer.cpu_precision if backend == "cpu_lora" else "nf4+bf16"
+    data_key = _digest(records, base["artifact_sha256"], plan.fingerprint(), backend, precision)[:16]
     work = settings.artifact_dir() / "checkpoints" / model / f"n{n}" / data_key
     work.mkdir(parents=True, exist_ok=True)
     data_path = work / "train.jsonl"
@@ -496,8 +499,19 @@ def test_nll(
     )
     examples = encode_pairs(scorer.tokenizer, triples, end_of_turn, max_tokens)
     adapted = answer_token_nll(scorer.model, examples, scorer.pad_id, config.batch_size, scorer.device)
-    with scorer.model.disable_adapter():
-        base = answer_token_nll(scorer.model, examples, scorer.pad_id, config.batch_size, scorer.device)
+    # Every n of a model scores the same base on the same tokens: computed once, then read back.
+    base_key = _digest(
+        run["base_model_ref"], run.get("base_model_sha256"), str(run["backend"]), triples, end_of_turn, max_tokens,
+        config.batch_size, scorer.device,
+    )[:16]  # fmt: skip
+    base_file = settings.artifact_dir() / "base_nll" / model / f"{base_key}.json"
+    base = _read_nll(base_file)
+    if base is None:
+        with scorer.model.disable_adapter():
+            base = answer_token_nll(scorer.model, examples, scorer.pad_id, config.batch_size, scorer.device)
+        _write_nll(base_file, base)
+    else:
+        context.log.info(f"{model}|{n}: base NLL of these questions read from {base_file.name}")
     seconds = time.perf_counter() - started
     full_answers = [
         len(scorer.tokenizer(answer + end_of_turn, add_special_tokens=False)["input_ids"])
@@ -536,6 +550,20 @@ def test_nll(
         questions=adapted.questions,
         truncated_answers=truncated,
     )
+
+
+def _read_nll(path: Path) -> NllResult | None:
+    try:
+        return NllResult(**json.loads(path.read_text("utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write_nll(path: Path, result: NllResult) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(dataclasses.asdict(result)), encoding="utf-8")
+    os.replace(partial, path)
 
 
 @dg.asset_check(
@@ -757,7 +785,9 @@ defs = dg.Definitions(
     jobs=[stage1_job, select_n_job, stage2_job],
     sensors=[stage1_scale_curve_sensor, stage2_sensor],
     resources={
-        "trainer": LoraTrainer(backend=current_profile().train.backend),
+        "trainer": LoraTrainer(
+            backend=current_profile().train.backend, cpu_precision=current_profile().train.cpu_precision
+        ),
         "model_factory": ModelFactory(seed=current_profile().train.seed),
     },
 )

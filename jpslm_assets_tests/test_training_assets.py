@@ -9,7 +9,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from jpslm_assets import training
+from jpslm_assets import settings, training
 from jpslm_assets.domain.scaling import ScaleCurveError
 from jpslm_assets.partitions import model_n_key
 from jpslm_assets.settings import current_profile
@@ -104,6 +104,10 @@ def test_stage1_then_stage2_end_to_end(pipeline: Pipeline, store: DuckDBStore) -
     nll = store.query("SELECT * FROM eval.test_nll ORDER BY n")
     assert nll["questions"].to_list() == [profile.eval_questions] * 3
     assert all(0 < value < 20 for value in nll["nll"]) and (nll["answer_tokens"] > 0).all()
+    # The base is scored once per model and question set; the other n read it back.
+    assert nll["base_nll"].n_unique() == 1
+    assert len(list((settings.artifact_dir() / "base_nll" / "tiny-llama").glob("*.json"))) == 1
+    assert [r["precision"] for r in runs.iter_rows(named=True)] == ["bf16-autocast"] * 3  # the demo profile's
 
     stage1 = training.stage1_scale_curve_sensor(dg.build_sensor_context(instance=pipeline.instance))
     assert [r.partition_key for r in stage1.run_requests] == ["tiny-llama"]

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -344,7 +345,40 @@ def test_cpu_threads_leave_busy_cores_alone(monkeypatch: pytest.MonkeyPatch) -> 
     from jpslm_assets.resources import models
 
     monkeypatch.setattr(models.os, "cpu_count", lambda: 2)
+    # Without a measurement of the other processes (not Linux), the load average decides.
+    monkeypatch.setattr(models, "cores_busy_elsewhere", lambda: None)
     for load, expected in ((0.2, 2), (0.9, 1), (7.5, 1)):
         monkeypatch.setattr(models.os, "getloadavg", lambda load=load: (load, load, load))
         assert models.cpu_thread_count() == expected
     assert models.cpu_thread_count(3) == 3
+    # A load average raised by this process's own last step does not cost a core when nothing else runs;
+    # another process's work does.
+    monkeypatch.setattr(models.os, "getloadavg", lambda: (1.1, 0.8, 0.5))
+    for elsewhere, expected in ((0.05, 2), (0.9, 1), (1.8, 1)):
+        monkeypatch.setattr(models, "cores_busy_elsewhere", lambda elsewhere=elsewhere: elsewhere)
+        assert models.cpu_thread_count() == expected
+
+
+def test_cores_busy_elsewhere_sees_another_busy_process() -> None:
+    import multiprocessing
+    import platform
+
+    from jpslm_assets.resources import models
+
+    if platform.system() != "Linux":
+        assert models.cores_busy_elsewhere(0.05) is None
+        return
+    spinner = multiprocessing.get_context("spawn").Process(target=_spin, args=(3.0,))
+    spinner.start()
+    try:
+        time.sleep(0.5)
+        busy = models.cores_busy_elsewhere(0.5)
+    finally:
+        spinner.join()
+    assert busy is not None and busy >= 0.6  # one process spinning on a core
+
+
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -66,15 +67,48 @@ class BaseModelInfo:
 def cpu_thread_count(requested: int | None = None) -> int:
     """Torch threads for CPU work: ``requested`` if given, else the cores not already busy.
 
-    "Not busy" is the core count minus the 1-minute load average, rounded, at least 1. On a shared machine
-    an OpenMP thread that keeps being descheduled stalls every matmul that waits for it: a LoRA step of
-    tiny-llama ran 10x slower with 2 threads than with 1 at a load of 7 on 2 cores, while on an idle
-    machine both cores help.
+    "Not busy" is the core count minus the load other processes put on it, rounded, at least 1. On a shared
+    machine an OpenMP thread that keeps being descheduled stalls every matmul that waits for it: a LoRA step
+    of tiny-llama ran 10x slower with 2 threads than with 1 at a load of 7 on 2 cores, while on an idle
+    machine both cores help. The 1-minute load average also counts this process's own recent work (the
+    step before, in a pipeline run in one process), so when it is high the other processes' share is
+    measured over a short window and the smaller of the two is used.
     """
     if requested:
         return requested
     cores = os.cpu_count() or 1
-    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+    busy = os.getloadavg()[0]
+    if round(cores - busy) >= cores:
+        return cores
+    elsewhere = cores_busy_elsewhere()
+    if elsewhere is not None:
+        busy = min(busy, elsewhere)
+    return max(1, min(cores, round(cores - busy)))
+
+
+def cores_busy_elsewhere(window_s: float = 0.5) -> float | None:
+    """Cores that other processes kept busy over the next ``window_s`` seconds, from ``/proc/stat``.
+
+    This process sleeps while it measures, and whatever CPU time it used anyway is taken off. None where
+    ``/proc/stat`` cannot be read (not Linux).
+    """
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as handle:
+                # cpu user nice system idle iowait irq softirq steal (guest time is inside user already)
+                ticks = [int(value) for value in handle.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        return (sum(ticks), ticks[3] + ticks[4]) if len(ticks) >= 5 else None
+
+    before, own_before, wall_before = sample(), time.process_time(), time.monotonic()
+    time.sleep(window_s)
+    after, own, wall = sample(), time.process_time() - own_before, time.monotonic() - wall_before
+    if before is None or after is None or after[0] <= before[0] or wall <= 0:
+        return None
+    busy_fraction = 1.0 - (after[1] - before[1]) / (after[0] - before[0])
+    return max(0.0, busy_fraction * (os.cpu_count() or 1) - own / wall)
 
 
 def _offline() -> bool:

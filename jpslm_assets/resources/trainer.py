@@ -589,7 +589,7 @@ def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False if on_cuda else None,
     )
-    trainer = SFTTrainer(
+    trainer = (_model_loss_trainer(SFTTrainer) if spec.backend == "cpu_lora" else SFTTrainer)(
         model=model,
         args=config,
         train_dataset=dataset,
@@ -615,6 +615,26 @@ def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
         layout=layout,
         progress=progress,
     )
+
+
+def _model_loss_trainer(sft_trainer: type) -> type:
+    """``sft_trainer`` with the model's own loss, for CPU runs.
+
+    TRL's loss sends only the answer positions through a tiled LM head, which saves GPU memory; on CPU the
+    tiling cost more than it saved (SmolLM2 trained 1.26x faster per token with the model's own loss, same
+    losses; docs/benchmarks/training.md). The loss is the same mean answer-token NLL over the accumulated
+    batch; TRL's entropy and token-accuracy log entries are left out.
+    """
+    from transformers import Trainer
+
+    class ModelLossSFTTrainer(sft_trainer):  # type: ignore[misc, valid-type]
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(
+                self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+
+    return ModelLossSFTTrainer
 
 
 @contextlib.contextmanager
