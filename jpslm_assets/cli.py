@@ -9,7 +9,9 @@ versions) are skipped, so an unchanged re-run does no work.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -168,6 +170,32 @@ def run_demo(force: bool = False, log: Callable[[str], None] = print) -> int:
     return launched
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why the UI cannot listen on ``host:port`` (port in use, unknown host), or None when it can.
+
+    Binds the way the web server will (SO_REUSEADDR, so a port left in TIME_WAIT by an earlier UI counts as
+    free) and lets go at once.
+    """
+    another = f"Choose another port with `jpslm ui --port {port + 1}` (any free port works)"
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"host {host!r} cannot be resolved ({exc.strerror}); pass a host name or address with --host."
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return (
+                        f"port {port} on {host} is already in use (another program, perhaps a UI started "
+                        f"earlier, is listening there). {another}, or stop that program."
+                    )
+                return f"cannot listen on {host}:{port} ({exc.strerror}). {another}."
+    return None
+
+
 def print_summary() -> None:
     from jpslm_assets.store import default_store
 
@@ -226,6 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_summary()
         return 0
     if args.command == "ui":
+        problem = port_problem(args.host, args.port)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         workspace = Path.cwd() / "workspace.yaml"
         target = ["-w", str(workspace)] if workspace.exists() else ["-m", "jpslm_assets.definitions"]
         command = ["dagster", "dev", *target, "--host", args.host, "--port", str(args.port)]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAVY_MODULES = ("torch", "transformers", "llama_cpp", "peft", "trl", "matplotlib")
 
 
-def test_default_profile_is_demo_and_env_overrides_apply(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_profile_is_demo_and_env_overrides_apply(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert settings.load_profile().name == "demo"
     monkeypatch.setenv("JPSLM_N_GRID", "[300, 100]")
     monkeypatch.setenv("JPSLM_TRAIN__EPOCHS", "2")
@@ -34,9 +37,22 @@ def test_paper_profile_holds_the_papers_grid_and_models() -> None:
     assert paper.train.per_device_batch_size * paper.train.gradient_accumulation_steps == 8
 
 
+def test_cpu_precision_comes_from_the_profile(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jpslm_assets import training
+
+    assert settings.load_profile("demo").train.cpu_precision == "bf16"
+    assert settings.load_profile("paper").train.cpu_precision == "fp32"
+    assert training.defs.resources["trainer"].cpu_precision == settings.current_profile().train.cpu_precision
+    monkeypatch.setenv("JPSLM_TRAIN__CPU_PRECISION", "fp16")
+    with pytest.raises(settings.SettingsError, match="cpu_precision"):
+        settings.load_profile("demo")
+
+
 def test_unknown_profile_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JPSLM_PROFILE", "papr")
-    with pytest.raises(settings.SettingsError, match="JPSLM_PROFILE='papr' is not a known profile; choose one of demo, paper"):
+    with pytest.raises(
+        settings.SettingsError, match="JPSLM_PROFILE='papr' is not a known profile; choose one of demo, paper"
+    ):
         settings.load_profile()
 
 
@@ -58,6 +74,38 @@ def test_cli_rejects_unknown_profile_without_traceback(data_dir: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_cli_ui_refuses_a_port_in_use_before_starting_dagster(data_dir: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "jpslm_assets.cli", "ui", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "JPSLM_DATA_DIR": str(data_dir)},
+        )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
+    assert f"jpslm ui --port {port + 1}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "dagster dev" not in result.stdout  # refused before starting anything
+
+
+def test_port_check_accepts_a_free_port_and_rejects_a_listening_one() -> None:
+    from jpslm_assets.cli import port_problem
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        listener.listen(1)
+        problem = port_problem("127.0.0.1", port)
+    assert problem is not None and f"port {port} on 127.0.0.1 is already in use" in problem
+    assert port_problem("127.0.0.1", port) is None  # the listener is gone: the port is free again
+
+
 def test_data_dir_that_is_a_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Works as root too: a path below a regular file can never be created.
     blocker = tmp_path / "blocker"
@@ -68,7 +116,9 @@ def test_data_dir_that_is_a_file_is_named(tmp_path: Path, monkeypatch: pytest.Mo
     assert blocker.read_text() == "keep me"
 
 
-def test_dagster_home_defaults_inside_data_dir_with_telemetry_off(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dagster_home_defaults_inside_data_dir_with_telemetry_off(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     home = settings.dagster_home()
     assert home == data_dir / "dagster_home"
@@ -141,7 +191,9 @@ def test_definitions_load_without_heavy_imports() -> None:
         "import sys, json, jpslm_assets.definitions as d; "
         f"print(json.dumps([m for m in {HEAVY_MODULES!r} if m in sys.modules]))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
 
 
