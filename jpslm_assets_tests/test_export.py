@@ -38,7 +38,7 @@ from jpslm_assets_tests.export_fixtures import (
 GOOD = "tiny-llama|60"  # the happy path
 REFUSED = "tiny-qwen2|60"  # byte-level BPE the converter refuses (the paper's Tanuki case)
 NO_PROMPT = "smollm2-135m|60"  # chat template without a generation prompt
-BROKEN_INPUT = "tiny-llama|120"  # train.runs row without base_model_ref
+BROKEN_INPUT = "tiny-llama|40"  # train.runs row without base_model_ref
 ALL_EXPORT = ["merged_model", "gguf_f16", "gguf_q4_k_m", "deployment", "answers_f16", "answers_q4_k_m"]
 
 
@@ -71,7 +71,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
             NO_PROMPT: train_run_row(
                 "smollm2-135m", 60, no_prompt, build_lora_adapter(no_prompt, root / "adapters" / "no_prompt")
             ),
-            BROKEN_INPUT: {**train_run_row("tiny-llama", 120, base, root / "adapters" / "good"), "base_model_ref": None},
+            BROKEN_INPUT: {**train_run_row("tiny-llama", 40, base, root / "adapters" / "good"), "base_model_ref": None},
         }
         store = DuckDBStore(path=str(root / "data" / "jpslm.duckdb"), lock_timeout_s=10)
         assets = [*upstream_assets(runs, fixture_test_set()), *EXPORT_ASSETS]

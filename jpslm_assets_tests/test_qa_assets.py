@@ -20,11 +20,13 @@ from pydantic import Field
 from jpslm_assets import qa
 from jpslm_assets.resources.generation import GenerationBackend
 from jpslm_assets.resources.generation_api import GenerationRequest, GenerationResult
+from jpslm_assets.settings import load_profile
 from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager, artifact_record, table_metadata
 from jpslm_assets_tests.test_qa_generation import KG, TEMPLATES
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_GRID = ["60", "120", "180"]
+DEMO_N = load_profile("demo").n_grid
+DEMO_GRID = [str(n) for n in DEMO_N]
 
 
 # Stand-ins for the kg stage's assets: same keys and tables, read from the shipped seed files.
@@ -145,7 +147,7 @@ def test_dataset_stage_end_to_end(store: DuckDBStore, tmp_path: Path, data_dir: 
 
     # Tables and SQL views a user can query.
     subsets = store.query("SELECT * FROM qa.training_subset ORDER BY n, position")
-    assert subsets.group_by("n").len().sort("n")["len"].to_list() == [60, 120, 180]
+    assert subsets.group_by("n").len().sort("n")["len"].to_list() == DEMO_N
     nesting = store.query("SELECT * FROM qa.subset_nesting ORDER BY n_small, n_large")
     assert nesting.height == 3 and nesting["nested"].all()
     summary = store.query("SELECT * FROM qa.subset_summary ORDER BY n")
@@ -157,7 +159,7 @@ def test_dataset_stage_end_to_end(store: DuckDBStore, tmp_path: Path, data_dir: 
     assert cv.height == 11
 
     # The chat JSONL files match the table rows and the recorded checksums.
-    for n in (60, 180):
+    for n in (DEMO_N[0], DEMO_N[-1]):
         rows = subsets.filter(pl.col("n") == n)
         path = Path(rows["artifact_path"][0])
         assert path == data_dir / "artifacts" / "subsets" / f"subset_merged_{n}.jsonl"
@@ -177,9 +179,7 @@ def test_dataset_stage_end_to_end(store: DuckDBStore, tmp_path: Path, data_dir: 
     verdicts = store.query("SELECT * FROM qa.leakage_checks ORDER BY against")
     assert verdicts["against"].to_list() == [
         "rebalanced_pool",
-        "training_subset n=120",
-        "training_subset n=180",
-        "training_subset n=60",
+        *sorted(f"training_subset n={n}" for n in DEMO_N),
     ]
     assert verdicts["passed"].all() and (verdicts["leaking_questions"] == 0).all()
     test_set = store.query("SELECT * FROM qa.test_set")

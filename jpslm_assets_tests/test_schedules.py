@@ -126,7 +126,7 @@ def test_schedule_requests_one_run_per_deployment_and_the_run_succeeds(
     defs = reevaluation_location(str(store.file))
     store.write_slice(
         "serve.deployments",
-        deployments_frame([("tiny-llama", 120, "f16", "ok"), ("tiny-llama", 120, "q4_k_m", "ok"),
+        deployments_frame([("tiny-llama", 40, "f16", "ok"), ("tiny-llama", 40, "q4_k_m", "ok"),
                            ("smollm2-135m", 60, "f16", "ok")]),
         {},
     )  # fmt: skip
@@ -134,8 +134,8 @@ def test_schedule_requests_one_run_per_deployment_and_the_run_succeeds(
     requests = result.run_requests
     assert requests is not None and len(requests) == 2
     by_key = {str(r.partition_key): r for r in requests}
-    assert set(by_key) == {"smollm2-135m|60", "tiny-llama|120"}
-    small, tiny = by_key["smollm2-135m|60"], by_key["tiny-llama|120"]
+    assert set(by_key) == {"smollm2-135m|60", "tiny-llama|40"}
+    small, tiny = by_key["smollm2-135m|60"], by_key["tiny-llama|40"]
     assert small.run_key == "reevaluation-20260302T0300-smollm2-135m-60"
     assert tiny.tags["jpslm/formats"] == "f16,q4_k_m"
     selected = {k.to_user_string() for k in tiny.asset_selection or []}
@@ -159,8 +159,8 @@ def test_schedule_requests_one_run_per_deployment_and_the_run_succeeds(
     scores = store.query(
         "SELECT model, n, format, count(*) AS rows FROM eval.judge_scores GROUP BY ALL ORDER BY ALL"
     )
-    assert scores.rows() == [("smollm2-135m", 60, "f16", 6), ("tiny-llama", 120, "f16", 6),
-                             ("tiny-llama", 120, "q4_k_m", 6)]  # fmt: skip
+    assert scores.rows() == [("smollm2-135m", 60, "f16", 6), ("tiny-llama", 40, "f16", 6),
+                             ("tiny-llama", 40, "q4_k_m", 6)]  # fmt: skip
     summary = store.query("SELECT model, format FROM marts.score_summary ORDER BY ALL")
     assert summary.height == 3
     reports_written = store.query("SELECT artifact_path FROM reports.report_history ORDER BY created_at")

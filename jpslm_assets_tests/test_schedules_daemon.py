@@ -41,7 +41,7 @@ def test_daemon_ticks_the_schedule_and_the_run_succeeds(
         "PYTHONPATH": str(ROOT),
     }
     store = DuckDBStore(path=str(duckdb_file), lock_timeout_s=30)
-    store.write_slice("serve.deployments", deployments_frame([("tiny-llama", 120, "f16", "ok")]), {})
+    store.write_slice("serve.deployments", deployments_frame([("tiny-llama", 40, "f16", "ok")]), {})
 
     started = subprocess.run(
         ["dagster", "schedule", "start", "reevaluation_schedule", *TARGET],
@@ -62,12 +62,12 @@ def test_daemon_ticks_the_schedule_and_the_run_succeeds(
             time.sleep(2)
         assert run is not None, f"no finished scheduled run within 240 s; daemon log:\n{daemon.log_tail()}"
         assert run.status == dg.DagsterRunStatus.SUCCESS, daemon.log_tail()
-        assert run.tags["dagster/partition"] == "tiny-llama|120"
+        assert run.tags["dagster/partition"] == "tiny-llama|40"
         assert run.tags["dagster/schedule_name"] == "reevaluation_schedule"
         instance.dispose()
 
     scores = store.query("SELECT model, n, format, count(*) AS rows FROM eval.judge_scores GROUP BY ALL")
-    assert scores.rows() == [("tiny-llama", 120, "f16", 6)]
+    assert scores.rows() == [("tiny-llama", 40, "f16", 6)]
     history = store.query("SELECT run_id, artifact_path FROM reports.report_history")
     assert history["run_id"].to_list() == [run.run_id]
     assert Path(history["artifact_path"][0]).is_file()
