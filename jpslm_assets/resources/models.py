@@ -176,6 +176,11 @@ def load_config(entry: ModelEntry) -> Any:
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         return config
+    if not entry.hf_id:
+        raise ValueError(
+            f"model {entry.key!r} comes from the hub but has no hf_id in jpslm_assets/data/models.yaml; add its "
+            "Hugging Face id"
+        )
     try:
         return AutoConfig.from_pretrained(
             entry.hf_id, trust_remote_code=entry.trust_remote_code, token=os.environ.get(HF_TOKEN_ENV)

@@ -627,7 +627,7 @@ def _model_loss_trainer(sft_trainer: type) -> type:
     """
     from transformers import Trainer
 
-    class ModelLossSFTTrainer(sft_trainer):  # type: ignore[misc, valid-type]
+    class ModelLossSFTTrainer(sft_trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs["use_cache"] = False
             return Trainer.compute_loss(
