@@ -111,7 +111,8 @@ class LossPoint(BaseModel):
     epoch: float
     tokens_seen: int
     seconds: float | None = Field(
-        default=None, description="wall seconds since this session's training began"
+        default=None,
+        description="wall seconds since this run's training began (after a resume: since the resume)",
     )
 
 
