@@ -43,13 +43,8 @@ def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 
 def qlora_spec(model: str, folder: Path, work: Path, **overrides: object):  # type: ignore[no-untyped-def]
-    from jpslm_assets.domain.training_plan import resolve_plan
-    from jpslm_assets.resources import trainer as trainer_lib
-    from jpslm_assets.settings import load_profile
+    from jpslm_assets_tests.training_specs import training_spec
 
-    work.mkdir(parents=True, exist_ok=True)
-    data = work / "train.jsonl"
-    trainer_lib.write_training_records(data, shipped_pairs(64))
     settings = {
         "per_device_batch_size": 4,
         "gradient_accumulation_steps": 2,
@@ -59,17 +54,7 @@ def qlora_spec(model: str, folder: Path, work: Path, **overrides: object):  # ty
         "checkpoint_every_steps": 10,
         **overrides,
     }
-    return trainer_lib.TrainingSpec(
-        partition=f"{model}|64",
-        model=model,
-        base_model_ref=str(folder),
-        end_of_turn="<|im_end|>",
-        plan=resolve_plan(load_profile("demo").train, 1, settings),
-        backend="bnb_qlora",
-        data_path=str(data),
-        checkpoint_dir=str(work / "checkpoints"),
-        output_dir=str(work / "adapter"),
-    )
+    return training_spec(model, folder, work, shipped_pairs(64), 1, settings, backend="bnb_qlora")
 
 
 def test_backend_auto_picks_bitsandbytes_qlora_on_cuda() -> None:

@@ -13,11 +13,10 @@ import pytest
 from jpslm_assets.catalogue import model_entry
 from jpslm_assets.domain import nll
 from jpslm_assets.domain.chat_format import IGNORE_INDEX
-from jpslm_assets.domain.training_plan import resolve_plan
 from jpslm_assets.resources import trainer as trainer_lib
 from jpslm_assets.resources.models import build_config_model
-from jpslm_assets.settings import load_profile
 from jpslm_assets_tests.test_training_support import qa_pairs
+from jpslm_assets_tests.training_specs import training_spec
 
 
 @pytest.fixture(scope="module")
@@ -32,29 +31,15 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_spec(base: Path, work: Path, examples: int, **overrides: object) -> trainer_lib.TrainingSpec:
     pool = qa_pairs(examples, seed=21)
-    work.mkdir(parents=True, exist_ok=True)
-    data = work / "train.jsonl"
-    trainer_lib.write_training_records(
-        data, list(zip(pool["qa_id"], pool["question"], pool["answer"], strict=True))
-    )
     settings = {
         "per_device_batch_size": 2,
         "gradient_accumulation_steps": 1,
         "max_seq_length": 96,
         **overrides,
     }
-    return trainer_lib.TrainingSpec(
-        partition=f"tiny-llama|{examples}",
-        model="tiny-llama",
-        base_model_ref=str(base),
-        end_of_turn="<|im_end|>",
-        plan=resolve_plan(load_profile("demo").train, 2, settings),
-        backend="cpu_lora",
-        data_path=str(data),
-        checkpoint_dir=str(work / "checkpoints"),
-        output_dir=str(work / "adapter"),
-        cpu_threads=1,  # one thread: identical float reduction order in every run that is compared
-    )
+    records = list(zip(pool["qa_id"], pool["question"], pool["answer"], strict=True))
+    # one thread: identical float reduction order in every run that is compared
+    return training_spec("tiny-llama", base, work, records, 2, settings, cpu_threads=1)
 
 
 def adapter_tensors(folder: Path) -> dict:

@@ -134,37 +134,21 @@ def test_smollm2_base_is_dense_real_weights_with_its_chat_template(smollm2_base:
 def test_smollm2_test_nll_falls_with_training(smollm2_base: Path, tmp_path: Path) -> None:
     from jpslm_assets.domain.chat_format import encode_pairs
     from jpslm_assets.domain.nll import answer_token_nll
-    from jpslm_assets.domain.training_plan import resolve_plan
     from jpslm_assets.resources import trainer as trainer_lib
     from jpslm_assets.resources.models import load_for_scoring
-    from jpslm_assets.settings import load_profile
     from jpslm_assets_tests.test_training_support import eval_questions_frame
+    from jpslm_assets_tests.training_specs import training_spec
 
     pool = qa_pairs(32, seed=3)
-    data = tmp_path / "train.jsonl"
-    trainer_lib.write_training_records(
-        data, list(zip(pool["qa_id"], pool["question"], pool["answer"], strict=True))
-    )
+    records = list(zip(pool["qa_id"], pool["question"], pool["answer"], strict=True))
     overrides = {
         "max_steps": 6,
         "per_device_batch_size": 4,
         "gradient_accumulation_steps": 1,
         "max_seq_length": 128,
     }
-    result = trainer_lib.run_training(
-        trainer_lib.TrainingSpec(
-            partition="smollm2-135m|32",
-            model="smollm2-135m",
-            base_model_ref=str(smollm2_base),
-            end_of_turn="<|im_end|>",
-            plan=resolve_plan(load_profile("demo").train, 1, overrides),
-            backend="cpu_lora",
-            data_path=str(data),
-            checkpoint_dir=str(tmp_path / "checkpoints"),
-            output_dir=str(tmp_path / "adapter"),
-        ),
-        lambda message: None,
-    )
+    spec = training_spec("smollm2-135m", smollm2_base, tmp_path, records, 1, overrides)
+    result = trainer_lib.run_training(spec, lambda message: None)
     tests = eval_questions_frame(12)
     scorer = load_for_scoring(str(smollm2_base), Path(result.adapter_path), result.backend)
     triples = list(zip(tests["question_id"], tests["question"], tests["reference_answer"], strict=True))[:12]
