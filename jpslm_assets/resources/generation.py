@@ -841,25 +841,26 @@ class LlamaServerBackend(GenerationBackend):
         except ChatTemplateError as exc:
             raise self._error(model_ref, str(exc)) from exc
         executable = self.executable()
+        status: Literal["ok", "unavailable"]
         if executable is None:
-            return Deployment(
-                backend=self.backend_name,
-                model_ref=model_ref,
-                served_name=request.served_name,
-                quantization=request.format,
-                status="unavailable",
-                detail=f"no llama-server executable {self.resolved_binary()!r} (generation resource setting "
-                f"`binary`, or ${LLAMA_SERVER_ENV}); {LLAMA_SERVER_BUILD}",
+            status = "unavailable"
+            detail = (
+                f"no llama-server executable {self.resolved_binary()!r} (generation resource setting `binary`, "
+                f"or ${LLAMA_SERVER_ENV}); {LLAMA_SERVER_BUILD}"
             )
-        types = tensor_type_counts(gguf)
+        else:
+            status = "ok"
+            detail = (
+                f"{executable} serves {gguf.name} ({_describe_types(tensor_type_counts(gguf))}) with "
+                f"{self.parallel} slots of {self.n_ctx} tokens, -ngl {self.n_gpu_layers}"
+            )
         return Deployment(
             backend=self.backend_name,
             model_ref=model_ref,
             served_name=request.served_name,
             quantization=request.format,
-            status="ok",
-            detail=f"{executable} serves {gguf.name} ({_describe_types(types)}) with {self.parallel} slots of "
-            f"{self.n_ctx} tokens, -ngl {self.n_gpu_layers}",
+            status=status,
+            detail=detail,
         )
 
 
