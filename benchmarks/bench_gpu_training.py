@@ -6,12 +6,16 @@ What differs is only how the work is laid out on the device:
 
 - ``baseline``: the textbook loop: ``prepare_model_for_kbit_training`` with gradient checkpointing, every batch
   padded to ``max_seq_length`` (384), one forward/backward per optimizer step.
-- ``project``: ``jpslm_assets.resources.trainer.run_training`` with backend ``bnb_qlora`` and its automatic
-  layout (padding-free rows, gradient checkpointing only when activations would not fit, micro-batch from free
-  memory; see ``choose_layout``).
-- ``project_fused``: the same with Liger's fused RMSNorm/SwiGLU/RoPE kernels, when ``liger_kernel`` imports.
-- ``project_padded``: the project's trainer with padding-free rows switched off (batches padded to their longest
-  example), to separate the effect of the layout from the rest.
+- ``project``: ``jpslm_assets.resources.trainer.run_training`` with backend ``bnb_qlora`` and its defaults, as
+  the ``lora_adapter`` asset runs it: padding-free rows, gradient checkpointing only when activations would not
+  fit, micro-batch from free memory (see ``choose_layout``), decoder layers compiled with ``torch.compile``,
+  Liger's fused kernels when ``liger_kernel`` imports.
+- ``project_eager``: the same without compiling the decoder layers.
+- ``project_unfused``: the same without Liger's kernels.
+- ``project_padded``: the same with padding-free rows switched off (batches padded to their longest example).
+- ``unsloth``: the project's trainer with backend ``unsloth`` (unsloth's own 4-bit loading, LoRA kernels and
+  checkpointing), where unsloth imports. Unsloth pins older trl/datasets than the rest of the stack, so
+  ``--unsloth-path`` can name a folder that holds unsloth and its pins; it is put first on this run's path only.
 
 ``--profile-steps K`` runs PyTorch's profiler over K steps after the warm-up in every variant and prints the
 operations that took the most CUDA and CPU time.
@@ -24,7 +28,8 @@ reference answers joined until each example reaches a length drawn from 220-380 
 pairs), so padding to 384 wastes what it would waste on real data.
 
 Reported per variant, after ``--warmup`` steps: real (non-padding) tokens/s, padded tokens/s, seconds per
-optimizer step, peak CUDA memory, and minutes per 1,000 samples x 3 epochs at the measured rate. Each variant
+optimizer step, peak CUDA memory, and minutes per 1,000 samples x 3 epochs at the measured rate; also the
+seconds the warm-up steps took (with compiled layers that is mostly compiling, paid once per run). Each variant
 runs in its own process, one after the other, in the same invocation.
 
     python benchmarks/bench_gpu_training.py --work /tmp/bench-gpu --steps 24 --warmup 4
@@ -48,7 +53,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_SET = ROOT / "jpslm_assets" / "data" / "test_set_200.jsonl"
-VARIANTS = ("baseline", "project", "project_fused", "project_padded")
+VARIANTS = ("baseline", "project", "project_eager", "project_unfused", "project_padded", "unsloth")
 
 SHAPES: dict[str, dict[str, Any]] = {
     # Meta-Llama-3-8B's published architecture.
@@ -284,6 +289,8 @@ def run_project(
     profile_steps: int = 0,
 ) -> dict[str, Any]:
     """The project's trainer, as the ``lora_adapter`` asset calls it, on the same data."""
+    if variant == "unsloth":
+        import unsloth  # noqa: F401  (before transformers, so that its patches apply)
     import torch
     from transformers import TrainerCallback
 
@@ -291,8 +298,11 @@ def run_project(
     from jpslm_assets.resources import trainer as trainer_lib
 
     backend = "bnb_qlora" if torch.cuda.is_available() else "cpu_lora"
+    if variant == "unsloth":
+        backend = "unsloth"
     run_dir = work / f"run-{variant}"
-    profiler = StepProfiler(variant, warmup, profile_steps if backend == "bnb_qlora" else 0)
+    on_cuda = backend != "cpu_lora"
+    profiler = StepProfiler(variant, warmup, profile_steps if on_cuda else 0)
 
     class Timing(TrainerCallback):  # per-step wall time in the log, and the profiler's window
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -300,7 +310,7 @@ def run_project(
             profiler.step_begin(state.global_step)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if backend == "bnb_qlora":
+            if on_cuda:
                 torch.cuda.synchronize()
             profiler.step_end(state.global_step - 1)
             log(f"{variant} step {state.global_step}: {time.perf_counter() - self.tick:.3f}s")
@@ -329,8 +339,9 @@ def run_project(
         data_path=str(work / "train.jsonl"),
         checkpoint_dir=str(run_dir / "checkpoints"),
         output_dir=str(run_dir / "adapter"),
-        fused_kernels=variant == "project_fused",
         padding_free=variant != "project_padded",
+        compile_layers=False if variant == "project_eager" else None,
+        fused_kernels=False if variant == "project_unfused" else None,
     )
     started = time.monotonic()
     result = trainer_lib.run_training(spec, log)
@@ -344,6 +355,7 @@ def run_project(
     return {
         "variant": variant,
         "total_seconds": round(time.monotonic() - started, 1),
+        "warmup_seconds": round(first.seconds, 1),
         "steps_timed": timed,
         "seconds_per_step": seconds / timed,
         "real_tokens_per_s": real / seconds,
@@ -354,6 +366,7 @@ def run_project(
         "final_loss": result.train_loss_final,
         "backend": result.backend,
         "precision": result.precision,
+        "versions": versions() if variant == "unsloth" else None,
     }
 
 
@@ -395,6 +408,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many steps per variant")
+    parser.add_argument(
+        "--unsloth-path",
+        type=Path,
+        help="folder put first on the unsloth run's PYTHONPATH (unsloth and its pins)",
+    )
     parser.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)  # one variant, in this process
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -415,12 +433,17 @@ def main() -> None:
     prepare(args.work, args.shape, args.samples, args.seed)
     rows = []
     for variant in args.variants:
-        if variant == "project_fused" and versions()["liger_kernel"] == "not installed":
-            log("project_fused skipped: liger_kernel is not installed")
+        if variant == "project_unfused" and versions()["liger_kernel"] == "not installed":
+            log("project_unfused skipped: liger_kernel is not installed, so project runs without it already")
             continue
         command = [sys.executable, __file__, *sys.argv[1:], "--only", variant]
+        environment = dict(os.environ)
+        if variant == "unsloth" and args.unsloth_path:
+            environment["PYTHONPATH"] = os.pathsep.join(
+                [str(args.unsloth_path), *filter(None, [environment.get("PYTHONPATH")])]
+            )
         log(f"--- {variant}")
-        completed = subprocess.run(command, capture_output=True, text=True, check=False)
+        completed = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
         output = completed.stdout + completed.stderr
         result_lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
         if completed.returncode != 0 or not result_lines:
@@ -453,7 +476,8 @@ def main() -> None:
             f"{row['seconds_per_step']:.3f} | {row['peak_memory_gib']:.1f} | {row['minutes_per_1000x3']:.2f} | "
             f"{ratio:.2f}x | micro {layout.get('per_device_batch_size')}, ckpt "
             f"{'on' if layout.get('gradient_checkpointing') else 'off'}, padding-free "
-            f"{'on' if layout.get('padding_free') else 'off'} |"
+            f"{'on' if layout.get('padding_free') else 'off'}, compiled {'on' if layout.get('compiled_layers') else 'off'}"
+            f", Liger {'on' if layout.get('fused_kernels') else 'off'}; warm-up {row.get('warmup_seconds', '-')} s |"
         )
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

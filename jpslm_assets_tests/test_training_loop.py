@@ -143,6 +143,39 @@ def test_padding_free_training_ends_with_the_padded_runs_adapter(tiny_base: Path
         torch.testing.assert_close(packed[name], padded[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_compiled_decoder_layers_train_to_the_eager_runs_adapter(tiny_base: Path, tmp_path: Path) -> None:
+    """torch.compile of each decoder layer changes how the step runs, not what it computes."""
+    import torch
+
+    adapters, messages = [], []
+    for compiled in (True, False):
+        spec = make_spec(
+            tiny_base, tmp_path / str(compiled), 8, per_device_batch_size=4, max_steps=3, dropout=0.0
+        )
+        result = trainer_lib.run_training(
+            spec.model_copy(update={"compile_layers": compiled}), messages.append
+        )
+        assert result.layout is not None and result.layout.compiled_layers is compiled
+        adapters.append(adapter_tensors(Path(result.adapter_path)))
+    from transformers import AutoConfig
+
+    layers = AutoConfig.from_pretrained(tiny_base).num_hidden_layers
+    assert any(f"{layers} decoder layers compiled" in message for message in messages), messages
+    compiled_run, eager_run = adapters
+    assert compiled_run.keys() == eager_run.keys()
+    for name in compiled_run:
+        torch.testing.assert_close(compiled_run[name], eager_run[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compiling_a_model_without_listed_decoder_layers_is_refused_by_name() -> None:
+    import torch
+
+    with pytest.raises(
+        trainer_lib.TrainingError, match="no decoder layers to compile in Sequential.*compile_layers"
+    ):
+        trainer_lib.compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
 def test_layout_keeps_the_effective_batch_and_checkpoints_only_when_memory_is_short(tiny_base: Path) -> None:
     from transformers import AutoConfig
 
@@ -159,6 +192,18 @@ def test_layout_keeps_the_effective_batch_and_checkpoints_only_when_memory_is_sh
         False,
     )
     assert not cpu.fused_kernels, "fused kernels are CUDA-only"
+    assert not trainer_lib.choose_layout(
+        spec, config, 100, None, True, compile_available=True
+    ).compiled_layers
+    asked = spec.model_copy(update={"compile_layers": True})
+    assert trainer_lib.choose_layout(asked, config, 100, None, False).compiled_layers, (
+        "CPU compiles on request"
+    )
+    assert trainer_lib.choose_layout(spec, config, 100, 10**12, False, compile_available=True).compiled_layers
+    declined = spec.model_copy(update={"compile_layers": False})
+    assert not trainer_lib.choose_layout(
+        declined, config, 100, 10**12, False, compile_available=True
+    ).compiled_layers
 
     roomy = trainer_lib.choose_layout(spec, config, 100, 10**12, fused_available=False)
     assert (roomy.per_device_batch_size, roomy.gradient_accumulation_steps) == (8, 1)

@@ -102,6 +102,11 @@ class TrainingSpec(BaseModel):
         default=None,
         description="Liger's fused RMSNorm/SwiGLU/RoPE kernels; None: when installed and on CUDA",
     )
+    compile_layers: bool | None = Field(
+        default=None,
+        description="torch.compile each decoder layer (the layers share one compiled graph); None: on CUDA when "
+        "Triton is installed, off on CPU",
+    )
 
 
 class LossPoint(BaseModel):
@@ -124,6 +129,7 @@ class RunLayout(BaseModel):
     padding_free: bool
     gradient_checkpointing: bool
     fused_kernels: bool
+    compiled_layers: bool = False
     reason: str
 
 
@@ -293,6 +299,7 @@ def choose_layout(
     longest_example: int,
     free_bytes: int | None,
     fused_available: bool,
+    compile_available: bool = False,
 ) -> RunLayout:
     """The micro-batch, checkpointing and kernels for a run, from the spec and the device's free memory.
 
@@ -301,12 +308,19 @@ def choose_layout(
     longest example, in tokens) fit in 70% of free memory runs without checkpointing. If none fits, gradient
     checkpointing is switched on and the largest micro-batch that fits with it is taken. Every candidate keeps
     the effective batch, so each optimizer step sees the same examples and the same loss.
+
+    Decoder layers are compiled on CUDA when ``compile_available`` (Triton is installed) unless the spec says
+    otherwise; on CPU only when the spec asks for it.
     """
     plan = spec.plan
     effective = plan.effective_batch_size
     fused = (
         bool(fused_available if spec.fused_kernels is None else spec.fused_kernels) and free_bytes is not None
     )
+    if spec.compile_layers is None:
+        compiled = compile_available and free_bytes is not None
+    else:
+        compiled = spec.compile_layers
     if free_bytes is None:
         return RunLayout(
             per_device_batch_size=plan.per_device_batch_size,
@@ -314,6 +328,7 @@ def choose_layout(
             padding_free=spec.padding_free,
             gradient_checkpointing=bool(spec.gradient_checkpointing),
             fused_kernels=False,
+            compiled_layers=compiled,
             reason="CPU: the plan's micro-batch",
         )
     per_token = activation_bytes_per_token(config, plan.dropout)
@@ -336,6 +351,7 @@ def choose_layout(
             padding_free=spec.padding_free,
             gradient_checkpointing=checkpointing,
             fused_kernels=fused,
+            compiled_layers=compiled,
             reason=reason,
         )
 
@@ -545,13 +561,15 @@ def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
         model.config,
         max(len(e.input_ids) for e in examples),
         free_bytes,
-        fused_available=importlib.util.find_spec("liger_kernel") is not None,
+        # unsloth brings its own fused kernels and compiled paths; these two apply to the bitsandbytes backend.
+        fused_available=spec.backend == "bnb_qlora" and importlib.util.find_spec("liger_kernel") is not None,
+        compile_available=spec.backend == "bnb_qlora" and importlib.util.find_spec("triton") is not None,
     )
     sink(
         f"{spec.partition}: micro-batch {layout.per_device_batch_size} x {layout.gradient_accumulation_steps} "
         f"accumulation, padding-free {'on' if layout.padding_free else 'off'}, gradient checkpointing "
         f"{'on' if layout.gradient_checkpointing else 'off'}, fused kernels {'on' if layout.fused_kernels else 'off'}"
-        f" ({layout.reason})"
+        f", compiled layers {'on' if layout.compiled_layers else 'off'} ({layout.reason})"
     )
     if layout.gradient_checkpointing:
         model.enable_input_require_grads()
@@ -606,6 +624,9 @@ def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
         for parameter in trainer.model.parameters():
             if parameter.requires_grad and parameter.dtype != torch.float32:
                 parameter.data = parameter.data.float()
+    if layout.compiled_layers:
+        compiled = compile_decoder_layers(trainer.model)
+        sink(f"{spec.partition}: {compiled} decoder layers compiled (the first steps include compiling)")
     return PreparedRun(
         trainer=trainer,
         examples=examples,
@@ -616,6 +637,32 @@ def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
         layout=layout,
         progress=progress,
     )
+
+
+def compile_decoder_layers(model: Any) -> int:
+    """``torch.compile`` every decoder layer of ``model`` in place; returns how many were compiled.
+
+    The layers are found by the class names the model lists in ``_no_split_modules`` (``LlamaDecoderLayer``,
+    ``Qwen2DecoderLayer``, ...). Compiling layer by layer rather than the whole model keeps the embedding, the
+    mask construction and the loss out of the graph, and the layers, being one class with one code path, share
+    one compiled graph (parameters are graph inputs), so compile time does not grow with depth. Each layer's
+    forward and backward become a few fused kernels instead of hundreds of small launches: peft's LoRA wrappers,
+    the dtype casts around the fp32 adapter weights and the norms and activations are fused; bitsandbytes'
+    4-bit matmul is traced through its registered custom operators. The sequence length changes from step to
+    step, so after the first recompilation the graph is shape-generic.
+    """
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    layers = [module for module in model.modules() if type(module).__name__ in names]
+    if not layers:
+        raise TrainingError(
+            f"no decoder layers to compile in {type(model).__name__} (looked for {sorted(names) or 'none listed'});"
+            " set the trainer resource's compile_layers to false for this model"
+        )
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def _model_loss_trainer(sft_trainer: type) -> type:
@@ -772,6 +819,11 @@ class LoraTrainer(dg.ConfigurableResource):
         default="fp32",
         description="CPU LoRA precision: fp32, or bf16 autocast (about 2x faster on CPUs with AVX512-BF16/AMX)",
     )
+    compile_layers: bool | None = Field(
+        default=None,
+        description="torch.compile each decoder layer: None = on CUDA when Triton is installed, off on CPU; "
+        "false for a model whose layers do not compile",
+    )
 
     def resolved_backend(self) -> Backend:
         return select_backend(self.backend)
@@ -798,6 +850,8 @@ class LoraTrainer(dg.ConfigurableResource):
             spec = spec.model_copy(update={"cpu_threads": self.cpu_threads})
         if spec.backend == "cpu_lora" and self.cpu_precision == "bf16":
             spec = spec.model_copy(update={"cpu_bf16": True})
+        if self.compile_layers is not None and spec.compile_layers is None:
+            spec = spec.model_copy(update={"compile_layers": self.compile_layers})
         if launcher == "in_process":
             return run_training(spec, sink)
         return self._train_in_workers(spec, sink, launcher, processes)
