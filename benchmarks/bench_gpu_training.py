@@ -9,10 +9,12 @@ What differs is only how the work is laid out on the device:
 - ``project``: ``jpslm_assets.resources.trainer.run_training`` with backend ``bnb_qlora`` and its defaults, as
   the ``lora_adapter`` asset runs it: padding-free rows, gradient checkpointing only when activations would not
   fit, micro-batch from free memory (see ``choose_layout``), decoder layers compiled with ``torch.compile``,
-  Liger's fused kernels when ``liger_kernel`` imports.
-- ``project_eager``: the same without compiling the decoder layers.
-- ``project_unfused``: the same without Liger's kernels.
-- ``project_padded``: the same with padding-free rows switched off (batches padded to their longest example).
+  per-example flash attention in the padding-free rows (``resources/packed_attention.py``).
+- ``project_eager``: the same without compiling the decoder layers (Liger's fused kernels instead, when
+  ``liger_kernel`` imports).
+- ``project_sdpa``: the same with SDPA and the block-diagonal mask instead of per-example attention.
+- ``project_padded``: the same with padding-free rows switched off (batches padded to their longest example,
+  SDPA).
 - ``unsloth``: the project's trainer with backend ``unsloth`` (unsloth's own 4-bit loading, LoRA kernels and
   checkpointing), where unsloth imports. Unsloth pins older trl/datasets than the rest of the stack, so
   ``--unsloth-path`` can name a folder that holds unsloth and its pins; it is put first on this run's path only.
@@ -53,7 +55,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_SET = ROOT / "jpslm_assets" / "data" / "test_set_200.jsonl"
-VARIANTS = ("baseline", "project", "project_eager", "project_unfused", "project_padded", "unsloth")
+VARIANTS = ("baseline", "project", "project_eager", "project_sdpa", "project_padded", "unsloth")
 
 SHAPES: dict[str, dict[str, Any]] = {
     # Meta-Llama-3-8B's published architecture.
@@ -341,7 +343,7 @@ def run_project(
         output_dir=str(run_dir / "adapter"),
         padding_free=variant != "project_padded",
         compile_layers=False if variant == "project_eager" else None,
-        fused_kernels=False if variant == "project_unfused" else None,
+        packed_attention=False if variant == "project_sdpa" else None,
     )
     started = time.monotonic()
     result = trainer_lib.run_training(spec, log)
@@ -433,9 +435,6 @@ def main() -> None:
     prepare(args.work, args.shape, args.samples, args.seed)
     rows = []
     for variant in args.variants:
-        if variant == "project_unfused" and versions()["liger_kernel"] == "not installed":
-            log("project_unfused skipped: liger_kernel is not installed, so project runs without it already")
-            continue
         command = [sys.executable, __file__, *sys.argv[1:], "--only", variant]
         environment = dict(os.environ)
         if variant == "unsloth" and args.unsloth_path:
@@ -477,7 +476,8 @@ def main() -> None:
             f"{ratio:.2f}x | micro {layout.get('per_device_batch_size')}, ckpt "
             f"{'on' if layout.get('gradient_checkpointing') else 'off'}, padding-free "
             f"{'on' if layout.get('padding_free') else 'off'}, compiled {'on' if layout.get('compiled_layers') else 'off'}"
-            f", Liger {'on' if layout.get('fused_kernels') else 'off'}; warm-up {row.get('warmup_seconds', '-')} s |"
+            f", Liger {'on' if layout.get('fused_kernels') else 'off'}, attention "
+            f"{'varlen' if layout.get('packed_attention') else 'SDPA'}; warm-up {row.get('warmup_seconds', '-')} s |"
         )
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -100,6 +100,9 @@ def test_qlora_training_lowers_the_loss_and_the_merge_keeps_what_it_learned(
     messages: list[str] = []
     result = trainer_lib.run_training(qlora_spec(model, folder, tmp_path), messages.append)
     assert result.backend == "bnb_qlora" and result.precision == "nf4+bf16"
+    # The defaults on CUDA: compiled decoder layers and per-example flash attention in padding-free rows.
+    assert result.layout is not None and result.layout.packed_attention and result.layout.padding_free
+    assert result.layout.compiled_layers is (trainer_lib.importlib.util.find_spec("triton") is not None)
     assert result.device.startswith("cuda") and result.peak_memory_bytes and result.peak_memory_bytes > 0
     losses = [point.loss for point in result.loss_curve]
     assert len(losses) == 40 and all(math.isfinite(loss) for loss in losses)
@@ -119,6 +122,65 @@ def test_qlora_training_lowers_the_loss_and_the_merge_keeps_what_it_learned(
         scores[name] = nll.answer_token_nll(loaded, examples, tokenizer.pad_token_id, batch_size=8).nll
         del loaded
     assert scores["merged"] < scores["base"] - 0.3, scores
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_varlen_flash_attention_matches_the_block_diagonal_mask(kv_heads: int) -> None:
+    from jpslm_assets.resources import packed_attention as packed
+
+    lengths = [37, 300, 1, 129, 64]
+    generator = torch.Generator(device="cuda").manual_seed(kv_heads)
+    total, heads = sum(lengths), 8
+
+    def draw(count: int) -> torch.Tensor:
+        return torch.randn(1, count, total, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+
+    inputs = (draw(heads), draw(kv_heads), draw(kv_heads))
+    position_ids = torch.cat([torch.arange(length) for length in lengths])[None].cuda()
+    example = torch.cumsum(position_ids[0] == 0, dim=0)
+    mask = (example[:, None] == example[None, :]) & torch.ones(
+        total, total, dtype=torch.bool, device="cuda"
+    ).tril()
+    weight = torch.randn(1, total, heads, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+    results = []
+    for use_packed in (True, False):
+        query, key, value = (t.clone().requires_grad_(True) for t in inputs)
+        if use_packed:
+            out, _ = packed.packed_attention_forward(None, query, key, value, None, position_ids=position_ids)
+        else:  # float32 reference
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query.float(), key.float(), value.float(), attn_mask=mask[None, None], enable_gqa=True
+            ).transpose(1, 2)
+        (out.float() * weight.float()).sum().backward()
+        results.append([out.float(), *(t.grad.float() for t in (query, key, value))])
+    for mine, reference in zip(*results, strict=True):
+        error = float((mine - reference).norm() / reference.norm())
+        assert error < 2e-2, error
+
+
+def test_packed_attention_and_compiled_layers_give_the_masked_eager_loss(
+    base: tuple[str, Path], tmp_path: Path
+) -> None:
+    from jpslm_assets.resources import trainer as trainer_lib
+
+    model, folder = base
+    losses = []
+    for fast in (True, False):
+        spec = qlora_spec(model, folder, tmp_path / str(fast), max_steps=3).model_copy(
+            update={"packed_attention": fast, "compile_layers": fast, "fused_kernels": False}
+        )
+        prepared = trainer_lib.prepare_run(spec, lambda message: None)
+        assert prepared.layout.packed_attention is fast and prepared.layout.compiled_layers is fast
+        trainer = prepared.trainer
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        grads = [p.grad.float().norm() for p in trainer.model.parameters() if p.requires_grad]
+        losses.append((float(loss), float(torch.stack(grads).norm())))
+    (fast_loss, fast_grad), (eager_loss, eager_grad) = losses
+    assert fast_loss == pytest.approx(eager_loss, rel=1e-2)
+    assert fast_grad == pytest.approx(eager_grad, rel=5e-2)
 
 
 def test_gradient_checkpointing_path_trains_when_forced(base: tuple[str, Path], tmp_path: Path) -> None:

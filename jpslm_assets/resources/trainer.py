@@ -44,6 +44,7 @@ from pydantic import BaseModel, Field
 from jpslm_assets.domain.chat_format import EncodedExample, encode_training_pairs
 from jpslm_assets.domain.training_plan import LoraPlan
 from jpslm_assets.resources.models import cpu_thread_count
+from jpslm_assets.resources.packed_attention import use_packed_attention, varlen_available
 
 Backend = Literal["unsloth", "bnb_qlora", "cpu_lora"]
 BackendChoice = Literal["auto", "unsloth", "bnb_qlora", "cpu_lora"]
@@ -107,6 +108,12 @@ class TrainingSpec(BaseModel):
         description="torch.compile each decoder layer (the layers share one compiled graph); None: on CUDA when "
         "Triton is installed, off on CPU",
     )
+    packed_attention: bool | None = Field(
+        default=None,
+        description="attention per example inside padding-free rows with variable-length flash attention "
+        "(resources/packed_attention.py) instead of SDPA with a block-diagonal mask; None: on CUDA with "
+        "padding-free rows when torch has it",
+    )
 
 
 class LossPoint(BaseModel):
@@ -130,6 +137,7 @@ class RunLayout(BaseModel):
     gradient_checkpointing: bool
     fused_kernels: bool
     compiled_layers: bool = False
+    packed_attention: bool = False
     reason: str
 
 
@@ -300,6 +308,7 @@ def choose_layout(
     free_bytes: int | None,
     fused_available: bool,
     compile_available: bool = False,
+    varlen_available: bool = False,
 ) -> RunLayout:
     """The micro-batch, checkpointing and kernels for a run, from the spec and the device's free memory.
 
@@ -309,18 +318,29 @@ def choose_layout(
     checkpointing is switched on and the largest micro-batch that fits with it is taken. Every candidate keeps
     the effective batch, so each optimizer step sees the same examples and the same loss.
 
-    Decoder layers are compiled on CUDA when ``compile_available`` (Triton is installed) unless the spec says
-    otherwise; on CPU only when the spec asks for it.
+    Kernels, unless the spec says otherwise: on CUDA, decoder layers are compiled when ``compile_available``
+    (Triton is installed); Liger's fused kernels are used when installed and the layers are not compiled (the
+    compiler fuses the same norms and activations itself, and cannot trace Liger's kernels); padding-free rows get
+    per-example flash attention when ``varlen_available``. On CPU, compiling and packed attention run only when
+    the spec asks for them, and Liger's kernels never.
     """
     plan = spec.plan
     effective = plan.effective_batch_size
-    fused = (
-        bool(fused_available if spec.fused_kernels is None else spec.fused_kernels) and free_bytes is not None
-    )
-    if spec.compile_layers is None:
-        compiled = compile_available and free_bytes is not None
+    on_cuda = free_bytes is not None
+    compiled = (compile_available and on_cuda) if spec.compile_layers is None else spec.compile_layers
+    if spec.fused_kernels is None:
+        fused = fused_available and on_cuda and not compiled
     else:
-        compiled = spec.compile_layers
+        fused = spec.fused_kernels and on_cuda
+    if spec.packed_attention is None:
+        packed = varlen_available and on_cuda and spec.padding_free
+    elif spec.packed_attention and not spec.padding_free:
+        raise TrainingError(
+            f"partition {spec.partition}: packed_attention needs padding-free rows; switch padding_free on or "
+            "packed_attention off"
+        )
+    else:
+        packed = spec.packed_attention
     if free_bytes is None:
         return RunLayout(
             per_device_batch_size=plan.per_device_batch_size,
@@ -329,6 +349,7 @@ def choose_layout(
             gradient_checkpointing=bool(spec.gradient_checkpointing),
             fused_kernels=False,
             compiled_layers=compiled,
+            packed_attention=packed,
             reason="CPU: the plan's micro-batch",
         )
     per_token = activation_bytes_per_token(config, plan.dropout)
@@ -352,6 +373,7 @@ def choose_layout(
             gradient_checkpointing=checkpointing,
             fused_kernels=fused,
             compiled_layers=compiled,
+            packed_attention=packed,
             reason=reason,
         )
 
@@ -564,12 +586,14 @@ def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
         # unsloth brings its own fused kernels and compiled paths; these two apply to the bitsandbytes backend.
         fused_available=spec.backend == "bnb_qlora" and importlib.util.find_spec("liger_kernel") is not None,
         compile_available=spec.backend == "bnb_qlora" and importlib.util.find_spec("triton") is not None,
+        varlen_available=spec.backend == "bnb_qlora" and varlen_available(),
     )
     sink(
         f"{spec.partition}: micro-batch {layout.per_device_batch_size} x {layout.gradient_accumulation_steps} "
         f"accumulation, padding-free {'on' if layout.padding_free else 'off'}, gradient checkpointing "
         f"{'on' if layout.gradient_checkpointing else 'off'}, fused kernels {'on' if layout.fused_kernels else 'off'}"
-        f", compiled layers {'on' if layout.compiled_layers else 'off'} ({layout.reason})"
+        f", compiled layers {'on' if layout.compiled_layers else 'off'}, attention "
+        f"{'per example (varlen flash)' if layout.packed_attention else 'SDPA'} ({layout.reason})"
     )
     if layout.gradient_checkpointing:
         model.enable_input_require_grads()
@@ -624,6 +648,8 @@ def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
         for parameter in trainer.model.parameters():
             if parameter.requires_grad and parameter.dtype != torch.float32:
                 parameter.data = parameter.data.float()
+    if layout.packed_attention:
+        use_packed_attention(trainer.model)
     if layout.compiled_layers:
         compiled = compile_decoder_layers(trainer.model)
         sink(f"{spec.partition}: {compiled} decoder layers compiled (the first steps include compiling)")
