@@ -19,7 +19,8 @@ What differs is only how the work is laid out on the device:
   checkpointing), where unsloth imports. Unsloth pins older trl/datasets than the rest of the stack, so
   ``--unsloth-path`` can name a folder that holds unsloth and its pins; it is put first on this run's path only.
 
-``--profile-steps K`` runs PyTorch's profiler over K steps after the warm-up in every variant and prints the
+``--profile-steps K`` runs K more steps after the timed ones in every variant, under PyTorch's profiler (they are
+not timed), and prints the
 operations that took the most CUDA and CPU time.
 
 The base is an 8B Llama-3-shaped model with random weights (hidden 4096, 32 layers, 32 heads / 8 KV heads,
@@ -190,7 +191,7 @@ class StepProfiler:
             torch.cuda.synchronize()
             self.profiler.__exit__(None, None, None)
             averages = self.profiler.key_averages()
-            for key in ("cuda_time_total", "cpu_time_total"):
+            for key in ("self_cuda_time_total", "cpu_time_total"):
                 print(f"== {self.name}: top operations by {key} over {self.count} steps", flush=True)
                 print(averages.table(sort_by=key, row_limit=22, max_name_column_width=60), flush=True)
             self.profiler = None
@@ -237,8 +238,8 @@ def run_baseline(
     model.train()
     torch.cuda.reset_peak_memory_stats()
     step_times, real_tokens = [], []
-    profiler = StepProfiler("baseline", warmup, profile_steps)
-    for step in range(warmup + steps):
+    profiler = StepProfiler("baseline", warmup + steps, profile_steps)
+    for step in range(warmup + steps + profile_steps):
         profiler.step_begin(step)
         chosen = [examples[order[(step * batch + i) % len(order)]] for i in range(batch)]
         input_ids = torch.full((batch, max_len), pad, dtype=torch.long)
@@ -259,7 +260,7 @@ def run_baseline(
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         profiler.step_end(step)
-        if step >= warmup:
+        if warmup <= step < warmup + steps:
             step_times.append(time.perf_counter() - tick)
             real_tokens.append(int(mask.sum()))
         log(
@@ -304,7 +305,8 @@ def run_project(
         backend = "unsloth"
     run_dir = work / f"run-{variant}"
     on_cuda = backend != "cpu_lora"
-    profiler = StepProfiler(variant, warmup, profile_steps if on_cuda else 0)
+    profile_steps = profile_steps if on_cuda else 0
+    profiler = StepProfiler(variant, warmup + steps, profile_steps)
 
     class Timing(TrainerCallback):  # per-step wall time in the log, and the profiler's window
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -327,7 +329,7 @@ def run_project(
     trainer_lib.prepare_run = prepare_with_timing  # run_training looks it up at call time
     shutil.rmtree(run_dir, ignore_errors=True)
     plan = LoraPlan(
-        stage=1, r=16, alpha=16, dropout=0.0, epochs=3, max_steps=warmup + steps, learning_rate=2e-4,
+        stage=1, r=16, alpha=16, dropout=0.0, epochs=3, max_steps=warmup + steps + profile_steps, learning_rate=2e-4,
         lr_scheduler="cosine", warmup_ratio=0.1, per_device_batch_size=2, gradient_accumulation_steps=batch // 2,
         max_seq_length=max_len, checkpoint_every_steps=10**6, seed=seed,
     )  # fmt: skip
@@ -348,7 +350,7 @@ def run_project(
     started = time.monotonic()
     result = trainer_lib.run_training(spec, log)
     curve = result.loss_curve
-    first, last = curve[warmup - 1], curve[-1]
+    first, last = curve[warmup - 1], curve[warmup + steps - 1]
     assert first.seconds is not None and last.seconds is not None
     seconds = last.seconds - first.seconds
     real = last.tokens_seen - first.tokens_seen
