@@ -13,6 +13,8 @@ What differs is only how the work is laid out on the device:
 - ``project_eager``: the same without compiling the decoder layers (Liger's fused kernels instead, when
   ``liger_kernel`` imports).
 - ``project_sdpa``: the same with SDPA and the block-diagonal mask instead of per-example attention.
+- ``project_bnb_matmul``: the same with bitsandbytes' ``matmul_4bit`` for the NF4 projections instead of the
+  dequantize + matmul path (``resources/nf4_linear.py``).
 - ``project_padded``: the same with padding-free rows switched off (batches padded to their longest example,
   SDPA).
 - ``unsloth``: the project's trainer with backend ``unsloth`` (unsloth's own 4-bit loading, LoRA kernels and
@@ -56,7 +58,15 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_SET = ROOT / "jpslm_assets" / "data" / "test_set_200.jsonl"
-VARIANTS = ("baseline", "project", "project_eager", "project_sdpa", "project_padded", "unsloth")
+VARIANTS = (
+    "baseline",
+    "project",
+    "project_eager",
+    "project_sdpa",
+    "project_bnb_matmul",
+    "project_padded",
+    "unsloth",
+)
 
 SHAPES: dict[str, dict[str, Any]] = {
     # Meta-Llama-3-8B's published architecture.
@@ -346,6 +356,7 @@ def run_project(
         padding_free=variant != "project_padded",
         compile_layers=False if variant == "project_eager" else None,
         packed_attention=False if variant == "project_sdpa" else None,
+        dequantize_matmul=variant != "project_bnb_matmul",
     )
     started = time.monotonic()
     result = trainer_lib.run_training(spec, log)

@@ -76,6 +76,10 @@ def test_qlora_loads_nf4_and_lays_out_from_free_memory(base: tuple[str, Path], t
     four_bit = [m for m in modules if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit, "the base projections must be bitsandbytes 4-bit layers"
     assert all(m.weight.quant_type == "nf4" for m in four_bit)
+    from jpslm_assets.resources.nf4_linear import ABSMAX_ATTRIBUTE
+
+    assert prepared.layout.dequantize_matmul
+    assert all(getattr(m, ABSMAX_ATTRIBUTE).dtype == torch.float32 for m in four_bit)
     assert prepared.device.startswith("cuda")
     layout = prepared.layout
     # A tiny model on a large GPU: the whole effective batch in one micro-batch, no checkpointing.
@@ -158,7 +162,7 @@ def test_varlen_flash_attention_matches_the_block_diagonal_mask(kv_heads: int) -
         assert error < 2e-2, error
 
 
-def test_packed_attention_and_compiled_layers_give_the_masked_eager_loss(
+def test_packed_attention_compiled_layers_and_dequantize_matmul_give_the_plain_loss(
     base: tuple[str, Path], tmp_path: Path
 ) -> None:
     from jpslm_assets.resources import trainer as trainer_lib
@@ -167,10 +171,17 @@ def test_packed_attention_and_compiled_layers_give_the_masked_eager_loss(
     losses = []
     for fast in (True, False):
         spec = qlora_spec(model, folder, tmp_path / str(fast), max_steps=3).model_copy(
-            update={"packed_attention": fast, "compile_layers": fast, "fused_kernels": False}
+            update={
+                "packed_attention": fast,
+                "compile_layers": fast,
+                "dequantize_matmul": fast,
+                "fused_kernels": False,
+            }
         )
         prepared = trainer_lib.prepare_run(spec, lambda message: None)
-        assert prepared.layout.packed_attention is fast and prepared.layout.compiled_layers is fast
+        layout = prepared.layout
+        assert layout.packed_attention is fast and layout.compiled_layers is fast
+        assert layout.dequantize_matmul is fast
         trainer = prepared.trainer
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         with torch.autocast("cuda", dtype=torch.bfloat16):
