@@ -468,6 +468,12 @@ def main() -> None:
         )
         rows.append(json.loads(result_lines[-1].removeprefix("RESULT ")))
         log(f"{variant}: {rows[-1]['real_tokens_per_s']:.0f} real tokens/s")
+        # Each row as soon as its variant ends, so a run cut short still leaves what it measured.
+        print("ROW " + json.dumps(rows[-1], default=str), flush=True)
+        if args.json:
+            partial = args.json.with_suffix(".partial.jsonl")
+            with partial.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(rows[-1], default=str) + "\n")
 
     baseline = next((r for r in rows if r["variant"] == "baseline" and "error" not in r), None)
     print(

@@ -12,6 +12,12 @@ folder keyed by the plan and the data, and resume from the newest complete check
 temporary folder and renamed into place only after training finished, so a failed run never leaves an
 adapter where the registry would look for one.
 
+How a run is laid out on the device never changes what it computes; ``choose_layout`` decides and the run log
+and ``TrainingResult.layout`` record it. On CUDA (bnb_qlora): padding-free rows with per-example flash
+attention (``packed_attention.py``), micro-batch and checkpointing from free memory, compiled decoder layers,
+the dequantize + matmul path for the NF4 projections (``nf4_linear.py``) and fused AdamW; the measured effect
+of each is in docs/benchmarks/gpu.md.
+
 With more than one CUDA device visible, training runs data-parallel: the resource starts this module's
 command line under ``torchrun`` (or ``accelerate launch``), one process per GPU, and the Trainer handles
 gradient all-reduce. There is no hand-written distributed loop.
