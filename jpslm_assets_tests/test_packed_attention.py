@@ -13,7 +13,12 @@ torch = pytest.importorskip("torch")
 
 from jpslm_assets.resources import packed_attention as packed  # noqa: E402
 from jpslm_assets.resources import trainer as trainer_lib  # noqa: E402
-from jpslm_assets_tests.test_training_loop import adapter_tensors, make_spec, tiny_base  # noqa: E402,F401
+from jpslm_assets_tests.test_training_loop import (  # noqa: E402
+    adapters_with_and_without,
+    assert_same_adapter,
+    make_spec,
+    tiny_base,  # noqa: F401
+)
 
 LENGTHS = [5, 9, 1, 7]
 
@@ -117,17 +122,4 @@ def test_training_with_packed_attention_ends_with_the_masked_runs_adapter(
     tiny_base: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    adapters = []
-    for use_packed in (True, False):
-        spec = make_spec(
-            tiny_base, tmp_path / str(use_packed), 8, per_device_batch_size=4, max_steps=3, dropout=0.0
-        )
-        result = trainer_lib.run_training(
-            spec.model_copy(update={"packed_attention": use_packed}), lambda message: None
-        )
-        assert result.layout is not None and result.layout.packed_attention is use_packed
-        adapters.append(adapter_tensors(Path(result.adapter_path)))
-    with_packing, with_mask = adapters
-    assert with_packing.keys() == with_mask.keys()
-    for name in with_packing:
-        torch.testing.assert_close(with_packing[name], with_mask[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_adapter(*adapters_with_and_without(tiny_base, tmp_path, "packed_attention"))

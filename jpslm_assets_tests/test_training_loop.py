@@ -122,49 +122,43 @@ def test_padding_free_batches_mask_prompts_and_give_the_padded_loss(tiny_base: P
     assert abs(crossed_loss - padded_loss) > 1e-4, "the check must tell a block-diagonal mask from none"
 
 
-def test_padding_free_training_ends_with_the_padded_runs_adapter(tiny_base: Path, tmp_path: Path) -> None:
-    import torch
+def adapters_with_and_without(
+    base: Path, work: Path, field: str, sink: trainer_lib.ProgressSink = lambda message: None
+) -> tuple[dict, dict]:
+    """Train 3 steps with the spec's ``field`` on, then off; return (adapter with, adapter without).
 
+    LoRA dropout is off, so that neither run draws random masks (their shapes would differ between layouts)."""
+    layout_field = {"compile_layers": "compiled_layers"}.get(field, field)
     adapters = []
-    for padding_free in (True, False):
-        # LoRA dropout off: its random masks are drawn over differently shaped tensors in the two layouts.
-        spec = make_spec(
-            tiny_base, tmp_path / str(padding_free), 8, per_device_batch_size=4, max_steps=3, dropout=0.0
-        )
-        result = trainer_lib.run_training(
-            spec.model_copy(update={"padding_free": padding_free}), lambda m: None
-        )
-        assert result.layout is not None and result.layout.padding_free is padding_free
+    for value in (True, False):
+        spec = make_spec(base, work / str(value), 8, per_device_batch_size=4, max_steps=3, dropout=0.0)
+        result = trainer_lib.run_training(spec.model_copy(update={field: value}), sink)
+        assert result.layout is not None and getattr(result.layout, layout_field) is value
         assert all(point.seconds is not None and point.seconds > 0 for point in result.loss_curve)
         adapters.append(adapter_tensors(Path(result.adapter_path)))
-    packed, padded = adapters
-    assert packed.keys() == padded.keys()
-    for name in packed:
-        torch.testing.assert_close(packed[name], padded[name], rtol=1e-4, atol=1e-5, msg=name)
+    return adapters[0], adapters[1]
+
+
+def assert_same_adapter(first: dict, second: dict) -> None:
+    import torch
+
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_padding_free_training_ends_with_the_padded_runs_adapter(tiny_base: Path, tmp_path: Path) -> None:
+    assert_same_adapter(*adapters_with_and_without(tiny_base, tmp_path, "padding_free"))
 
 
 def test_compiled_decoder_layers_train_to_the_eager_runs_adapter(tiny_base: Path, tmp_path: Path) -> None:
     """torch.compile of each decoder layer changes how the step runs, not what it computes."""
-    import torch
-
-    adapters, messages = [], []
-    for compiled in (True, False):
-        spec = make_spec(
-            tiny_base, tmp_path / str(compiled), 8, per_device_batch_size=4, max_steps=3, dropout=0.0
-        )
-        result = trainer_lib.run_training(
-            spec.model_copy(update={"compile_layers": compiled}), messages.append
-        )
-        assert result.layout is not None and result.layout.compiled_layers is compiled
-        adapters.append(adapter_tensors(Path(result.adapter_path)))
     from transformers import AutoConfig
 
+    messages: list[str] = []
+    assert_same_adapter(*adapters_with_and_without(tiny_base, tmp_path, "compile_layers", messages.append))
     layers = AutoConfig.from_pretrained(tiny_base).num_hidden_layers
     assert any(f"{layers} decoder layers compiled" in message for message in messages), messages
-    compiled_run, eager_run = adapters
-    assert compiled_run.keys() == eager_run.keys()
-    for name in compiled_run:
-        torch.testing.assert_close(compiled_run[name], eager_run[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_compiling_a_model_without_listed_decoder_layers_is_refused_by_name() -> None:
