@@ -112,7 +112,7 @@ class TrainingSpec(BaseModel):
     compile_layers: bool | None = Field(
         default=None,
         description="torch.compile each decoder layer (the layers share one compiled graph); None: on CUDA when "
-        "Triton is installed, off on CPU",
+        "Triton is installed, checkpointing is off and Liger's kernels were not asked for; off on CPU",
     )
     dequantize_matmul: bool = Field(
         default=True,
@@ -705,7 +705,7 @@ def compile_decoder_layers(model: Any) -> int:
     one compiled graph (parameters are graph inputs), so compile time does not grow with depth. Each layer's
     forward and backward become a few fused kernels instead of hundreds of small launches: peft's LoRA wrappers,
     the dtype casts around the fp32 adapter weights and the norms and activations are fused; bitsandbytes'
-    4-bit matmul is traced through its registered custom operators. The sequence length changes from step to
+    4-bit operators enter the graph as registered custom operators. The sequence length changes from step to
     step, so after the first recompilation the graph is shape-generic.
     """
     names: set[str] = set()
@@ -878,8 +878,8 @@ class LoraTrainer(dg.ConfigurableResource):
     )
     compile_layers: bool | None = Field(
         default=None,
-        description="torch.compile each decoder layer: None = on CUDA when Triton is installed, off on CPU; "
-        "false for a model whose layers do not compile",
+        description="torch.compile each decoder layer: None = on CUDA when Triton is installed and gradient "
+        "checkpointing is off, off on CPU; false for a model whose layers do not compile",
     )
 
     def resolved_backend(self) -> Backend:
