@@ -103,7 +103,7 @@ def test_a_qlora_model_gives_the_same_loss_and_lora_gradients(tmp_path: Path) ->
             loss = qlora(input_ids=ids, position_ids=position_ids, labels=ids).loss
         loss.backward()
         grads = {n: p.grad for n, p in qlora.named_parameters() if p.requires_grad}
-        results.append((float(loss), grads, set(qlora.state_dict())))
+        results.append((float(loss.detach()), grads, set(qlora.state_dict())))
     (loss_before, grads_before, keys_before), (loss_after, grads_after, keys_after) = results
     assert keys_after == keys_before, "the state dict (what gets saved and merged) is unchanged"
     assert loss_after == loss_before
