@@ -17,8 +17,6 @@ The work itself happens in ``jpslm_assets.domain.qa_*``; these assets read input
 
 import base64
 import importlib.util
-import os
-import tempfile
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -35,7 +33,7 @@ from jpslm_assets.domain.qa_templates import VERSIONS, TemplateCatalogue, load_c
 from jpslm_assets.partitions import n_partitions
 from jpslm_assets.resources.generation import GenerationBackend, backend_for
 from jpslm_assets.resources.generation_api import GenerationError
-from jpslm_assets.store import DuckDBStore, artifact_record, frame_version, table_metadata
+from jpslm_assets.store import DuckDBStore, artifact_record, frame_version, table_metadata, write_atomic
 
 GROUP = "dataset"
 TABLE_KINDS = {"duckdb", "polars"}
@@ -101,23 +99,6 @@ def default_rephrase_model(rephraser: GenerationBackend) -> str:
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see a torn file, and a
-    failed write leaves the previous file as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        os.fchmod(handle, 0o644)  # mkstemp creates 0600; artifacts are meant to be read by other tools
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _markdown_table(frame: pl.DataFrame, percent: tuple[str, ...] = (), digits: int = 2) -> str:
     def cell(column: str, value: Any) -> str:
         if value is None:
@@ -151,7 +132,7 @@ def _column_schema(frame: pl.DataFrame) -> dg.TableSchema:
 def _png_metadata(name: str, png: bytes, title: str) -> dict[str, Any]:
     """Save a figure under the artifact dir and embed it in the metadata (the UI renders it)."""
     path = settings.artifact_dir() / "plots" / f"{name}.png"
-    _write_atomic(path, png)
+    write_atomic(path, png)
     encoded = base64.b64encode(png).decode("ascii")
     return {
         f"{name}_figure": dg.MetadataValue.md(f"![{title}](data:image/png;base64,{encoded})"),
@@ -477,7 +458,7 @@ def training_subset(
 
     path = settings.artifact_dir() / "subsets" / f"subset_merged_{n}.jsonl"
     lines = qa_subsets.chat_lines(subset, catalogue.subsets.system_prompt)
-    _write_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    write_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
     record = artifact_record(path)
     frame = subset.select("n", "qa_id", "position", pl.exclude("n", "qa_id", "position")).with_columns(
         pl.lit(record["artifact_path"]).alias("artifact_path"),

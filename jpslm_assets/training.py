@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,7 +51,7 @@ from jpslm_assets.partitions import (
 from jpslm_assets.resources.models import ModelFactory
 from jpslm_assets.resources.trainer import LoraTrainer, TrainingSpec, write_training_records
 from jpslm_assets.settings import Profile, current_profile
-from jpslm_assets.store import DuckDBStore, artifact_record, frame_version, table_metadata
+from jpslm_assets.store import DuckDBStore, artifact_record, frame_version, table_metadata, write_atomic
 
 TRAINING_GROUP = "training"
 EVALUATION_GROUP = "evaluation"
@@ -77,12 +76,8 @@ def _single_row(frame: pl.DataFrame, what: str, **keys: Any) -> dict[str, Any]:
 
 def _png_metadata(name: str, png: bytes, title: str, folder: Path) -> dict[str, Any]:
     """Write a figure under the artifact dir (temp + rename) and embed it in the metadata."""
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=folder)
-    with os.fdopen(handle, "wb") as stream:
-        stream.write(png)
-    os.replace(temporary, path)
+    write_atomic(path, png)
     encoded = base64.b64encode(png).decode("ascii")
     return {
         f"{name}_figure": dg.MetadataValue.md(f"![{title}](data:image/png;base64,{encoded})"),
@@ -560,10 +555,7 @@ def _read_nll(path: Path) -> NllResult | None:
 
 
 def _write_nll(path: Path, result: NllResult) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(dataclasses.asdict(result)), encoding="utf-8")
-    os.replace(partial, path)
+    write_atomic(path, json.dumps(dataclasses.asdict(result)).encode("utf-8"))
 
 
 @dg.asset_check(

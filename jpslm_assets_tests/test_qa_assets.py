@@ -17,7 +17,7 @@ import pytest
 import yaml
 from pydantic import Field
 
-from jpslm_assets import qa
+from jpslm_assets import qa, store
 from jpslm_assets.resources.generation import GenerationBackend
 from jpslm_assets.resources.generation_api import GenerationRequest, GenerationResult
 from jpslm_assets.settings import load_profile
@@ -325,7 +325,7 @@ def test_rephrasing_with_the_real_small_model(store: DuckDBStore, tmp_path: Path
 
 def test_file_writes_are_atomic(tmp_path: Path) -> None:
     target = tmp_path / "subsets" / "subset_merged_60.jsonl"
-    qa._write_atomic(target, "前の内容\n".encode())
+    store.write_atomic(target, "前の内容\n".encode())
 
     class Interrupted(Exception):
         pass
@@ -343,9 +343,9 @@ def test_file_writes_are_atomic(tmp_path: Path) -> None:
         return stream
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(qa.os, "fdopen", failing_fdopen)
+        patch.setattr(store.os, "fdopen", failing_fdopen)
         with pytest.raises(Interrupted):
-            qa._write_atomic(target, "新しい内容\n".encode())
+            store.write_atomic(target, "新しい内容\n".encode())
     assert target.read_text(encoding="utf-8") == "前の内容\n"
     assert [p.name for p in target.parent.iterdir()] == [target.name]  # no partial file left behind
 
