@@ -202,19 +202,13 @@ class LlamaCppBackend(GenerationBackend):
 
     def check_chat_template(self, model_ref: str) -> None:
         llm = self.load(model_ref)
-        template = llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise self._error(
-                model_ref,
-                "the GGUF carries no tokenizer.chat_template; re-export from a folder "
-                "whose tokenizer has a chat template",
-            )
-        try:
-            chat_turns(
-                template, _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos()), model_ref
-            )
-        except ChatTemplateError as exc:
-            raise self._error(model_ref, str(exc)) from exc
+        _check_gguf_chat_template(
+            self,
+            model_ref,
+            llm.metadata.get("tokenizer.chat_template"),
+            _token_text(llm, llm.token_bos()),
+            _token_text(llm, llm.token_eos()),
+        )
 
     def render_prompt(self, model_ref: str, messages: Sequence[dict[str, str]]) -> list[int]:
         """The conversation's prompt ids, laid out by the GGUF's own chat template with the generation prompt.
@@ -335,6 +329,23 @@ def _token_text(llm: Any, token: int) -> str:
     if token is None or token < 0:
         return ""
     return llm._model.token_get_text(token)
+
+
+def _check_gguf_chat_template(
+    backend: GenerationBackend, model_ref: str, template: str | None, bos: str, eos: str
+) -> None:
+    """A GGUF's chat template must exist and lay out turns the way answering expects (``chat_turns``); the
+    error names the file and the fix."""
+    if not template:
+        raise backend._error(
+            model_ref,
+            "the GGUF carries no tokenizer.chat_template; re-export from a folder "
+            "whose tokenizer has a chat template",
+        )
+    try:
+        chat_turns(template, bos, eos, model_ref)
+    except ChatTemplateError as exc:
+        raise backend._error(model_ref, str(exc)) from exc
 
 
 def complete_tokens(
@@ -830,16 +841,7 @@ class LlamaServerBackend(GenerationBackend):
             header = gguf_chat_metadata(gguf)  # the header only: the weights load in the server
         except LlamaCppToolError as exc:
             raise self._error(model_ref, str(exc)) from exc
-        if not header.chat_template:
-            raise self._error(
-                model_ref,
-                "the GGUF carries no tokenizer.chat_template; re-export from a folder "
-                "whose tokenizer has a chat template",
-            )
-        try:
-            chat_turns(header.chat_template, header.bos_token, header.eos_token, model_ref)
-        except ChatTemplateError as exc:
-            raise self._error(model_ref, str(exc)) from exc
+        _check_gguf_chat_template(self, model_ref, header.chat_template, header.bos_token, header.eos_token)
         executable = self.executable()
         status: Literal["ok", "unavailable"]
         if executable is None:
