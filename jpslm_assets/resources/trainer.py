@@ -363,30 +363,6 @@ def choose_layout(
     else:
         packed = spec.packed_attention
     dequantize = spec.dequantize_matmul and spec.backend == "bnb_qlora"
-    if free_bytes is None:
-        return RunLayout(
-            per_device_batch_size=plan.per_device_batch_size,
-            gradient_accumulation_steps=plan.gradient_accumulation_steps,
-            padding_free=spec.padding_free,
-            gradient_checkpointing=bool(spec.gradient_checkpointing),
-            fused_kernels=False,
-            compiled_layers=kernels(bool(spec.gradient_checkpointing))[0],
-            packed_attention=packed,
-            dequantize_matmul=dequantize,
-            reason="CPU: the plan's micro-batch",
-        )
-    per_token = activation_bytes_per_token(config, plan.dropout)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    # With checkpointing only each layer's input is kept, plus one layer's activations during its recompute.
-    checkpointed_per_token = int(text.num_hidden_layers) * int(text.hidden_size) * 4 + per_token // int(
-        text.num_hidden_layers
-    )
-    budget = int(free_bytes * 0.7)
-    sizes = (
-        [size for size in range(effective, 0, -1) if effective % size == 0]
-        if spec.adapt_micro_batch
-        else [plan.per_device_batch_size]
-    )
 
     def layout(size: int, checkpointing: bool, reason: str) -> RunLayout:
         compiled, fused = kernels(checkpointing)
@@ -401,6 +377,23 @@ def choose_layout(
             dequantize_matmul=dequantize,
             reason=reason,
         )
+
+    if free_bytes is None:
+        return layout(
+            plan.per_device_batch_size, bool(spec.gradient_checkpointing), "CPU: the plan's micro-batch"
+        )
+    per_token = activation_bytes_per_token(config, plan.dropout)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # With checkpointing only each layer's input is kept, plus one layer's activations during its recompute.
+    checkpointed_per_token = int(text.num_hidden_layers) * int(text.hidden_size) * 4 + per_token // int(
+        text.num_hidden_layers
+    )
+    budget = int(free_bytes * 0.7)
+    sizes = (
+        [size for size in range(effective, 0, -1) if effective % size == 0]
+        if spec.adapt_micro_batch
+        else [plan.per_device_batch_size]
+    )
 
     free_text = f"{free_bytes / GIB:.1f} GiB free"
     if spec.gradient_checkpointing is not True:
@@ -435,6 +428,7 @@ class PreparedRun:
     examples: list[EncodedExample]
     skipped: list[str]
     device: str
+    on_cuda: bool
     world_size: int
     is_main_process: bool
     layout: RunLayout
@@ -689,6 +683,7 @@ def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
         examples=examples,
         skipped=skipped,
         device=str(trainer.args.device),
+        on_cuda=on_cuda,
         world_size=int(trainer.args.world_size),
         is_main_process=bool(trainer.is_world_process_zero()),
         layout=layout,
@@ -792,7 +787,7 @@ def run_training(spec: TrainingSpec, sink: ProgressSink = print) -> TrainingResu
     try:
         prepared = prepare_run(spec, sink)
         trainer = prepared.trainer
-        on_cuda = spec.backend != "cpu_lora"
+        on_cuda = prepared.on_cuda
         if on_cuda:
             import torch
 
