@@ -92,11 +92,25 @@ def _per_example_sdpa(
     return torch.cat(outputs, dim=0)
 
 
+# varlen_attn's parameter names, read once (its signature changed between torch releases). A module-level
+# name, so that a compiled layer reads a constant instead of inspecting the function on every call.
+_VARLEN_PARAMETERS: frozenset[str] | None = None
+
+
+def _varlen_parameters() -> frozenset[str]:
+    global _VARLEN_PARAMETERS
+    if _VARLEN_PARAMETERS is None:
+        from torch.nn.attention.varlen import varlen_attn
+
+        _VARLEN_PARAMETERS = frozenset(inspect.signature(varlen_attn).parameters)
+    return _VARLEN_PARAMETERS
+
+
 def _varlen(query: Any, key: Any, value: Any, cu: Any, longest: int, scaling: float | None) -> Any:
     """[L, H, D] output of torch's variable-length flash attention, causal within each example."""
     from torch.nn.attention.varlen import varlen_attn
 
-    parameters = inspect.signature(varlen_attn).parameters
+    parameters = _varlen_parameters()
     options: dict[str, Any] = {"scale": scaling}
     if "window_size" in parameters:
         options["window_size"] = (-1, 0)  # causal
@@ -155,6 +169,8 @@ def use_packed_attention(model: Any) -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, packed_attention_forward)
+    if varlen_available():
+        _varlen_parameters()  # read before any layer is compiled
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(base, "set_attn_implementation"):
         base.set_attn_implementation(ATTENTION_NAME)
