@@ -12,6 +12,7 @@ with grounding as (
         citation_matches,
         match_level
     from eval.citation_grounding
+    where coalesce(stage, 2) = 2
 )
 
 select

@@ -1,6 +1,7 @@
--- One row per judgement with its answer's length and generation time: the base of every score mart.
--- Types are normalized here (n as BIGINT, score as INTEGER) so the marts never depend on how a stage
--- happened to store them.
+-- One row per judgement of a stage-2 adapter with its answer's length and generation time: the base of
+-- every score mart. Judgements of the reference model's stage-1 adapter (stage = 1, kept for the paper's
+-- Lesson 4) are compared in lora_rank_effect instead; rows without a stage count as stage 2. Types are
+-- normalized here (n as BIGINT, score as INTEGER) so the marts never depend on how a stage stored them.
 with scores as (
     select
         model,
@@ -14,6 +15,7 @@ with scores as (
         cast(attempts as integer) as attempts,
         prompt_version
     from eval.judge_scores
+    where coalesce(stage, 2) = 2
 ),
 
 answers as (
@@ -26,6 +28,7 @@ answers as (
         cast(tokens as bigint) as tokens,
         cast(seconds as double) as seconds
     from eval.answers
+    where coalesce(stage, 2) = 2
 )
 
 select

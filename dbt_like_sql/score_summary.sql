@@ -27,7 +27,7 @@ summary as (
 sizes as (
     select model, cast(n as bigint) as n, format, max(artifact_bytes) / 1e9 as size_gb
     from serve.gguf
-    where artifact_bytes is not null
+    where artifact_bytes is not null and coalesce(stage, 2) = 2
     group by model, cast(n as bigint), format
 )
 

@@ -2,8 +2,8 @@
 
 ``jpslm demo`` materializes every asset of the active profile in dependency order through the same
 Dagster instance the UI uses (``DAGSTER_HOME``, default ``<data dir>/dagster_home``), so its runs appear in
-the UI. Asset partitions that Dagster already considers up to date (same code version, same upstream data
-versions) are skipped, so an unchanged re-run does no work.
+the UI. An asset partition is skipped when it is up to date: materialized with its current code version and
+after everything it depends on (``UpToDate``), so an unchanged re-run does no work. Public Dagster APIs only.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from pathlib import Path
 
 from jpslm_assets import settings
 
-# Groups whose model x n assets run over the whole grid; the others run at the chosen n only.
-GRID_GROUPS = frozenset({"training", "evaluation"})
+CODE_VERSION_TAG = "dagster/code_version"  # the tag Dagster writes on every materialization
 
 
 @dataclass
@@ -42,122 +41,126 @@ def _prepare_environment(profile: str | None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _stale_resolver(instance, defs):
-    # Dagster exposes staleness publicly only in the UI and for schedules (stale_assets_only); this is the
-    # resolver both use, built the way Dagster's own test helpers build it.
-    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
-    from dagster._core.definitions.data_version import CachingStaleStatusResolver
-    from dagster._time import get_current_datetime
+def plan_batches(defs) -> list[Batch]:
+    """Order assets by dependency and group consecutive ones sharing a partitions definition into batches.
 
-    asset_graph = defs.resolve_asset_graph()
-    view = AssetGraphView(
-        temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
-        instance=instance,
-        asset_graph=asset_graph,
-    )
-    return CachingStaleStatusResolver(instance=instance, asset_graph=asset_graph, loading_context=view)
-
-
-def plan_batches(defs, chosen_n: Callable[[], int | None]) -> list[Callable[[], Batch]]:
-    """Order assets by dependency and group consecutive ones sharing a partition plan into batches.
-
-    Among ready assets the order prefers one that continues the current batch (fewer runs), then any asset
-    not at "the chosen n": those can only be planned once the scale stage has run.
+    Among ready assets the order prefers one that continues the current batch (fewer runs).
     """
-    import dagster as dg
-
     graph = defs.resolve_asset_graph()
     keys = {key for key in graph.get_all_asset_keys() if graph.get(key).is_materializable}
 
-    def partition_plan(key: dg.AssetKey) -> tuple[str, Callable[[], list[str | None]]]:
-        node = graph.get(key)
-        partitions = node.partitions_def
-        if partitions is None:
-            return "none", lambda: [None]
-        signature = ",".join(partitions.get_partition_keys())
-        if isinstance(partitions, dg.MultiPartitionsDefinition) and node.group_name not in GRID_GROUPS:
+    def signature(key) -> str:
+        partitions = graph.get(key).partitions_def
+        return "none" if partitions is None else ",".join(partitions.get_partition_keys())
 
-            def at_chosen_n() -> list[str | None]:
-                n = chosen_n()
-                if n is None:
-                    raise RuntimeError("no optimal n is known yet: the scale stage did not produce one")
-                return [k for k in partitions.get_partition_keys() if k.keys_by_dimension["n"] == str(n)]
-
-            return f"chosen:{signature}", at_chosen_n
-        return f"all:{signature}", lambda: list(partitions.get_partition_keys())
-
-    plans = {key: partition_plan(key) for key in keys}
     waiting = {key: {p for p in graph.get(key).parent_keys if p in keys} for key in keys}
-    order: list[dg.AssetKey] = []
-    current_plan = ""
+    order: list = []
+    current = ""
     while waiting:
         ready = [key for key, parents in waiting.items() if not parents]
         if not ready:
             raise RuntimeError(f"asset graph has a cycle among {sorted(k.to_user_string() for k in waiting)}")
-        key = min(
-            ready,
-            key=lambda k: (
-                plans[k][0] != current_plan,
-                plans[k][0].startswith("chosen:"),
-                k.to_user_string(),
-            ),
-        )
+        key = min(ready, key=lambda k: (signature(k) != current, k.to_user_string()))
         order.append(key)
-        current_plan = plans[key][0]
+        current = signature(key)
         del waiting[key]
         for parents in waiting.values():
             parents.discard(key)
 
-    batches: list[Callable[[], Batch]] = []
-    current: list[dg.AssetKey] = []
+    batches: list[Batch] = []
     for key in order:
-        if current and plans[key][0] != plans[current[-1]][0]:
-            batches.append(_batch(current, plans[current[-1]][1]))
-            current = []
-        current.append(key)
-    if current:
-        batches.append(_batch(current, plans[current[-1]][1]))
+        if batches and signature(batches[-1].keys[-1]) == signature(key):
+            batches[-1].keys.append(key)
+            continue
+        partitions = graph.get(key).partitions_def
+        batches.append(Batch([key], [None] if partitions is None else list(partitions.get_partition_keys())))
     return batches
 
 
-def _batch(keys: list, partitions: Callable[[], list[str | None]]) -> Callable[[], Batch]:
-    frozen = list(keys)
-    return lambda: Batch(frozen, partitions())
+class UpToDate:
+    """Whether an asset partition needs a run, from public materialization records only.
+
+    A partition is up to date when it has a materialization, that materialization carries the asset's
+    current code version, and no partition it depends on (through the graph's partition mappings) was
+    materialized after it. This is stricter than Dagster's data-version staleness (an upstream re-run that
+    wrote the same data still counts), never looser, so an asset the demo leaves alone is never stale.
+    """
+
+    def __init__(self, instance, defs) -> None:
+        self.instance = instance
+        self.graph = defs.resolve_asset_graph()
+
+    def _latest(self, key, partitions: list[str] | None):
+        import dagster as dg
+
+        if partitions == []:
+            return None
+        records = self.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, asset_partitions=partitions), limit=1
+        ).records
+        return records[0] if records else None
+
+    def _upstream_partitions(self, key, parent, partition_key: str | None) -> list[str] | None:
+        node, parent_node = self.graph.get(key), self.graph.get(parent)
+        if parent_node.partitions_def is None:
+            return None
+        if node.partitions_def is None or partition_key is None:
+            return list(parent_node.partitions_def.get_partition_keys())
+        mapping = self.graph.get_partition_mapping(key, parent)
+        result = mapping.get_upstream_mapped_partitions_result_for_partitions(
+            node.partitions_def.subset_with_partition_keys([partition_key]),
+            node.partitions_def,
+            parent_node.partitions_def,
+        )
+        return sorted(result.partitions_subset.get_partition_keys())
+
+    def reason(self, key, partition_key: str | None) -> str | None:
+        """Why ``key[partition_key]`` needs a run, or None when it is up to date."""
+        node = self.graph.get(key)
+        record = self._latest(key, [partition_key] if partition_key is not None else None)
+        if record is None:
+            return "never materialized"
+        tags = record.asset_materialization.tags if record.asset_materialization else {}
+        recorded = (tags or {}).get(CODE_VERSION_TAG)
+        if node.code_version is not None and recorded != node.code_version:
+            return f"code version {recorded} -> {node.code_version}"
+        for parent in sorted(node.parent_keys, key=lambda k: k.to_user_string()):
+            if not self.graph.get(parent).is_materializable:
+                continue
+            upstream = self._latest(parent, self._upstream_partitions(key, parent, partition_key))
+            if upstream is not None and upstream.storage_id > record.storage_id:
+                return f"{parent.to_user_string()} was materialized after it"
+        return None
 
 
 def run_demo(force: bool = False, log: Callable[[str], None] = print) -> int:
     """Materialize everything the profile defines, skipping up-to-date partitions. Returns runs launched."""
     import dagster as dg
-    from dagster._core.definitions.data_version import StaleStatus
 
     from jpslm_assets.definitions import defs
-    from jpslm_assets.store import default_store
-    from jpslm_assets.training import chosen_n
 
-    store = default_store()
     instance = dg.DagsterInstance.get()
     job = defs.resolve_implicit_global_asset_job_def()
+    freshness = UpToDate(instance, defs)
     launched = 0
     started = time.monotonic()
-    for make_batch in plan_batches(defs, lambda: chosen_n(store)):
-        batch = make_batch()
+    for batch in plan_batches(defs):
         for partition_key in batch.partition_keys:
-            resolver = _stale_resolver(instance, defs)
-            todo = [
-                key
-                for key in batch.keys
-                if force or resolver.get_status(key, partition_key) != StaleStatus.FRESH
-            ]
+            todo = []
+            for key in batch.keys:
+                why = "--force" if force else freshness.reason(key, partition_key)
+                if why:
+                    todo.append((key, why))
             names = ", ".join(key.to_user_string() for key in batch.keys)
             where = f" [{partition_key}]" if partition_key else ""
             if not todo:
                 log(f"up to date{where}: {names}")
                 continue
-            log(f"materializing{where}: {', '.join(k.to_user_string() for k in todo)}")
+            log(f"materializing{where}: " + ", ".join(f"{k.to_user_string()} ({why})" for k, why in todo))
             result = job.execute_in_process(
                 instance=instance,
                 partition_key=partition_key,
-                asset_selection=todo,
+                asset_selection=[key for key, _ in todo],
                 raise_on_error=False,
                 tags={"jpslm/launched_by": "jpslm demo"},
             )
@@ -240,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ui.add_argument("--port", type=int, default=3000)
     lineage = sub.add_parser("lineage", help="walk from an asset partition back to the knowledge graph")
     lineage.add_argument("asset", help="asset key, e.g. judge_scores_f16")
-    lineage.add_argument("partition", help="partition key, e.g. 'tiny-llama|120'")
+    lineage.add_argument("partition", help="partition key, e.g. tiny-llama (a stage-3 adapter) or 60 (an n)")
     args = parser.parse_args(argv)
 
     try:
@@ -260,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         workspace = Path.cwd() / "workspace.yaml"
         target = ["-w", str(workspace)] if workspace.exists() else ["-m", "jpslm_assets.definitions"]
-        command = ["dagster", "dev", *target, "--host", args.host, "--port", str(args.port)]
+        # This interpreter's own Dagster: `.venv/bin/jpslm ui` works without the venv on PATH.
+        command = [sys.executable, "-m", "dagster", "dev", *target, "--host", args.host, "--port", str(args.port)]
         print(f"DAGSTER_HOME={os.environ['DAGSTER_HOME']}\n$ {' '.join(command)}")
         return subprocess.call(command)
     if args.command == "lineage":

@@ -1,6 +1,8 @@
 """Stage 3, export and serving: merged 16-bit model -> GGUF F16 -> GGUF Q4_K_M -> deployment -> answers.
 
-Per model x n (the chosen n in practice):
+Partitioned by stage-3 adapter (``partitions.stage3_partitions``): every model's stage-2 adapter (key: the
+model) and the reference model's stage-1 adapter at n* (key ``<model>@stage1``, for the paper's Lesson 4).
+Every table carries ``adapter`` (the partition key), ``stage``, ``model`` and ``n``.
 
 - ``merged_model``: the LoRA/QLoRA adapter merged into the un-quantized base at 16 bit (``serve.merged_models``).
 - ``gguf_f16``, ``gguf_q4_k_m``: llama.cpp's converter and quantizer (``serve.gguf``, one row per format) with
@@ -13,8 +15,7 @@ Per model x n (the chosen n in practice):
   (``eval.answers``, one slice per format), ``generation.concurrency`` at once where the backend has the slots.
 
 The ``generation`` resource is chosen from the profile's ``generation.backend``; judging and QA rephrasing use
-the same resource. ``stage3_export_evaluation`` runs this stage and judging for one model x n;
-``stage3_sensor`` starts it when a model's adapter at the chosen n is new.
+the same resource. ``stage3_export_evaluation`` runs this stage and judging for one adapter.
 """
 
 import json
@@ -40,7 +41,13 @@ from jpslm_assets.domain.fidelity import ScoringSequence, compare_tokenizations,
 from jpslm_assets.domain.modelfile import ChatTemplateError, build_modelfile
 from jpslm_assets.domain.progress import ProgressLogger
 from jpslm_assets.execution import GPU_POOL
-from jpslm_assets.partitions import model_n_key, model_n_partitions, split_model_n
+from jpslm_assets.partitions import (
+    Stage3Adapter,
+    stage1_to_stage3_mapping,
+    stage2_to_stage3_mapping,
+    stage3_adapter,
+    stage3_partitions,
+)
 from jpslm_assets.resources.generation import (
     Deployment,
     DeploymentRequest,
@@ -63,20 +70,19 @@ from jpslm_assets.resources.llama_cpp_tools import (
     replace_atomically,
 )
 from jpslm_assets.resources.model_merge import MergeError, gguf_tokenizer_overrides, merge_adapter
-from jpslm_assets.settings import Profile, current_profile
+from jpslm_assets.settings import current_profile
 from jpslm_assets.store import DuckDBStore, artifact_record, frame_version, table_metadata
-from jpslm_assets.training import STAGE_TAG, chosen_n
 
 GROUP = "export"
-MODEL_N = {"model": "model", "n": "n"}
-GGUF_FORMATS = ("f16", "q4_k_m")  # the llama.cpp formats this stage exports and answers with
+PARTITION_COLUMN = "adapter"  # the stage-3 partition key, in every stage-3 table
+GGUF_FORMATS = ("f16", "q4_k_m")  # the llama.cpp formats this stage exports
 NLL_TOLERANCE = 0.01  # F16 GGUF NLL within 1% of the HF model's
 Q4_SIZE_LIMIT = 0.40  # Q4_K_M at most 40% of F16 where K-quants apply
 EMPTY_ARTIFACT = {"artifact_path": None, "artifact_bytes": None, "artifact_sha256": None}
 
 
-def export_folder(model: str, n: int) -> Path:
-    folder = settings.artifact_dir() / "export" / model / f"n{n}"
+def export_folder(adapter: str, n: int) -> Path:
+    folder = settings.artifact_dir() / "export" / adapter / f"n{n}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -85,13 +91,58 @@ def _output(frame: pl.DataFrame, **metadata: Any) -> dg.Output[pl.DataFrame]:
     return dg.Output(frame, data_version=dg.DataVersion(frame_version(frame)), metadata=metadata)
 
 
-def _single_row(frame: pl.DataFrame, what: str, model: str, n: int) -> dict[str, Any]:
+def _single_row(frame: pl.DataFrame, what: str, adapter: str) -> dict[str, Any]:
+    if PARTITION_COLUMN in frame.columns:
+        frame = frame.filter(pl.col(PARTITION_COLUMN) == adapter)
     if frame.height != 1:
         raise dg.Failure(
-            f"{what} has {frame.height} rows for model={model}, n={n} (expected 1): materialize {what} for this "
+            f"{what} has {frame.height} rows for adapter {adapter} (expected 1): materialize {what} for this "
             "partition first."
         )
     return frame.row(0, named=True)
+
+
+def partition_adapter(context: dg.AssetExecutionContext) -> Stage3Adapter:
+    """The adapter of the stage-3 partition being materialized."""
+    try:
+        return stage3_adapter(context.partition_key)
+    except ValueError as exc:
+        raise dg.Failure(str(exc)) from exc
+
+
+def adapter_columns(adapter: Stage3Adapter, n: int) -> dict[str, Any]:
+    """The identifying columns every stage-3 row starts with."""
+    return {PARTITION_COLUMN: adapter.key, "stage": adapter.stage, "model": adapter.model, "n": n}
+
+
+def stage3_metadata(table: str, format_name: str | None = None) -> dict[str, Any]:
+    return table_metadata(
+        table, partition_expr=PARTITION_COLUMN, fixed={"format": format_name} if format_name else None
+    )
+
+
+def _adapter_run(
+    adapter: Stage3Adapter,
+    stage1_lora_adapter: pl.DataFrame,
+    stage2_lora_adapter: pl.DataFrame,
+    optimal_scale: pl.DataFrame,
+) -> dict[str, Any]:
+    """The training run a stage-3 partition exports: the model's stage-2 adapter, or for ``@stage1`` the
+    reference model's stage-1 adapter at n*."""
+    if adapter.stage == 2:
+        rows = stage2_lora_adapter.filter(pl.col("model") == adapter.model)
+        what = f"stage2_lora_adapter[{adapter.model}] (train.stage2_runs)"
+    else:
+        if optimal_scale.height != 1:
+            raise dg.Failure("eval.optimal_scale has no n*: materialize optimal_scale (stage 1) first.")
+        n = int(optimal_scale["n"][0])
+        rows = stage1_lora_adapter.filter(
+            (pl.col("model") == adapter.model) & (pl.col("n").cast(pl.Int64) == n)
+        )
+        what = f"stage1_lora_adapter[{n}] (train.stage1_runs, n* = {n})"
+    if rows.height != 1:
+        raise dg.Failure(f"{what} has {rows.height} rows (expected 1): materialize it first.")
+    return rows.row(0, named=True)
 
 
 # ---------------------------------------------------------------------------------------------- merged
@@ -100,25 +151,37 @@ def _single_row(frame: pl.DataFrame, what: str, model: str, n: int) -> dict[str,
 @dg.asset(
     group_name=GROUP,
     kinds={"pytorch", "duckdb"},
-    code_version="1",
-    partitions_def=model_n_partitions(),
+    code_version="2",
+    partitions_def=stage3_partitions(),
     pool=GPU_POOL,
-    ins={"lora_adapter": dg.AssetIn(key="lora_adapter")},
-    metadata=table_metadata("serve.merged_models", partition_expr=MODEL_N),
+    ins={
+        "stage2_lora_adapter": dg.AssetIn(partition_mapping=stage2_to_stage3_mapping()),
+        "stage1_lora_adapter": dg.AssetIn(partition_mapping=stage1_to_stage3_mapping()),
+        "optimal_scale": dg.AssetIn(),
+    },
+    metadata=stage3_metadata("serve.merged_models"),
 )
-def merged_model(context: dg.AssetExecutionContext, lora_adapter: pl.DataFrame) -> dg.Output[pl.DataFrame]:
-    """The adapter merged into its un-quantized base at 16 bit, saved with tokenizer files and chat template.
+def merged_model(
+    context: dg.AssetExecutionContext,
+    stage2_lora_adapter: pl.DataFrame,
+    stage1_lora_adapter: pl.DataFrame,
+    optimal_scale: pl.DataFrame,
+) -> dg.Output[pl.DataFrame]:
+    """Stage 3 starts here: the partition's adapter (a model's stage-2 adapter, or the reference model's
+    stage-1 adapter at n* for ``<model>@stage1``) merged into its un-quantized base at 16 bit, saved with
+    tokenizer files and chat template.
 
     Memory-safe for 8B models (weights stream into place, the merge happens in place); written to a
     temporary folder and renamed, so a killed merge never replaces the previous export."""
-    model, n = split_model_n(context)
-    run = _single_row(lora_adapter, "lora_adapter (train.runs)", model, n)
+    adapter = partition_adapter(context)
+    run = _adapter_run(adapter, stage1_lora_adapter, stage2_lora_adapter, optimal_scale)
+    model, n = adapter.model, int(run["n"])
     for column in ("base_model_ref", "artifact_path"):
         if not run.get(column):
             raise dg.Failure(
-                f"train.runs row for model={model}, n={n} has no {column}; re-materialize lora_adapter."
+                f"the stage-{adapter.stage} run of {model} at n={n} has no {column}; re-materialize its adapter."
             )
-    target = export_folder(model, n) / "merged"
+    target = export_folder(adapter.key, n) / "merged"
     remove_stale_partials(target)
     started = time.perf_counter()
     try:
@@ -135,8 +198,10 @@ def merged_model(context: dg.AssetExecutionContext, lora_adapter: pl.DataFrame) 
     frame = pl.DataFrame(
         [
             {
-                "model": model,
-                "n": n,
+                **adapter_columns(adapter, n),
+                "lora_r": run.get("r"),
+                "lora_alpha": run.get("alpha"),
+                "lora_dropout": run.get("dropout"),
                 "base_model_ref": str(run["base_model_ref"]),
                 "adapter_path": str(run["artifact_path"]),
                 "dtype": result.dtype,
@@ -149,7 +214,8 @@ def merged_model(context: dg.AssetExecutionContext, lora_adapter: pl.DataFrame) 
         ]
     )
     context.log.info(
-        f"merged {model} n={n} ({result.parameters:,} parameters, {result.dtype}) in {seconds:.1f} s"
+        f"merged {adapter.key} (stage {adapter.stage}, n={n}; {result.parameters:,} parameters, {result.dtype}) "
+        f"in {seconds:.1f} s"
     )
     return _output(
         frame,
@@ -185,7 +251,8 @@ def _fidelity(
     answers under the HF model and under the GGUF, both on the HF token ids (the sequences test_nll scores)."""
     hf = TransformersBackend(dtype=dtype)  # type: ignore[arg-type]
     tokenizer = hf.tokenizer(str(merged_dir))
-    evaluated = set(select_eval_questions(test_set, questions)["question_id"].cast(pl.String).to_list())
+    seed = current_profile().generation.seed
+    evaluated = set(select_eval_questions(test_set, questions, seed=seed)["question_id"].cast(pl.String).to_list())
     question_ids, prompts, answers, encoded = [], [], [], []
     for row in test_set.sort("question_id").iter_rows(named=True):
         question_id = str(row["question_id"])
@@ -304,7 +371,7 @@ def _gguf_check_results(format_name: str, row: dict[str, Any]) -> list[dg.AssetC
 
 # Explicit types: a failed conversion leaves most columns NULL, and the first write fixes the table's types.
 GGUF_SCHEMA = {
-    "model": pl.String, "n": pl.Int64, "format": pl.String, "status": pl.String, "failure_kind": pl.String,
+    "adapter": pl.String, "stage": pl.Int64, "model": pl.String, "n": pl.Int64, "format": pl.String, "status": pl.String, "failure_kind": pl.String,
     "failure_reason": pl.String, "tensor_types": pl.String, "kquant_compatible": pl.Boolean, "file_bytes": pl.Int64,
     "size_ratio_to_f16": pl.Float64, "seconds": pl.Float64, "hf_nll": pl.Float64, "gguf_nll": pl.Float64,
     "nll_rel_diff": pl.Float64, "answer_tokens": pl.Int64, "fidelity_questions": pl.Int64,
@@ -317,9 +384,11 @@ def _gguf_frame(row: dict[str, Any]) -> pl.DataFrame:
     return pl.DataFrame([row], schema=GGUF_SCHEMA)
 
 
-def _failed_gguf_row(model: str, n: int, format_name: str, kind: str, reason: str) -> dict[str, Any]:
+def _failed_gguf_row(
+    adapter: Stage3Adapter, n: int, format_name: str, kind: str, reason: str
+) -> dict[str, Any]:
     return {
-        "model": model, "n": n, "format": format_name, "status": "failed", "failure_kind": kind,
+        **adapter_columns(adapter, n), "format": format_name, "status": "failed", "failure_kind": kind,
         "failure_reason": reason, "tensor_types": None, "kquant_compatible": None, "file_bytes": None,
         "size_ratio_to_f16": None, "seconds": None, "hf_nll": None, "gguf_nll": None, "nll_rel_diff": None,
         "answer_tokens": None, "fidelity_questions": None, "tokenizer_agreement": None, "tokenizer_texts": None,
@@ -327,10 +396,10 @@ def _failed_gguf_row(model: str, n: int, format_name: str, kind: str, reason: st
     }  # fmt: skip
 
 
-def _nf4_fallback_row(model: str, n: int, merged_dir: str, reason: str) -> dict[str, Any]:
+def _nf4_fallback_row(adapter: Stage3Adapter, n: int, merged_dir: str, reason: str) -> dict[str, Any]:
     """The paper's fallback for a model llama.cpp cannot convert: HF weights loaded 4-bit by bitsandbytes."""
     available, why = TransformersBackend(quantization="nf4").availability()
-    row = _failed_gguf_row(model, n, "nf4", "", "")
+    row = _failed_gguf_row(adapter, n, "nf4", "", "")
     row.update(
         status="ok" if available else "unavailable",
         failure_kind=None if available else "needs_cuda",
@@ -350,13 +419,15 @@ def _materialize_gguf(
     test_set: pl.DataFrame,
     gguf_f16: pl.DataFrame | None,
 ) -> Iterator[Any]:
-    model, n = split_model_n(context)
-    merged = _single_row(merged_model, "merged_model", model, n)
+    adapter = partition_adapter(context)
+    merged = _single_row(merged_model, "merged_model", adapter.key)
+    model, n = adapter.model, int(merged["n"])
     merged_dir = Path(merged["artifact_path"])
-    target = export_folder(model, n) / f"{model}-n{n}-{format_name}.gguf"
+    name = adapter.key.replace("@", "-")
+    target = export_folder(adapter.key, n) / f"{name}-n{n}-{format_name}.gguf"
     remove_stale_partials(target)
     questions = config.fidelity_questions or current_profile().eval_questions
-    f16_row = _single_row(gguf_f16, "gguf_f16", model, n) if gguf_f16 is not None else None
+    f16_row = _single_row(gguf_f16, "gguf_f16", adapter.key) if gguf_f16 is not None else None
     started = time.perf_counter()
     try:
         if f16_row is None:
@@ -369,12 +440,12 @@ def _materialize_gguf(
                 )
             tools.quantize(Path(f16_row["artifact_path"]), target, format_name)  # type: ignore[arg-type]
     except ConversionFailed as exc:
-        context.log.warning(f"{model} n={n}: {exc}\n{exc.log_tail}")
-        row = _failed_gguf_row(model, n, format_name, exc.kind, str(exc))
+        context.log.warning(f"{adapter.key} n={n}: {exc}\n{exc.log_tail}")
+        row = _failed_gguf_row(adapter, n, format_name, exc.kind, str(exc))
         if f16_row is None:
-            fallback = _gguf_frame(_nf4_fallback_row(model, n, str(merged_dir), str(exc)))
-            store.write_slice("serve.gguf", fallback, {"model": model, "n": str(n), "format": "nf4"})
-            context.log.warning(f"{model} n={n}: recorded the nf4 fallback ({fallback['status'][0]})")
+            fallback = _gguf_frame(_nf4_fallback_row(adapter, n, str(merged_dir), str(exc)))
+            store.write_slice("serve.gguf", fallback, {PARTITION_COLUMN: adapter.key, "format": "nf4"})
+            context.log.warning(f"{adapter.key} n={n}: recorded the nf4 fallback ({fallback['status'][0]})")
         yield _output(_gguf_frame(row), status="failed", reason=str(exc), failure_kind=exc.kind)
         yield from _gguf_check_results(format_name, row)
         return
@@ -391,7 +462,7 @@ def _materialize_gguf(
     record = artifact_record(target)
     f16_bytes = f16_row["artifact_bytes"] if f16_row else record["artifact_bytes"]
     row = {
-        "model": model, "n": n, "format": format_name, "status": "ok", "failure_kind": None,
+        **adapter_columns(adapter, n), "format": format_name, "status": "ok", "failure_kind": None,
         "failure_reason": None, "tensor_types": json.dumps(summary.tensor_types),
         "kquant_compatible": summary.kquant_compatible, "file_bytes": record["artifact_bytes"],
         "size_ratio_to_f16": record["artifact_bytes"] / f16_bytes, "seconds": round(seconds, 3),
@@ -419,12 +490,12 @@ def _gguf_asset_arguments(format_name: str, ins: dict[str, dg.AssetIn]) -> dict[
         "name": f"gguf_{format_name}",
         "group_name": GROUP,
         "kinds": {"gguf", "llama_cpp", "duckdb"},
-        "code_version": "1",
-        "partitions_def": model_n_partitions(),
+        "code_version": "2",
+        "partitions_def": stage3_partitions(),
         "pool": GPU_POOL,
         "ins": ins,
         "check_specs": _gguf_checks(format_name),
-        "metadata": table_metadata("serve.gguf", partition_expr=MODEL_N, fixed={"format": format_name}),
+        "metadata": stage3_metadata("serve.gguf", format_name),
         "description": (
             f"GGUF {format_name.upper()} of the merged model made by llama.cpp's own {tool}, with size, tensor "
             "types and fidelity on the test set: answer-token NLL beside the HF model's and tokenizer agreement. "
@@ -468,17 +539,17 @@ def gguf_q4_k_m(
 
 
 DEPLOYMENT_SCHEMA = {
-    "model": pl.String, "n": pl.Int64, "format": pl.String, "backend": pl.String, "served_name": pl.String,
-    "model_ref": pl.String, "quantization": pl.String, "modelfile_path": pl.String, "status": pl.String,
-    "detail": pl.String,
+    "adapter": pl.String, "stage": pl.Int64, "model": pl.String, "n": pl.Int64, "format": pl.String,
+    "backend": pl.String, "served_name": pl.String, "model_ref": pl.String, "quantization": pl.String,
+    "modelfile_path": pl.String, "status": pl.String, "detail": pl.String,
 }  # fmt: skip
 
 
 def _deployment_row(
-    model: str, n: int, format_name: str, deployment: Deployment, modelfile: Path | None
+    adapter: Stage3Adapter, n: int, format_name: str, deployment: Deployment, modelfile: Path | None
 ) -> dict:
     return {
-        "model": model, "n": n, "format": format_name, "backend": deployment.backend,
+        **adapter_columns(adapter, n), "format": format_name, "backend": deployment.backend,
         "served_name": deployment.served_name, "model_ref": deployment.model_ref,
         "quantization": deployment.quantization, "modelfile_path": str(modelfile) if modelfile else None,
         "status": deployment.status, "detail": deployment.detail,
@@ -495,14 +566,14 @@ def _write_modelfile(path: Path, text: str) -> Path:
 @dg.asset(
     group_name=GROUP,
     kinds={"ollama", "llama_cpp", "duckdb"},
-    code_version="1",
-    partitions_def=model_n_partitions(),
+    code_version="2",
+    partitions_def=stage3_partitions(),
     ins={
         "merged_model": dg.AssetIn(key="merged_model"),
         "gguf_f16": dg.AssetIn(key="gguf_f16"),
         "gguf_q4_k_m": dg.AssetIn(key="gguf_q4_k_m"),
     },
-    metadata=table_metadata("serve.deployments", partition_expr=MODEL_N),
+    metadata=stage3_metadata("serve.deployments"),
 )
 def deployment(
     context: dg.AssetExecutionContext,
@@ -514,39 +585,29 @@ def deployment(
     """Each format made servable: a Modelfile from the model's chat template (stop tokens, fixed seed,
     temperature and context, no double BOS) and ``ollama create`` when the Ollama server answers, else the
     embedded llama.cpp deployment (with ``generation.backend: llama_server``, the GGUF checked for llama-server
-    to serve); a model without a GGUF gets the HF + NF4 fallback."""
-    model, n = split_model_n(context)
-    merged = _single_row(merged_model, "merged_model", model, n)
+    to serve). A model llama.cpp could not convert gets the HF + NF4 fallback as a row of its own, format
+    ``nf4``, beside its unavailable GGUF formats."""
+    adapter = partition_adapter(context)
+    merged = _single_row(merged_model, "merged_model", adapter.key)
+    model, n = adapter.model, int(merged["n"])
     entry = model_entry(model)
     generation_settings = current_profile().generation
     rows = []
     for format_name, frame in zip(GGUF_FORMATS, (gguf_f16, gguf_q4_k_m), strict=True):
-        gguf = _single_row(frame, f"gguf_{format_name}", model, n)
-        name = served_name(model, n, format_name)
+        gguf = _single_row(frame, f"gguf_{format_name}", adapter.key)
+        name = served_name(adapter.key, n, format_name)
         if gguf["status"] != "ok":
+            unavailable = Deployment(
+                "none", "", name, format_name, "unavailable", f"no {format_name} GGUF: {gguf['failure_reason']}"
+            )
+            rows.append(_deployment_row(adapter, n, format_name, unavailable, None))
+            context.log.warning(f"{adapter.key} n={n} {format_name}: {rows[-1]['detail']}")
             if format_name == "f16":
                 request = DeploymentRequest(
-                    model, n, "nf4", served_name(model, n, "nf4"), hf_dir=Path(merged["artifact_path"])
+                    model, n, "nf4", served_name(adapter.key, n, "nf4"), hf_dir=Path(merged["artifact_path"])
                 )
-                rows.append(_deployment_row(model, n, format_name, generation.deploy(request), None))
-            else:
-                rows.append(
-                    _deployment_row(
-                        model,
-                        n,
-                        format_name,
-                        Deployment(
-                            "none",
-                            "",
-                            name,
-                            format_name,
-                            "unavailable",
-                            f"no {format_name} GGUF: {gguf['failure_reason']}",
-                        ),
-                        None,
-                    )
-                )
-            context.log.warning(f"{model} n={n} {format_name}: {rows[-1]['detail']}")
+                rows.append(_deployment_row(adapter, n, "nf4", generation.deploy(request), None))
+                context.log.warning(f"{adapter.key} n={n} nf4 fallback: {rows[-1]['status']} - {rows[-1]['detail']}")
             continue
         gguf_path = Path(gguf["artifact_path"])
         try:
@@ -554,7 +615,7 @@ def deployment(
             spec = build_modelfile(
                 header.chat_template,
                 gguf_path.name,
-                model=f"{model} n={n} ({format_name})",
+                model=f"{adapter.key} n={n} ({format_name})",
                 bos_token=header.bos_token,
                 eos_token=header.eos_token,
                 server_adds_bos=header.add_bos,
@@ -563,7 +624,10 @@ def deployment(
                 temperature=generation_settings.temperature,
                 num_ctx=generation_settings.num_ctx,
                 num_predict=generation_settings.max_new_tokens,
-                comment=f"{name}: {model} fine-tuned on n={n}, {format_name}; written by the deployment asset",
+                comment=(
+                    f"{name}: {model} stage-{adapter.stage} adapter, n={n}, {format_name}; written by the "
+                    "deployment asset"
+                ),
             )
             modelfile = _write_modelfile(gguf_path.with_name(f"Modelfile.{format_name}"), spec.render())
             request = DeploymentRequest(
@@ -577,9 +641,9 @@ def deployment(
             )
             result = generation.deploy(request)
         except (ChatTemplateError, GenerationError, LlamaCppToolError) as exc:
-            raise dg.Failure(f"{model} n={n} {format_name}: {exc}") from exc
-        context.log.info(f"{model} n={n} {format_name}: {result.backend} {result.status} - {result.detail}")
-        rows.append(_deployment_row(model, n, format_name, result, modelfile))
+            raise dg.Failure(f"{adapter.key} n={n} {format_name}: {exc}") from exc
+        context.log.info(f"{adapter.key} n={n} {format_name}: {result.backend} {result.status} - {result.detail}")
+        rows.append(_deployment_row(adapter, n, format_name, result, modelfile))
     release_loaded_models()
     frame = pl.DataFrame(rows, schema=DEPLOYMENT_SCHEMA)
     return _output(
@@ -593,10 +657,11 @@ def deployment(
 # --------------------------------------------------------------------------------------------- answers
 
 ANSWER_SCHEMA = {
-    "model": pl.String, "n": pl.Int64, "format": pl.String, "question_id": pl.String, "category": pl.String,
-    "question": pl.String, "answer": pl.String, "chars": pl.Int64, "tokens": pl.Int64, "prompt_tokens": pl.Int64,
-    "seconds": pl.Float64, "backend": pl.String, "quantization": pl.String, "model_ref": pl.String,
-    "finish_reason": pl.String, "seed": pl.Int64, "temperature": pl.Float64, "max_new_tokens": pl.Int64,
+    "adapter": pl.String, "stage": pl.Int64, "model": pl.String, "n": pl.Int64, "format": pl.String,
+    "question_id": pl.String, "category": pl.String, "question": pl.String, "answer": pl.String, "chars": pl.Int64,
+    "tokens": pl.Int64, "prompt_tokens": pl.Int64, "seconds": pl.Float64, "backend": pl.String,
+    "quantization": pl.String, "model_ref": pl.String, "finish_reason": pl.String, "seed": pl.Int64,
+    "temperature": pl.Float64, "max_new_tokens": pl.Int64,
 }  # fmt: skip
 
 
@@ -605,15 +670,20 @@ def build_answers_asset(format_name: str) -> dg.AssetsDefinition:
         name=f"answers_{format_name}",
         group_name=GROUP,
         kinds={"llama_cpp", "ollama", "duckdb"},
-        code_version="1",
-        partitions_def=model_n_partitions(),
+        code_version="2",
+        partitions_def=stage3_partitions(),
         pool=GPU_POOL,
         ins={"deployment": dg.AssetIn(key="deployment"), "test_set": dg.AssetIn(key="test_set")},
-        metadata=table_metadata("eval.answers", partition_expr=MODEL_N, fixed={"format": format_name}),
+        metadata=stage3_metadata("eval.answers", format_name),
         description=(
-            f"The profile's evaluation questions (human_written, first eval_questions by id) answered by the "
-            f"{format_name.upper()} deployment with the profile's deterministic generation settings; per answer "
-            "the text, characters, tokens, seconds, backend and finish reason."
+            f"The profile's evaluation questions (a seeded, category-stratified sample of the human-written "
+            f"test questions) answered by the {format_name.upper()} deployment with the profile's deterministic "
+            "generation settings; per answer the text, characters, tokens, seconds, backend and finish reason."
+            + (
+                " Only a model whose GGUF export failed has an nf4 deployment; every other partition writes no rows."
+                if format_name == "nf4"
+                else ""
+            )
         ),
     )
     def answers_asset(
@@ -622,25 +692,29 @@ def build_answers_asset(format_name: str) -> dg.AssetsDefinition:
         deployment: pl.DataFrame,
         test_set: pl.DataFrame,
     ) -> dg.Output[pl.DataFrame]:
-        model, n = split_model_n(context)
+        adapter = partition_adapter(context)
         rows = deployment.filter(pl.col("format") == format_name)
-        served = _single_row(rows, f"deployment ({format_name})", model, n)
+        if format_name == "nf4" and rows.is_empty():
+            context.log.info(f"{adapter.key}: its GGUF export succeeded, so it has no nf4 fallback to answer with")
+            return _output(pl.DataFrame(schema=ANSWER_SCHEMA), status="not applicable", questions=0)
+        served = _single_row(rows, f"deployment ({format_name})", adapter.key)
+        n = int(served["n"])
         if served["status"] != "ok":
             context.log.warning(
-                f"{model} n={n} {format_name} is not servable: {served['detail']}; no answers"
+                f"{adapter.key} n={n} {format_name} is not servable: {served['detail']}; no answers"
             )
             frame = pl.DataFrame(schema=ANSWER_SCHEMA)
             return _output(frame, status="unavailable", reason=served["detail"], questions=0)
         profile = current_profile()
         try:
-            questions = select_eval_questions(test_set, profile.eval_questions)
+            questions = select_eval_questions(test_set, profile.eval_questions, seed=profile.generation.seed)
         except AnsweringInputError as exc:
             raise dg.Failure(str(exc)) from exc
         backend = serving_backend(generation, served)
         settings_used = profile.generation
-        stops = tuple(model_entry(model).stop_tokens)
+        stops = tuple(model_entry(adapter.model).stop_tokens)
         progress = ProgressLogger(
-            f"answers_{format_name} {model} n={n}", questions.height, context.log.info, unit="questions"
+            f"answers_{format_name} {adapter.key} n={n}", questions.height, context.log.info, unit="questions"
         )
         question_rows = list(questions.iter_rows(named=True))
         answers: list[dict[str, Any]] = []
@@ -661,7 +735,7 @@ def build_answers_asset(format_name: str) -> dg.AssetsDefinition:
             release_loaded_models()  # also stops a llama-server this step started
         for question, result in zip(question_rows, answered.results, strict=True):
             answers.append({
-                "model": model, "n": n, "format": format_name, "question_id": str(question["question_id"]),
+                **adapter_columns(adapter, n), "format": format_name, "question_id": str(question["question_id"]),
                 "category": question["category"], "question": question["question"], "answer": result.text,
                 "chars": len(result.text), "tokens": result.completion_tokens, "prompt_tokens": result.prompt_tokens,
                 "seconds": round(result.seconds, 4), "backend": result.backend,
@@ -681,6 +755,8 @@ def build_answers_asset(format_name: str) -> dg.AssetsDefinition:
         return _output(
             frame,
             questions=frame.height,
+            question_ids=dg.MetadataValue.json(frame["question_id"].to_list()),
+            question_sample=f"stratified by category, seed {profile.generation.seed}",
             backend=str(served["backend"]),
             avg_chars=float(frame["chars"].cast(pl.Float64).mean() or 0.0),  # type: ignore[arg-type]
             sec_per_question=total_seconds / max(frame.height, 1),
@@ -694,58 +770,23 @@ def build_answers_asset(format_name: str) -> dg.AssetsDefinition:
     return answers_asset
 
 
-answers_f16, answers_q4_k_m = (build_answers_asset(format_name) for format_name in GGUF_FORMATS)
+# One answers asset per format of the profile (formats: f16, q4_k_m and nf4 by default).
+ANSWERS_ASSETS = {format_name: build_answers_asset(format_name) for format_name in current_profile().formats}
+answers_f16 = ANSWERS_ASSETS.get("f16")
+answers_q4_k_m = ANSWERS_ASSETS.get("q4_k_m")
+answers_nf4 = ANSWERS_ASSETS.get("nf4")
 
 
-# ------------------------------------------------------------------------------------- job, sensor
+# ------------------------------------------------------------------------------------------------- job
 
 stage3_job = dg.define_asset_job(
     "stage3_export_evaluation",
     selection=dg.AssetSelection.groups(GROUP, "judging"),
-    partitions_def=model_n_partitions(),
-    tags={STAGE_TAG: "3"},
-    description="Stage 3 for one model at the chosen n: merge, GGUF F16 and Q4_K_M, deployment, answers, judging.",
+    partitions_def=stage3_partitions(),
+    description=(
+        "Stage 3 for one adapter: merge, GGUF F16 and Q4_K_M (or the NF4 fallback), deployment, answers, judging."
+    ),
 )
-
-
-def stage3_requests(
-    instance: dg.DagsterInstance, store: DuckDBStore, profile: Profile, cursor: str | None
-) -> tuple[list[dg.RunRequest], str, str]:
-    """(run requests, new cursor, reason): stage 3 for each model whose adapter at the chosen n is newer than
-    the one stage 3 last ran on. The cursor maps partition keys to the adapter materialization seen."""
-    seen: dict[str, int] = json.loads(cursor) if cursor else {}
-    n = chosen_n(store, profile)
-    if n is None:
-        return (
-            [],
-            json.dumps(seen),
-            f"no chosen n yet: eval.scale_curve has no optimum for {profile.models[0]}",
-        )
-    requests = []
-    for model in profile.models:
-        key = model_n_key(model, n)
-        records = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey("lora_adapter"), asset_partitions=[str(key)]), limit=1
-        ).records
-        if not records or records[0].storage_id <= seen.get(str(key), 0):
-            continue
-        seen[str(key)] = records[0].storage_id
-        requests.append(dg.RunRequest(run_key=f"stage3-{key}-{records[0].storage_id}", partition_key=key))
-    reason = f"stage 3 at n={n} for {len(requests)} model(s)" if requests else f"no new adapter at n={n}"
-    return requests, json.dumps(seen), reason
-
-
-@dg.sensor(
-    job=stage3_job,
-    minimum_interval_seconds=60,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Starts stage 3 for a model when its adapter at the chosen n is new (e.g. after stage 2).",
-)
-def stage3_sensor(context: dg.SensorEvaluationContext, store: DuckDBStore) -> dg.SensorResult:
-    requests, cursor, reason = stage3_requests(context.instance, store, current_profile(), context.cursor)
-    return dg.SensorResult(
-        run_requests=requests, cursor=cursor, skip_reason=None if requests else dg.SkipReason(reason)
-    )
 
 
 def generation_resource() -> GenerationBackend:
@@ -755,8 +796,7 @@ def generation_resource() -> GenerationBackend:
 
 
 defs = dg.Definitions(
-    assets=[merged_model, gguf_f16, gguf_q4_k_m, deployment, answers_f16, answers_q4_k_m],
+    assets=[merged_model, gguf_f16, gguf_q4_k_m, deployment, *ANSWERS_ASSETS.values()],
     jobs=[stage3_job],
-    sensors=[stage3_sensor],
     resources={"generation": generation_resource(), "llama_cpp_tools": LlamaCppTools()},
 )

@@ -25,12 +25,13 @@ from jpslm_assets.domain import citations as citation_lib
 from jpslm_assets.domain import judging as judge_lib
 from jpslm_assets.domain.progress import ProgressLogger, StepTimings
 from jpslm_assets.execution import GPU_POOL
-from jpslm_assets.partitions import model_n_partitions, split_model_n
+from jpslm_assets.export import adapter_columns, partition_adapter, stage3_metadata
+from jpslm_assets.partitions import stage3_partitions
 from jpslm_assets.resources.generation import GenerationBackend, LlamaCppBackend, OllamaBackend
 from jpslm_assets.resources.generation_api import GenerationRequest, GenerationResult
 from jpslm_assets.resources.judge import JudgeResource, check_language
 from jpslm_assets.settings import Profile, current_profile
-from jpslm_assets.store import DuckDBStore, frame_version, table_metadata
+from jpslm_assets.store import DuckDBStore, frame_version
 
 GROUP = "judging"
 JUDGE_TABLE = "eval.judge_scores"
@@ -106,16 +107,14 @@ def build_judge_scores(fmt: str) -> dg.AssetsDefinition:
         group_name=GROUP,
         kinds={"duckdb", "polars", "llm"},
         code_version=CODE_VERSION,
-        partitions_def=model_n_partitions(),
+        partitions_def=stage3_partitions(),
         pool=GPU_POOL,
         ins={
             "answers": dg.AssetIn(f"answers_{fmt}"),
             "test_set": dg.AssetIn("test_set"),
             "kg_nodes": dg.AssetIn("kg_nodes"),
         },
-        metadata=table_metadata(
-            JUDGE_TABLE, partition_expr={"model": "model", "n": "n"}, fixed={"format": fmt}
-        ),
+        metadata=stage3_metadata(JUDGE_TABLE, fmt),
         description=(
             f"LLM-as-judge 0-3 scores of the {fmt} answers (reference-guided rubric, constrained JSON output, "
             "bounded retries; unparseable replies stored with parse_ok = false and a NULL score)."
@@ -129,10 +128,10 @@ def build_judge_scores(fmt: str) -> dg.AssetsDefinition:
         test_set: pl.DataFrame,
         kg_nodes: pl.DataFrame,
     ) -> dg.Output[pl.DataFrame]:
-        """Scores one (model, n) partition's answers with the judge (and the optional second judge)."""
-        model, n = split_model_n(context)
+        """Scores one stage-3 partition's answers with the judge (and the optional second judge)."""
+        adapter = partition_adapter(context)
         rubric = judge_lib.load_rubric()
-        source = f"answers_{fmt} partition {model}|{n}"
+        source = f"answers_{fmt} partition {adapter.key}"
         items = judge_lib.judge_items(answers, test_set, kg_nodes, source)
         panel = [
             judge.settings(rubric, config.model, config.language, config.max_answer_chars, config.retries)
@@ -153,10 +152,8 @@ def build_judge_scores(fmt: str) -> dg.AssetsDefinition:
                 )
         timings = StepTimings()
         frames = [_judge_with(context, judge, rubric, settings, items, timings) for settings in panel]
-        frame = pl.concat(frames).with_columns(
-            pl.lit(model).alias("model"), pl.lit(n, dtype=pl.Int64).alias("n"), pl.lit(fmt).alias("format")
-        )
-        frame = frame.select(["model", "n", "format", *judge_lib.JUDGE_SCORE_SCHEMA])
+        frame = _with_adapter_columns(pl.concat(frames), adapter, answers, fmt)
+        frame = frame.select([*IDENTITY_COLUMNS, *judge_lib.JUDGE_SCORE_SCHEMA, *STAGE3_COLUMNS])
         return dg.Output(
             frame,
             data_version=dg.DataVersion(frame_version(frame)),
@@ -164,6 +161,19 @@ def build_judge_scores(fmt: str) -> dg.AssetsDefinition:
         )
 
     return judge_scores
+
+
+IDENTITY_COLUMNS = ("model", "n", "format")  # first, as the README's contract lists them
+STAGE3_COLUMNS = ("adapter", "stage")  # last: which stage-3 adapter the rows belong to
+
+
+def _with_adapter_columns(
+    frame: pl.DataFrame, adapter: Any, answers: pl.DataFrame, fmt: str
+) -> pl.DataFrame:
+    n = int(answers["n"][0]) if answers.height else None
+    identity = {**adapter_columns(adapter, n or 0), "n": n, "format": fmt}
+    types = {"adapter": pl.Utf8, "stage": pl.Int64, "model": pl.Utf8, "n": pl.Int64, "format": pl.Utf8}
+    return frame.with_columns(pl.lit(value, dtype=types[name]).alias(name) for name, value in identity.items())
 
 
 def _mean(series: pl.Series, digits: int) -> float | None:
@@ -200,15 +210,13 @@ def build_citation_grounding(fmt: str) -> dg.AssetsDefinition:
         group_name=GROUP,
         kinds={"duckdb", "polars"},
         code_version=GROUNDING_CODE_VERSION,
-        partitions_def=model_n_partitions(),
+        partitions_def=stage3_partitions(),
         ins={
             "answers": dg.AssetIn(f"answers_{fmt}"),
             "test_set": dg.AssetIn("test_set"),
             "kg_nodes": dg.AssetIn("kg_nodes"),
         },
-        metadata=table_metadata(
-            GROUNDING_TABLE, partition_expr={"model": "model", "n": "n"}, fixed={"format": fmt}
-        ),
+        metadata=stage3_metadata(GROUNDING_TABLE, fmt),
         description=(
             f"Does each {fmt} answer cite a volume / chapter / section of the standards, and is it where the "
             "knowledge graph places the question's nodes? Read from the text with the rubric's citation "
@@ -221,15 +229,14 @@ def build_citation_grounding(fmt: str) -> dg.AssetsDefinition:
         test_set: pl.DataFrame,
         kg_nodes: pl.DataFrame,
     ) -> dg.Output[pl.DataFrame]:
-        """Grounds one (model, n) partition's answers against the knowledge graph, without a model."""
-        model, n = split_model_n(context)
+        """Grounds one stage-3 partition's answers against the knowledge graph, without a model."""
+        adapter = partition_adapter(context)
         vocabulary = judge_lib.load_rubric().citation
         frame = citation_lib.ground_answers(
-            answers, test_set, kg_nodes, vocabulary, f"answers_{fmt} partition {model}|{n}"
-        ).with_columns(
-            pl.lit(model).alias("model"), pl.lit(n, dtype=pl.Int64).alias("n"), pl.lit(fmt).alias("format")
+            answers, test_set, kg_nodes, vocabulary, f"answers_{fmt} partition {adapter.key}"
         )
-        frame = frame.select(["model", "n", "format", *citation_lib.CITATION_GROUNDING_SCHEMA])
+        frame = _with_adapter_columns(frame, adapter, answers, fmt)
+        frame = frame.select([*IDENTITY_COLUMNS, *citation_lib.CITATION_GROUNDING_SCHEMA, *STAGE3_COLUMNS])
         verifiable = frame.filter(pl.col("citation_matches").is_not_null())
         return dg.Output(
             frame,

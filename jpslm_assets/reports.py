@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import dagster as dg
 import polars as pl
@@ -31,11 +31,8 @@ from jpslm_assets import export, judging, kg, marts, qa, settings, training
 from jpslm_assets.domain import figures as figure_lib
 from jpslm_assets.domain import report_document as report_lib
 from jpslm_assets.domain.progress import StepTimings
-from jpslm_assets.partitions import model_n_key
+from jpslm_assets.partitions import stage3_keys
 from jpslm_assets.store import DuckDBStore, StoreError, artifact_record, frame_version, table_metadata
-
-if TYPE_CHECKING:
-    from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 GROUP = "reports"
 FIGURES_TABLE = "reports.figures"
@@ -411,7 +408,7 @@ def discover_reevaluation_targets(
 
 @dataclass(frozen=True)
 class DeployedModel:
-    model: str
+    adapter: str  # the stage-3 partition key
     n: int
     formats: tuple[str, ...]
 
@@ -419,51 +416,53 @@ class DeployedModel:
 def deployed_models(
     deployments: pl.DataFrame | None,
     exports: pl.DataFrame | None,
-    models: Sequence[str],
-    n_grid: Sequence[int],
+    adapters: Sequence[str],
     formats: Iterable[str],
 ) -> tuple[list[DeployedModel], list[str]]:
-    """(model, n, formats) with an ``ok`` deployment, plus a note for each deployment left out and why.
+    """(stage-3 adapter, n, formats) with an ``ok`` deployment, plus a note for each one left out and why.
 
-    A deployment is left out when its model or n is not in the active profile (no such partition), when no
+    A deployment is left out when its adapter is not a stage-3 partition of the active profile, when no
     evaluation asset exists for its format, or when its format's GGUF export row says it did not succeed.
     """
     notes: list[str] = []
     if deployments is None or not deployments.height:
         return [], notes
-    missing = [c for c in ("model", "n", "format", "status") if c not in deployments.columns]
+    missing = [c for c in ("adapter", "n", "format", "status") if c not in deployments.columns]
     if missing:
         raise StoreError(
             f"serve.deployments lacks column(s) {missing}; re-materialize the deployment assets with the "
             "current code."
         )
-    failed_exports: set[tuple[str, str, str]] = set()
-    if exports is not None and exports.height and {"model", "n", "format", "status"} <= set(exports.columns):
+    failed_exports: set[tuple[str, str]] = set()
+    if exports is not None and exports.height and {"adapter", "format", "status"} <= set(exports.columns):
         for row in exports.filter(pl.col("status") != "ok").iter_rows(named=True):
-            failed_exports.add((str(row["model"]), str(row["n"]), str(row["format"])))
+            failed_exports.add((str(row["adapter"]), str(row["format"])))
     known_formats = set(formats)
     chosen: dict[tuple[str, int], set[str]] = {}
     for row in (
-        deployments.filter(pl.col("status") == "ok").sort("model", "n", "format").iter_rows(named=True)
+        deployments.filter(pl.col("status") == "ok").sort("adapter", "format").iter_rows(named=True)
     ):
-        model, n, fmt = str(row["model"]), int(row["n"]), str(row["format"])
-        where = f"deployment {model}|{n} {fmt}"
-        if model not in models or n not in n_grid:
-            notes.append(f"{where}: not in the active profile's models/n grid, skipped")
+        adapter, n, fmt = str(row["adapter"]), int(row["n"]), str(row["format"])
+        where = f"deployment {adapter} (n={n}) {fmt}"
+        if adapter not in adapters:
+            notes.append(f"{where}: not a stage-3 adapter of the active profile ({', '.join(adapters)}), skipped")
         elif fmt not in known_formats:
             notes.append(f"{where}: no evaluation asset for format {fmt!r}, skipped")
-        elif (model, str(n), fmt) in failed_exports:
+        elif (adapter, fmt) in failed_exports:
             notes.append(f"{where}: its GGUF export is not ok, skipped")
         else:
-            chosen.setdefault((model, n), set()).add(fmt)
-    targets = [DeployedModel(m, n, tuple(sorted(f))) for (m, n), f in sorted(chosen.items())]
+            chosen.setdefault((adapter, n), set()).add(fmt)
+    targets = [DeployedModel(a, n, tuple(sorted(f))) for (a, n), f in sorted(chosen.items())]
     return targets, notes
 
 
 def validate_cron(cron: str) -> str:
-    from dagster._utils.schedules import is_valid_cron_string
-
-    if not is_valid_cron_string(cron):
+    try:  # Dagster's own cron parser: a schedule with an invalid cron string cannot be defined
+        dg.ScheduleDefinition(name="cron_check", cron_schedule=cron, job_name="cron_check")
+        valid = True
+    except dg.DagsterInvalidDefinitionError:
+        valid = False
+    if not valid:
         raise settings.SettingsError(
             f"schedule.reevaluation_cron {cron!r} is not a valid cron expression (five fields, e.g. "
             "'0 3 * * 1' for Mondays 03:00 UTC); fix the profile YAML or JPSLM_SCHEDULE__REEVALUATION_CRON."
@@ -478,7 +477,7 @@ def build_reevaluation_schedule(
     *,
     name: str = "reevaluation_schedule",
     job_name: str = "reevaluation_job",
-) -> tuple["UnresolvedAssetJobDefinition", dg.ScheduleDefinition]:
+) -> tuple[Any, dg.ScheduleDefinition]:
     """The re-evaluation job over ``targets`` and the schedule that launches one run per deployed (model, n)."""
     job = dg.define_asset_job(
         job_name,
@@ -502,11 +501,7 @@ def build_reevaluation_schedule(
         profile = settings.current_profile()
         frames = read_tables(store, [config.deployments_table, config.exports_table])
         deployed, notes = deployed_models(
-            frames[config.deployments_table],
-            frames[config.exports_table],
-            profile.models,
-            profile.n_grid,
-            targets.per_format,
+            frames[config.deployments_table], frames[config.exports_table], stage3_keys(profile), targets.per_format
         )
         for note in notes:
             context.log.info(note)
@@ -524,8 +519,8 @@ def build_reevaluation_schedule(
         tick = context.scheduled_execution_time or datetime.now(timezone.utc)
         return [
             dg.RunRequest(
-                run_key=f"reevaluation-{tick:%Y%m%dT%H%M}-{target.model}-{target.n}",
-                partition_key=model_n_key(target.model, target.n),
+                run_key=f"reevaluation-{tick:%Y%m%dT%H%M}-{target.adapter}-{target.n}",
+                partition_key=target.adapter,
                 asset_selection=targets.selection_for(target.formats),
                 tags={"jpslm/trigger": name, "jpslm/formats": ",".join(target.formats)},
             )

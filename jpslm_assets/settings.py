@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PROFILE_ENV = "JPSLM_PROFILE"
@@ -42,8 +42,10 @@ class TrainSettings(BaseModel):
     warmup_ratio: float = Field(ge=0.0, lt=1.0)
     checkpoint_every_steps: int = Field(gt=0)
     seed: int = 42
-    # CPU training only (backend cpu_lora); the default of the trainer resource's cpu_precision.
-    cpu_precision: Literal["fp32", "bf16"] = "fp32"
+    # CPU training only (backend cpu_lora); the default of the trainer resource's cpu_precision. ``auto``
+    # uses bf16 autocast only where the CPU computes bf16 natively (AVX512-BF16 or AMX), else fp32: on an
+    # AVX2-only CPU a bf16 matmul runs about 40x slower than fp32.
+    cpu_precision: Literal["auto", "fp32", "bf16"] = "auto"
     stage1: LoraStage
     stage2: LoraStage
 
@@ -70,6 +72,17 @@ class ScheduleSettings(BaseModel):
     reevaluation_cron: str = "0 3 * * 1"
 
 
+class AutomationSettings(BaseModel):
+    """Which declarative automation starts on its own (``JPSLM_AUTOMATION__TRAINING=true``).
+
+    ``training``: the automation sensor of the assets that train, score with a model, export, answer or
+    judge (a GPU for hours on the paper profile) starts switched on. Off by default: those assets then run
+    only when a user materializes them, or switches ``jpslm_training_automation`` on in the UI.
+    """
+
+    training: bool = False
+
+
 class Profile(BaseSettings):
     """One deployment's settings. Loaded from the profile YAML, then overridden by ``JPSLM_*`` env vars."""
 
@@ -78,6 +91,8 @@ class Profile(BaseSettings):
     name: str
     n_grid: list[int]
     models: list[str]
+    # Stage 1's model (the scale sweep over n_grid); the paper's is swallow-8b. Default: the first model.
+    reference_model: str | None = None
     formats: list[Literal["f16", "q4_k_m", "nf4"]]
     eval_questions: int = Field(gt=0, le=100)
     graph_store: Literal["seed", "neo4j"] = "seed"
@@ -85,6 +100,7 @@ class Profile(BaseSettings):
     generation: GenerationSettings
     judge: JudgeSettings
     schedule: ScheduleSettings = ScheduleSettings()
+    automation: AutomationSettings = AutomationSettings()
 
     @field_validator("n_grid")
     @classmethod
@@ -92,6 +108,24 @@ class Profile(BaseSettings):
         if not value or any(n <= 0 for n in value) or len(set(value)) != len(value):
             raise ValueError("n_grid must be a non-empty list of distinct positive integers")
         return sorted(value)
+
+    @model_validator(mode="after")
+    def _reference_in_models(self) -> Profile:
+        if not self.models:
+            raise ValueError("models must name at least one model of the catalogue")
+        if self.reference_model is None:
+            self.reference_model = self.models[0]
+        elif self.reference_model not in self.models:
+            raise ValueError(
+                f"reference_model {self.reference_model!r} is not one of the profile's models {self.models}; "
+                "add it to models or pick one of them (JPSLM_REFERENCE_MODEL)"
+            )
+        return self
+
+    @property
+    def stage1_model(self) -> str:
+        """The reference model stage 1 sweeps over the n grid."""
+        return self.reference_model or self.models[0]
 
     @classmethod
     def settings_customise_sources(
@@ -178,6 +212,7 @@ def dagster_home() -> Path:
     if not config.exists():
         config.write_text(
             "telemetry:\n  enabled: false\n"
+            "nux:\n  enabled: false\n"
             "concurrency:\n"
             "  runs:\n    max_concurrent_runs: 1\n"
             "  pools:\n    default_limit: 1\n",

@@ -10,7 +10,9 @@ Layout of a models folder:
   ``-- severity: warn`` makes a failure a warning.
 - ``sources.yml``: the tables other stages write (``eval.judge_scores``...) with their columns. A source that
   does not exist yet reads as an empty table of those columns, so every mart exists (with zero rows) on a
-  fresh database instead of failing.
+  fresh database instead of failing. Columns listed under a source's ``optional`` may be absent from the
+  table (scores brought from another tool, a store written before the column existed): they read as NULL.
+  A missing required column is an error naming the table, the column and where the contract is.
 
 Dependencies are never listed by hand: every table a model's SQL (or a Python model's ``SOURCE``) reads is
 found by parsing it with sqlglot; ``marts.*`` tables are other models, anything else is a source.
@@ -31,7 +33,7 @@ import importlib.util
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
@@ -73,6 +75,7 @@ class Source:
     table: str
     columns: dict[str, str]
     description: str = ""
+    optional: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -326,8 +329,12 @@ def _load_sources(path: Path) -> dict[str, Source]:
         columns = (spec or {}).get("columns") or {}
         if not columns:
             raise SqlProjectError(f"{path}: source {table} lists no columns")
+        optional = frozenset(str(name) for name in (spec or {}).get("optional") or [])
+        unknown = sorted(optional - set(map(str, columns)))
+        if unknown:
+            raise SqlProjectError(f"{path}: source {table} lists optional column(s) {unknown} it does not declare")
         result[str(table)] = Source(
-            str(table), {str(k): str(v) for k, v in columns.items()}, (spec or {}).get("description", "")
+            str(table), {str(k): str(v) for k, v in columns.items()}, (spec or {}).get("description", ""), optional
         )
     return result
 
@@ -350,26 +357,81 @@ def _empty_relation(source: Source) -> exp.Select:
     return select
 
 
-def resolve_missing_sources(sql: str, sources: dict[str, Source], present: set[str]) -> tuple[str, list[str]]:
-    """Rewrite reads of absent sources into empty typed relations; returns the SQL and what was stubbed."""
+CONTRACT_DOCS = "the README's 'The DuckDB contract' and dbt_like_sql/sources.yml"
+
+
+class MissingColumnError(ValueError):
+    """A source table lacks a column the marts need; the message names table, column and contract."""
+
+
+def table_columns(conn: duckdb.DuckDBPyConnection, table: str) -> set[str]:
+    schema, name = table.split(".")
+    rows = conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = ? AND table_name = ? "
+        "AND table_catalog = current_database()",
+        [schema, name],
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
+def _with_optional_columns(source: Source, missing: list[str]) -> exp.Select:
+    extra = ", ".join(f'CAST(NULL AS {source.columns[name]}) AS "{name}"' for name in missing)
+    select = sqlglot.parse_one(f"SELECT *, {extra} FROM {source.table}", read=DIALECT)
+    assert isinstance(select, exp.Select)
+    return select
+
+
+def resolve_missing_sources(
+    sql: str,
+    sources: dict[str, Source],
+    present: set[str],
+    columns: Mapping[str, set[str]] | None = None,
+) -> tuple[str, list[str]]:
+    """Rewrite reads of absent sources into empty typed relations, and reads of present sources that lack
+    optional columns into relations that add them as NULL; returns the SQL and what was stubbed.
+
+    ``columns``: the columns each present source table has (sources not listed are taken as complete).
+    Raises :class:`MissingColumnError` when a present source lacks a required column.
+    """
     tree = sqlglot.parse_one(sql, read=DIALECT)
     stubbed: list[str] = []
+    changed = False
 
     def replace(node: exp.Expression) -> exp.Expression:
+        nonlocal changed
         if isinstance(node, exp.Table) and isinstance(node.this, exp.Identifier) and node.db:
             name = f"{node.db}.{node.name}"
-            if name in sources and name not in present:
+            if name not in sources:
+                return node
+            alias = exp.TableAlias(this=exp.to_identifier(node.alias_or_name))
+            if name not in present:
                 stubbed.append(name)
-                return exp.Subquery(
-                    this=_empty_relation(sources[name]),
-                    alias=exp.TableAlias(this=exp.to_identifier(node.alias_or_name)),
+                changed = True
+                return exp.Subquery(this=_empty_relation(sources[name]), alias=alias)
+            have = (columns or {}).get(name)
+            if have is None:
+                return node
+            source = sources[name]
+            absent = [column for column in source.columns if column not in have]
+            required = [column for column in absent if column not in source.optional]
+            if required:
+                raise MissingColumnError(
+                    f"table {name} lacks required column(s) {required}; the marts read them (the contract is in "
+                    f"{CONTRACT_DOCS}). Add the column(s), or re-materialize the asset that writes {name}."
                 )
+            if absent:
+                changed = True
+                return exp.Subquery(this=_with_optional_columns(source, absent), alias=alias)
         return node
 
     rewritten = tree.transform(replace)
-    if not stubbed:
+    if not changed:
         return sql, []
     return rewritten.sql(dialect=DIALECT), sorted(set(stubbed))
+
+
+def source_columns(conn: duckdb.DuckDBPyConnection, sources: dict[str, Source], present: set[str]) -> dict[str, set[str]]:
+    return {name: table_columns(conn, name) for name in sources if name in present}
 
 
 def _load_python_model(model: Model) -> ModuleType:
@@ -405,9 +467,12 @@ def build_model(conn: duckdb.DuckDBPyConnection, project: Project, name: str) ->
         if model.sql is None:
             frame_in = None
         else:
-            sql, stubbed = resolve_missing_sources(model.sql, project.sources, present)
+            columns = source_columns(conn, project.sources, present)
+            sql, stubbed = resolve_missing_sources(model.sql, project.sources, present, columns)
             frame_in = conn.execute(sql).pl()
         frame = frame_in if model.kind == "sql" else _load_python_model(model).model(frame_in)
+    except MissingColumnError as exc:
+        raise ModelRunError(f"model {name} ({model.path.name}): {exc}") from exc
     except duckdb.Error as exc:
         raise ModelRunError(f"model {name} ({model.path}) failed in DuckDB: {exc}") from exc
     if not isinstance(frame, pl.DataFrame):
@@ -482,8 +547,11 @@ def run_test(
             name, target, test.severity, 0, [], f"models {missing} are not built; run them first"
         )
     try:
-        sql, _ = resolve_missing_sources(test.sql, project.sources, present)
+        columns = source_columns(conn, project.sources, present)
+        sql, _ = resolve_missing_sources(test.sql, project.sources, present, columns)
         frame = conn.execute(sql).pl()
+    except MissingColumnError as exc:
+        return TestResult(name, target, test.severity, 0, [], str(exc))
     except duckdb.Error as exc:
         return TestResult(name, target, test.severity, 0, [], f"test query failed: {exc}")
     return TestResult(name, target, test.severity, frame.height, frame.head(sample_rows).to_dicts())

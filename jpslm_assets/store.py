@@ -237,16 +237,21 @@ class DuckDBStore(dg.ConfigurableResource):
                 conn.unregister("incoming_frame")
 
     def read_slices(
-        self, table: str, slices: Sequence[Mapping[str, Any]]
+        self, table: str, slices: Sequence[Mapping[str, Any]], allow_missing: bool = False
     ) -> pl.DataFrame:
-        """Rows of ``table`` matching any of ``slices`` (an empty mapping means the whole table)."""
+        """Rows of ``table`` matching any of ``slices``; an empty mapping means the whole table, an empty
+        list of slices no rows. ``allow_missing``: a table that does not exist yet reads as no rows."""
         schema, name = split_table(table)
+        if allow_missing and not self.file.exists():
+            return pl.DataFrame()
         with self.connect(read_only=True) as conn:
             exists = conn.execute(
                 "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
                 [schema, name],
             ).fetchone()
             if not exists or not exists[0]:
+                if allow_missing:
+                    return pl.DataFrame()
                 raise StoreError(
                     f"table {table} does not exist in {self.file}: materialize the asset that writes it first."
                 )
@@ -255,7 +260,7 @@ class DuckDBStore(dg.ConfigurableResource):
                 where, slice_params = _slice_filter(slice_values)
                 clauses.append(f"({where})")
                 params.extend(slice_params)
-            where_sql = " OR ".join(clauses) if clauses else "TRUE"
+            where_sql = " OR ".join(clauses) if clauses else "FALSE"
             return conn.execute(f'SELECT * FROM "{schema}"."{name}" WHERE {where_sql}', params).pl()
 
     def latest_materialization(
@@ -468,6 +473,10 @@ class DuckDBTableIOManager(dg.ConfigurableIOManager):
         if "table" not in metadata:
             raise StoreError(f"upstream asset {_key_string(context.asset_key)} has no 'table' metadata")
         partition_keys = list(context.asset_partition_keys) if context.has_asset_partitions else None
+        if partition_keys == []:
+            # The partition mapping gives this partition nothing of that upstream (e.g. stage 3's stage-2
+            # partitions read no stage-1 adapter): no rows, and no lineage row for a read that did not happen.
+            return self.store.read_slices(metadata["table"], [], allow_missing=True)
         slices = _partition_slices(metadata, partition_keys)
         frame = self.store.read_slices(metadata["table"], slices)
         reads = self._reads().setdefault(context.op_def.name, [])

@@ -1,17 +1,22 @@
-"""Stages 1 and 2 of the paper: LoRA adapters per (model, n), test-set NLL, and the choice of n.
+"""Stages 1 and 2 of the paper, each with assets and tables of its own, kept side by side.
 
-Assets, in data-flow order:
-- ``model_architecture`` (model): attention layout and size read from each model's config;
-- ``base_model`` (model): the base weights and tokenizer every adapter of that model starts from;
-- ``lora_adapter`` (model x n): one LoRA/QLoRA adapter trained on ``training_subset[n]``;
-- ``test_nll`` (model x n): answer-token NLL and perplexity on the human-written test questions;
-- ``optimal_scale`` (model): the scale curve over n, the lowest-NLL n, and the plots.
+Shared by both stages (partitioned by model):
+- ``model_architecture``: attention layout and size read from each model's config;
+- ``base_model``: the base weights and tokenizer every adapter of that model starts from.
 
-Jobs: ``stage1_scale_search`` trains and scores one model over the whole n grid (launch it as a backfill over
-``model=<reference model>``); ``stage1_select_n`` builds the scale curve; ``stage2_model_comparison`` trains
-every model at the chosen n with the stage-2 LoRA shape. Two sensors chain them: once every n of a model has
-a stage-1 test NLL, ``stage1_scale_curve_sensor`` runs ``optimal_scale`` for it; when the reference model's
-optimal n changes, ``stage2_sensor`` starts stage 2 at the new n.
+Stage 1, scale (the profile's ``reference_model`` over the n grid, stage-1 LoRA settings), partitioned by n:
+- ``stage1_lora_adapter`` (``train.stage1_runs``) and ``stage1_test_nll`` (``eval.stage1_test_nll``);
+- ``stage1_scale_curve`` (``eval.scale_curve``): the paper's Table 2 with Figures 5 and 6;
+- ``optimal_scale`` (``eval.optimal_scale``): the chosen n*, one row. Its data version is that row, so it
+  changes only when n* does, and Dagster then marks stage 2 stale.
+
+Stage 2, models (every model of the profile at n*, stage-2 LoRA settings), partitioned by model:
+- ``stage2_lora_adapter`` (``train.stage2_runs``) reads n* from ``optimal_scale`` and the subset of that size;
+- ``stage2_test_nll`` (``eval.stage2_test_nll``).
+
+Why these partitions: stage 1 varies n for one model, stage 2 varies the model at one n that is data, not a
+partition, so neither needs the model x n grid (whose other cells would stay missing forever).
+Both stages write ``train.loss_curve`` with a ``stage`` column.
 
 No ``from __future__ import annotations`` here: Dagster reads the real annotations of asset parameters.
 """
@@ -40,14 +45,7 @@ from jpslm_assets.domain.nll import NllResult, answer_token_nll
 from jpslm_assets.domain.training_plan import resolve_plan
 from jpslm_assets.domain.training_plots import plot_loss_curves, plot_scale_curve
 from jpslm_assets.execution import GPU_POOL
-from jpslm_assets.partitions import (
-    MODEL_DIMENSION,
-    N_DIMENSION,
-    model_n_key,
-    model_n_partitions,
-    model_partitions,
-    split_model_n,
-)
+from jpslm_assets.partitions import model_partitions, n_partitions
 from jpslm_assets.resources.models import ModelFactory
 from jpslm_assets.resources.trainer import LoraTrainer, TrainingSpec, write_training_records
 from jpslm_assets.settings import Profile, current_profile
@@ -55,10 +53,11 @@ from jpslm_assets.store import DuckDBStore, artifact_record, frame_version, tabl
 
 TRAINING_GROUP = "training"
 EVALUATION_GROUP = "evaluation"
-MODEL_N = {MODEL_DIMENSION: "model", N_DIMENSION: "n"}
-STAGE_TAG = "jpslm/stage"
 LOSS_CURVE_TABLE = "train.loss_curve"
 SCALE_CURVE_TABLE = "eval.scale_curve"
+OPTIMAL_SCALE_TABLE = "eval.optimal_scale"
+RUNS_TABLES = {1: "train.stage1_runs", 2: "train.stage2_runs"}
+TEST_NLL_TABLES = {1: "eval.stage1_test_nll", 2: "eval.stage2_test_nll"}
 EVAL_MAX_TOKENS = 2048  # test answers are scored whole, up to this many tokens (or the model's context)
 
 
@@ -125,11 +124,11 @@ def _digest(*parts: Any) -> str:
 
 
 def chosen_n(store: DuckDBStore, profile: Profile | None = None) -> int | None:
-    """The optimal n of the profile's reference model (its first model), or None before stage 1 finished."""
-    reference = (profile or current_profile()).models[0]
-    if not store.table_exists(SCALE_CURVE_TABLE):
+    """The n* of the profile's reference model in ``eval.optimal_scale``, or None before stage 1 chose one."""
+    reference = (profile or current_profile()).stage1_model
+    if not store.table_exists(OPTIMAL_SCALE_TABLE):
         return None
-    rows = store.query(f"SELECT n FROM {SCALE_CURVE_TABLE} WHERE model = ? AND is_optimal", [reference])
+    rows = store.query(f"SELECT n FROM {OPTIMAL_SCALE_TABLE} WHERE model = ?", [reference])
     return int(rows["n"][0]) if rows.height else None
 
 
@@ -233,13 +232,8 @@ def base_model(
 
 
 class LoraRunConfig(dg.Config):
-    """Per-run overrides of the profile's training settings; ``None`` keeps the profile / stage default.
+    """Per-run overrides of the profile's training settings; ``None`` keeps the profile / stage default."""
 
-    ``stage`` left unset comes from the run's ``jpslm/stage`` tag (the stage jobs and the stage-2 sensor set
-    it), else 1.
-    """
-
-    stage: int | None = None
     r: int | None = None
     alpha: int | None = None
     dropout: float | None = None
@@ -255,9 +249,7 @@ class LoraRunConfig(dg.Config):
     target_modules: list[str] | None = None
 
     def overrides(self) -> dict[str, Any]:
-        return {
-            key: value for key, value in self.model_dump().items() if key != "stage" and value is not None
-        }
+        return {key: value for key, value in self.model_dump().items() if value is not None}
 
 
 def _training_records(subset: pl.DataFrame, model: str, n: int) -> list[tuple[str, str, str]]:
@@ -271,7 +263,7 @@ def _training_records(subset: pl.DataFrame, model: str, n: int) -> list[tuple[st
     )
     if rows.height != n:
         raise dg.Failure(
-            f"partition {model}|{n}: training_subset[{n}] has {rows.height} rows, expected {n}; "
+            f"adapter {model} at n={n}: training_subset[{n}] has {rows.height} rows, expected {n}; "
             f"re-materialize training_subset for n={n} (the rebalanced pool may be smaller than n)."
         )
     empty = rows.filter(
@@ -303,52 +295,45 @@ def _loss_curve_frame(model: str, n: int, stage: int, points: list[Any]) -> pl.D
     )  # fmt: skip
 
 
-@dg.asset(
-    group_name=TRAINING_GROUP,
-    kinds={"pytorch", "huggingface", "duckdb"},
-    code_version="1",
-    partitions_def=model_n_partitions(),
-    pool=GPU_POOL,
-    # base_model (model) and training_subset (n) each match one dimension of model x n: Dagster maps the
-    # adapter partition to base_model[model] and training_subset[n] by default.
-    metadata=table_metadata("train.runs", partition_expr=MODEL_N),
-)
-def lora_adapter(
+def _train_adapter(
     context: dg.AssetExecutionContext,
     config: LoraRunConfig,
+    stage: int,
+    model: str,
+    n: int,
     base_model: pl.DataFrame,
     training_subset: pl.DataFrame,
     trainer: LoraTrainer,
     store: DuckDBStore,
 ) -> dg.Output[pl.DataFrame]:
-    """A LoRA (CPU) or QLoRA (CUDA) adapter of one model on the first n training pairs, loss on answer
-    tokens only. Paper defaults per stage (stage 1: r=16, alpha 16; stage 2: r=32, alpha 16, dropout 0.05;
-    lr 2e-4 cosine, 10% warmup, effective batch 8, all attention and MLP projections) come from the
-    profile and can be overridden in run config. Checkpoints every K steps; a restarted run resumes from
-    the last complete one. Also fills ``train.loss_curve``."""
-    model, n = split_model_n(context)
+    """Train one adapter of ``model`` on the first ``n`` pairs with stage ``stage``'s settings."""
     profile = current_profile()
     scaling.check_n_in_grid(n, profile.n_grid)
     entry = model_entry(model)
     base = _single_row(base_model, "base_model (train.base_models)", model=model)
     records = _training_records(training_subset, model, n)
-    stage = config.stage if config.stage is not None else int(context.run.tags.get(STAGE_TAG, "1"))
     plan = resolve_plan(profile.train, stage, config.overrides())
     backend = trainer.resolved_backend()
 
     # fp32 and bf16-autocast runs train differently: a checkpoint of one is never resumed by the other.
-    precision = trainer.cpu_precision if backend == "cpu_lora" else "nf4+bf16"
+    if backend == "cpu_lora":
+        precision, precision_reason = trainer.resolved_cpu_precision()
+        context.log.info(f"{model} n={n}: CPU precision {precision}: {precision_reason}")
+    else:
+        precision, precision_reason = "nf4+bf16", f"{backend}: 4-bit base weights with bf16 compute"
     data_key = _digest(records, base["artifact_sha256"], plan.fingerprint(), backend, precision)[:16]
-    work = settings.artifact_dir() / "checkpoints" / model / f"n{n}" / data_key
+    work = settings.artifact_dir() / "checkpoints" / f"stage{stage}" / model / f"n{n}" / data_key
     work.mkdir(parents=True, exist_ok=True)
     data_path = work / "train.jsonl"
     if not data_path.exists():
         partial = work / ".train.jsonl.partial"
         write_training_records(partial, records)
         os.replace(partial, data_path)
-    output = settings.artifact_dir() / "adapters" / model / f"n{n}" / f"{data_key}-{context.run_id[:8]}"
+    output = (
+        settings.artifact_dir() / "adapters" / f"stage{stage}" / model / f"n{n}" / f"{data_key}-{context.run_id[:8]}"
+    )
     spec = TrainingSpec(
-        partition=f"{model}|{n}",
+        partition=f"stage{stage} {model} n={n}",
         model=model,
         base_model_ref=str(base["base_model_ref"]),
         trust_remote_code=entry.trust_remote_code,
@@ -360,13 +345,13 @@ def lora_adapter(
         output_dir=str(output),
     )
     context.log.info(
-        f"{model}|{n}: stage {plan.stage} on {backend}, r={plan.r} alpha={plan.alpha} dropout={plan.dropout}, "
+        f"{model} n={n}: stage {plan.stage} on {backend}, r={plan.r} alpha={plan.alpha} dropout={plan.dropout}, "
         f"{plan.epochs} epoch(s), effective batch {plan.effective_batch_size}, lr {plan.learning_rate}"
     )
     result = trainer.train(spec, context.log.info)
 
     curve = _loss_curve_frame(model, n, plan.stage, result.loss_curve)
-    store.write_slice(LOSS_CURVE_TABLE, curve, {"model": model, "n": n})
+    store.write_slice(LOSS_CURVE_TABLE, curve, {"stage": plan.stage, "model": model, "n": n})
     record = artifact_record(Path(result.adapter_path))
     row = {
         "model": model,
@@ -374,6 +359,7 @@ def lora_adapter(
         "stage": plan.stage,
         "backend": result.backend,
         "precision": result.precision,
+        "precision_reason": precision_reason,
         "device": result.device,
         "world_size": result.world_size,
         "r": plan.r,
@@ -410,6 +396,9 @@ def lora_adapter(
     return _output(
         _row_frame(row),
         backend=result.backend,
+        precision=f"{result.precision} ({precision_reason})",
+        lora=f"r={plan.r} alpha={plan.alpha} dropout={plan.dropout}",
+        n=n,
         steps=result.steps,
         train_loss_final=result.train_loss_final,
         train_loss_avg=result.train_loss_avg,
@@ -420,63 +409,134 @@ def lora_adapter(
         artifact_bytes=record["artifact_bytes"],
         artifact_sha256=record["artifact_sha256"],
         **_png_metadata(
-            f"loss_{model}_n{n}", figure, f"loss {model} n={n}", settings.artifact_dir() / "plots"
+            f"loss_stage{stage}_{model}_n{n}", figure, f"loss {model} n={n}", settings.artifact_dir() / "plots"
         ),
     )
 
 
-@dg.asset_check(
-    asset=lora_adapter,
-    description="Every adapter folder registered in train.runs is still there, unchanged (sha256), with its config",
+_PAPER_SETTINGS = (
+    "lr 2e-4 cosine, 10% warmup, effective batch 8, all attention and MLP projections; checkpoints every K "
+    "steps, and a restarted run resumes from the last complete one. Loss on answer tokens only; the loss "
+    "curve goes to ``train.loss_curve``."
 )
-def lora_adapter_files_intact(store: DuckDBStore) -> dg.AssetCheckResult:
-    runs = store.query("SELECT model, n, artifact_path, artifact_sha256 FROM train.runs ORDER BY model, n")
-    problems = []
-    for model, n, path_text, registered in runs.iter_rows():
-        path = Path(path_text)
-        if not (path / "adapter_config.json").is_file():
-            problems.append(f"{model}|{n}: {path} has no adapter_config.json")
-        elif artifact_record(path)["artifact_sha256"] != registered:
-            problems.append(f"{model}|{n}: {path} changed since it was registered")
-    return dg.AssetCheckResult(
-        passed=not problems,
-        metadata={"adapters": runs.height, "problems": dg.MetadataValue.json(problems)},
+
+
+@dg.asset(
+    group_name=TRAINING_GROUP,
+    kinds={"pytorch", "huggingface", "duckdb"},
+    code_version="2",
+    partitions_def=n_partitions(),
+    pool=GPU_POOL,
+    ins={
+        # Every n of stage 1 starts from the reference model's base.
+        "base_model": dg.AssetIn(
+            partition_mapping=dg.SpecificPartitionsPartitionMapping([current_profile().stage1_model])
+        ),
+        "training_subset": dg.AssetIn(),
+    },
+    metadata=table_metadata(RUNS_TABLES[1], partition_expr="n", fixed={"model": current_profile().stage1_model}),
+    description=(
+        "Stage 1 (scale): an adapter of the profile's reference model on the first n training pairs, with the "
+        "stage-1 LoRA shape (paper: r=16, alpha 16, no dropout); LoRA on CPU, QLoRA on CUDA; " + _PAPER_SETTINGS
+    ),
+)
+def stage1_lora_adapter(
+    context: dg.AssetExecutionContext,
+    config: LoraRunConfig,
+    base_model: pl.DataFrame,
+    training_subset: pl.DataFrame,
+    trainer: LoraTrainer,
+    store: DuckDBStore,
+) -> dg.Output[pl.DataFrame]:
+    model = current_profile().stage1_model
+    return _train_adapter(
+        context, config, 1, model, int(context.partition_key), base_model, training_subset, trainer, store
     )
+
+
+@dg.asset(
+    group_name=TRAINING_GROUP,
+    kinds={"pytorch", "huggingface", "duckdb"},
+    code_version="2",
+    partitions_def=model_partitions(),
+    pool=GPU_POOL,
+    ins={
+        "base_model": dg.AssetIn(),
+        "optimal_scale": dg.AssetIn(),
+        # The nested subsets are one data set: stage 2 reads the one of size n*.
+        "training_subset": dg.AssetIn(partition_mapping=dg.AllPartitionMapping()),
+    },
+    metadata=table_metadata(RUNS_TABLES[2], partition_expr="model"),
+    description=(
+        "Stage 2 (models): an adapter of every model of the profile at the n* that optimal_scale chose, with "
+        "the stage-2 LoRA shape (paper: r=32, alpha 16, dropout 0.05). n* is read from optimal_scale's data, "
+        "so a new n* makes every stage-2 adapter stale. " + _PAPER_SETTINGS
+    ),
+)
+def stage2_lora_adapter(
+    context: dg.AssetExecutionContext,
+    config: LoraRunConfig,
+    base_model: pl.DataFrame,
+    optimal_scale: pl.DataFrame,
+    training_subset: pl.DataFrame,
+    trainer: LoraTrainer,
+    store: DuckDBStore,
+) -> dg.Output[pl.DataFrame]:
+    profile = current_profile()
+    chosen = _single_row(optimal_scale, "optimal_scale (eval.optimal_scale)", model=profile.stage1_model)
+    n = int(chosen["n"])
+    context.log.info(f"stage 2 at n*={n}, chosen by stage 1 on {profile.stage1_model}")
+    return _train_adapter(
+        context, config, 2, context.partition_key, n, base_model, training_subset, trainer, store
+    )
+
+
+def _adapters_intact_check(adapter: dg.AssetsDefinition, stage: int) -> dg.AssetChecksDefinition:
+    table = RUNS_TABLES[stage]
+
+    @dg.asset_check(
+        asset=adapter,
+        name="adapter_files_intact",
+        description=f"Every adapter folder registered in {table} is still there, unchanged (sha256), with its config",
+    )
+    def adapter_files_intact(store: DuckDBStore) -> dg.AssetCheckResult:
+        runs = store.query(f"SELECT model, n, artifact_path, artifact_sha256 FROM {table} ORDER BY model, n")
+        problems = []
+        for model, n, path_text, registered in runs.iter_rows():
+            path = Path(path_text)
+            if not (path / "adapter_config.json").is_file():
+                problems.append(f"{model} n={n}: {path} has no adapter_config.json")
+            elif artifact_record(path)["artifact_sha256"] != registered:
+                problems.append(f"{model} n={n}: {path} changed since it was registered")
+        return dg.AssetCheckResult(
+            passed=not problems,
+            metadata={"adapters": runs.height, "problems": dg.MetadataValue.json(problems)},
+        )
+
+    return adapter_files_intact
 
 
 # --------------------------------------------------------------------------------------------- test NLL
 
 
 class NllScoringConfig(dg.Config):
-    """Scoring settings for ``test_nll``."""
+    """Scoring settings for the test-NLL assets."""
 
     batch_size: int = 8
     max_tokens: int = EVAL_MAX_TOKENS
 
 
-@dg.asset(
-    group_name=EVALUATION_GROUP,
-    kinds={"pytorch", "duckdb"},
-    code_version="1",
-    partitions_def=model_n_partitions(),
-    pool=GPU_POOL,
-    metadata=table_metadata("eval.test_nll", partition_expr=MODEL_N),
-)
-def test_nll(
+def _score_test_nll(
     context: dg.AssetExecutionContext,
     config: NllScoringConfig,
-    lora_adapter: pl.DataFrame,
+    run: dict[str, Any],
     test_set: pl.DataFrame,
     model_factory: ModelFactory,
 ) -> dg.Output[pl.DataFrame]:
-    """Mean answer-token NLL and perplexity of the adapted model on the profile's first
-    ``eval_questions`` human-written test questions against their reference answers (batched, no
-    gradients). The base model without the adapter is scored on the same tokens, so the table shows what
-    training changed (``nll_change_vs_base``)."""
-    model, n = split_model_n(context)
+    """Mean answer-token NLL of one adapter's model on the evaluation questions, beside the base's."""
+    model, n = str(run["model"]), int(run["n"])
     profile = current_profile()
-    run = _single_row(lora_adapter, "lora_adapter (train.runs)", model=model, n=n)
-    questions = select_eval_questions(test_set, profile.eval_questions)
+    questions = select_eval_questions(test_set, profile.eval_questions, seed=profile.generation.seed)
     entry = model_entry(model)
     started = time.perf_counter()
     scorer = model_factory.load_for_scoring(
@@ -494,7 +554,7 @@ def test_nll(
     )
     examples = encode_pairs(scorer.tokenizer, triples, end_of_turn, max_tokens)
     adapted = answer_token_nll(scorer.model, examples, scorer.pad_id, config.batch_size, scorer.device)
-    # Every n of a model scores the same base on the same tokens: computed once, then read back.
+    # Every adapter of a model scores the same base on the same tokens: computed once, then read back.
     base_key = _digest(
         run["base_model_ref"], run.get("base_model_sha256"), str(run["backend"]), triples, end_of_turn, max_tokens,
         config.batch_size, scorer.device,
@@ -506,7 +566,7 @@ def test_nll(
             base = answer_token_nll(scorer.model, examples, scorer.pad_id, config.batch_size, scorer.device)
         _write_nll(base_file, base)
     else:
-        context.log.info(f"{model}|{n}: base NLL of these questions read from {base_file.name}")
+        context.log.info(f"{model} n={n}: base NLL of these questions read from {base_file.name}")
     seconds = time.perf_counter() - started
     full_answers = [
         len(scorer.tokenizer(answer + end_of_turn, add_special_tokens=False)["input_ids"])
@@ -526,6 +586,7 @@ def test_nll(
         "nll_change_vs_base": adapted.nll - base.nll,
         "answer_tokens": adapted.answer_tokens,
         "questions": adapted.questions,
+        "question_ids": ",".join(questions["question_id"].cast(pl.Utf8).to_list()),
         "truncated_answers": truncated,
         "max_tokens": max_tokens,
         "device": scorer.device,
@@ -533,7 +594,7 @@ def test_nll(
         "adapter_sha256": run["artifact_sha256"],
     }
     context.log.info(
-        f"{model}|{n}: test NLL {adapted.nll:.4f} (PPL {adapted.ppl:.2f}) vs base {base.nll:.4f} over "
+        f"{model} n={n}: test NLL {adapted.nll:.4f} (PPL {adapted.ppl:.2f}) vs base {base.nll:.4f} over "
         f"{adapted.answer_tokens} answer tokens of {adapted.questions} questions in {seconds:.1f} s"
     )
     return _output(
@@ -558,25 +619,79 @@ def _write_nll(path: Path, result: NllResult) -> None:
     write_atomic(path, json.dumps(dataclasses.asdict(result)).encode("utf-8"))
 
 
-@dg.asset_check(
-    asset=test_nll,
-    blocking=True,
-    description="Every test NLL and perplexity is finite, consistent (PPL = exp NLL) and covers answer tokens",
+_NLL_DESCRIPTION = (
+    "Mean answer-token NLL and perplexity of the adapted model on the profile's evaluation questions (a "
+    "seeded, category-stratified sample of the human-written test questions) against their reference "
+    "answers (batched, no gradients). The base model without the adapter is scored on the same tokens, so "
+    "the table shows what training changed (``nll_change_vs_base``)."
 )
-def test_nll_is_finite(store: DuckDBStore) -> dg.AssetCheckResult:
-    rows = store.query(
-        "SELECT model, n, nll, ppl, base_nll, answer_tokens FROM eval.test_nll ORDER BY model, n"
+
+
+@dg.asset(
+    group_name=EVALUATION_GROUP,
+    kinds={"pytorch", "duckdb"},
+    code_version="2",
+    partitions_def=n_partitions(),
+    pool=GPU_POOL,
+    metadata=table_metadata(TEST_NLL_TABLES[1], partition_expr="n", fixed={"model": current_profile().stage1_model}),
+    description="Stage 1: " + _NLL_DESCRIPTION,
+)
+def stage1_test_nll(
+    context: dg.AssetExecutionContext,
+    config: NllScoringConfig,
+    stage1_lora_adapter: pl.DataFrame,
+    test_set: pl.DataFrame,
+    model_factory: ModelFactory,
+) -> dg.Output[pl.DataFrame]:
+    run = _single_row(stage1_lora_adapter, "stage1_lora_adapter (train.stage1_runs)", n=context.partition_key)
+    return _score_test_nll(context, config, run, test_set, model_factory)
+
+
+@dg.asset(
+    group_name=EVALUATION_GROUP,
+    kinds={"pytorch", "duckdb"},
+    code_version="2",
+    partitions_def=model_partitions(),
+    pool=GPU_POOL,
+    metadata=table_metadata(TEST_NLL_TABLES[2], partition_expr="model"),
+    description="Stage 2: " + _NLL_DESCRIPTION,
+)
+def stage2_test_nll(
+    context: dg.AssetExecutionContext,
+    config: NllScoringConfig,
+    stage2_lora_adapter: pl.DataFrame,
+    test_set: pl.DataFrame,
+    model_factory: ModelFactory,
+) -> dg.Output[pl.DataFrame]:
+    run = _single_row(
+        stage2_lora_adapter, "stage2_lora_adapter (train.stage2_runs)", model=context.partition_key
     )
-    problems = []
-    for model, n, nll, ppl, base_nll, tokens in rows.iter_rows():
-        if not all(value is not None and math.isfinite(value) for value in (nll, ppl, base_nll)):
-            problems.append(f"{model}|{n}: NLL {nll}, PPL {ppl}, base NLL {base_nll}")
-        elif abs(math.exp(nll) - ppl) > 1e-6 * max(ppl, 1.0) or not tokens:
-            problems.append(f"{model}|{n}: PPL {ppl} is not exp(NLL {nll}) or no answer tokens ({tokens})")
-    return dg.AssetCheckResult(
-        passed=not problems,
-        metadata={"rows": rows.height, "problems": dg.MetadataValue.json(problems)},
+    return _score_test_nll(context, config, run, test_set, model_factory)
+
+
+def _nll_finite_check(nll_asset: dg.AssetsDefinition, stage: int) -> dg.AssetChecksDefinition:
+    table = TEST_NLL_TABLES[stage]
+
+    @dg.asset_check(
+        asset=nll_asset,
+        name="test_nll_is_finite",
+        blocking=True,
+        description="Every test NLL and perplexity is finite, consistent (PPL = exp NLL) and covers answer tokens",
     )
+    def test_nll_is_finite(store: DuckDBStore) -> dg.AssetCheckResult:
+        rows = store.query(f"SELECT model, n, nll, ppl, base_nll, answer_tokens FROM {table} ORDER BY model, n")
+        problems = []
+        for model, n, nll, ppl, base_nll, tokens in rows.iter_rows():
+            if not all(value is not None and math.isfinite(value) for value in (nll, ppl, base_nll)):
+                problems.append(f"{model} n={n}: NLL {nll}, PPL {ppl}, base NLL {base_nll}")
+            elif abs(math.exp(nll) - ppl) > 1e-6 * max(ppl, 1.0) or not tokens:
+                problems.append(f"{model} n={n}: PPL {ppl} is not exp(NLL {nll}) or no answer tokens ({tokens})")
+        return dg.AssetCheckResult(
+            passed=not problems,
+            metadata={"rows": rows.height, "problems": dg.MetadataValue.json(problems)},
+        )
+
+    return test_nll_is_finite
 
 
 # ----------------------------------------------------------------------------------------- scale curve
@@ -585,37 +700,33 @@ def test_nll_is_finite(store: DuckDBStore) -> dg.AssetCheckResult:
 @dg.asset(
     group_name=EVALUATION_GROUP,
     kinds={"duckdb", "polars"},
-    code_version="1",
-    partitions_def=model_partitions(),
-    # test_nll and lora_adapter are model x n: the default mapping reads every n of this model.
-    metadata=table_metadata(SCALE_CURVE_TABLE, partition_expr="model"),
+    code_version="2",
+    metadata=table_metadata(SCALE_CURVE_TABLE),
 )
-def optimal_scale(
+def stage1_scale_curve(
     context: dg.AssetExecutionContext,
-    test_nll: pl.DataFrame,
-    lora_adapter: pl.DataFrame,
+    stage1_test_nll: pl.DataFrame,
+    stage1_lora_adapter: pl.DataFrame,
     store: DuckDBStore,
 ) -> dg.Output[pl.DataFrame]:
-    """The paper's Table 2 for one model: test NLL, perplexity, NLL above the optimum and status
-    (underfit / improving / optimal / overfitting) for every n of the grid, with the lowest-NLL n flagged.
-    Plots the U-curve (Figure 6) and the training-loss curves per n (Figure 5)."""
-    model = context.partition_key
+    """Stage 1's result, the paper's Table 2 for the reference model: test NLL, perplexity, the change
+    from the previous n (``delta_nll``), the distance to the optimum and the status (underfit / improving /
+    optimal / overfitting) for every n of the grid. Plots the U-curve (Figure 6) and the training-loss
+    curves per n (Figure 5)."""
+    model = current_profile().stage1_model
     grid = current_profile().n_grid
-    nll = test_nll.filter(pl.col("model") == model).select(
+    nll = stage1_test_nll.filter(pl.col("model") == model).select(
         pl.col("model"), pl.col("n").cast(pl.Int64), pl.col("nll").alias("test_nll")
     )
-    runs = lora_adapter.filter(pl.col("model") == model).select(
+    runs = stage1_lora_adapter.filter(pl.col("model") == model).select(
         pl.col("n").cast(pl.Int64), "train_loss_final", pl.col("stage").cast(pl.Int64)
     )
     points = nll.join(runs, on="n", how="left").filter(pl.col("n").is_in(grid))
     missing = sorted(set(grid) - set(points["n"].to_list()))
     if missing:
         context.log.warning(
-            f"{model}: no test NLL yet for n={missing}; the curve covers {points['n'].to_list()}"
+            f"{model}: no stage-1 test NLL yet for n={missing}; the curve covers {points['n'].to_list()}"
         )
-    stages = sorted({s for s in points["stage"].to_list() if s is not None})
-    if len(stages) > 1:
-        context.log.warning(f"{model}: the curve mixes adapters of stages {stages} (see the stage column)")
     try:
         curve = scaling.scale_curve(points)
     except scaling.ScaleCurveError as exc:
@@ -634,7 +745,9 @@ def optimal_scale(
         ),
     }
     if store.table_exists(LOSS_CURVE_TABLE):
-        losses = store.read_slices(LOSS_CURVE_TABLE, [{"model": model}]).filter(pl.col("n").is_in(grid))
+        losses = store.read_slices(LOSS_CURVE_TABLE, [{"stage": 1, "model": model}]).filter(
+            pl.col("n").is_in(grid)
+        )
         if losses.height:
             metadata.update(
                 _png_metadata(
@@ -644,8 +757,37 @@ def optimal_scale(
                     plots,
                 )
             )
-    context.log.info(f"{model}: optimal n = {best} over {curve['n'].to_list()}")
+    context.log.info(f"{model}: lowest test NLL at n = {best} over {curve['n'].to_list()}")
     return _output(curve, **metadata)
+
+
+@dg.asset(
+    group_name=EVALUATION_GROUP,
+    kinds={"duckdb", "polars"},
+    code_version="1",
+    metadata=table_metadata(OPTIMAL_SCALE_TABLE),
+)
+def optimal_scale(
+    context: dg.AssetExecutionContext, stage1_scale_curve: pl.DataFrame
+) -> dg.Output[pl.DataFrame]:
+    """Stage 1's decision, n*: the n of the grid with the lowest stage-1 test NLL (ties go to the smaller
+    n). One row, (model, n), and nothing else, so its data version changes exactly when n* does: that is
+    what makes Dagster mark stage 2 stale, and the UI names this asset as the cause."""
+    try:
+        best = scaling.optimal_n(stage1_scale_curve)
+    except scaling.ScaleCurveError as exc:
+        raise dg.Failure(f"eval.scale_curve: {exc}; re-materialize stage1_scale_curve") from exc
+    scaling.check_n_in_grid(best, current_profile().n_grid, what="optimal n")
+    optimum = stage1_scale_curve.filter(pl.col("is_optimal")).row(0, named=True)
+    frame = pl.DataFrame({"model": [str(optimum["model"])], "n": [best]}, schema={"model": pl.Utf8, "n": pl.Int64})
+    context.log.info(f"n* = {best} for {optimum['model']} (test NLL {optimum['test_nll']:.4f})")
+    return _output(
+        frame,
+        optimal_n=best,
+        model=str(optimum["model"]),
+        test_nll=float(optimum["test_nll"]),
+        grid=dg.MetadataValue.json(stage1_scale_curve["n"].to_list()),
+    )
 
 
 def _markdown(frame: pl.DataFrame) -> str:
@@ -657,125 +799,35 @@ def _markdown(frame: pl.DataFrame) -> str:
     return header + body
 
 
-# ------------------------------------------------------------------------------------- jobs, sensors
-
-_STAGE_SELECTION = dg.AssetSelection.assets(lora_adapter, test_nll)
+# ------------------------------------------------------------------------------------------------ jobs
 
 stage1_job = dg.define_asset_job(
-    "stage1_scale_search",
-    selection=_STAGE_SELECTION,
-    partitions_def=model_n_partitions(),
-    tags={STAGE_TAG: "1"},
-    description="Stage 1: adapters and test NLL for one model over every n (backfill over model=<reference>).",
-)
-
-select_n_job = dg.define_asset_job(
-    "stage1_select_n",
-    selection=dg.AssetSelection.assets(optimal_scale),
-    partitions_def=model_partitions(),
-    tags={STAGE_TAG: "1"},
-    description="Stage 1: the scale curve and optimal n of a model from its test NLLs.",
+    "stage1_scale_sweep",
+    selection=dg.AssetSelection.assets(stage1_lora_adapter, stage1_test_nll),
+    partitions_def=n_partitions(),
+    description="Stage 1: adapters and test NLL of the reference model for one n (backfill over every n).",
 )
 
 stage2_job = dg.define_asset_job(
     "stage2_model_comparison",
-    selection=_STAGE_SELECTION,
-    partitions_def=model_n_partitions(),
-    tags={STAGE_TAG: "2"},
-    description="Stage 2: every model trained and scored at the chosen n with the stage-2 LoRA shape.",
+    selection=dg.AssetSelection.assets(stage2_lora_adapter, stage2_test_nll),
+    partitions_def=model_partitions(),
+    description="Stage 2: one model trained and scored at n* with the stage-2 LoRA shape (backfill: every model).",
 )
-
-
-def _latest_record(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str) -> Any:
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1
-    ).records
-    return records[0] if records else None
-
-
-def stage1_scale_requests(instance: dg.DagsterInstance, profile: Profile) -> list[dg.RunRequest]:
-    """An ``optimal_scale`` run for each model whose every n has a stage-1 test NLL newer than its curve."""
-    requests = []
-    for model in profile.models:
-        latest = []
-        for n in profile.n_grid:
-            record = _latest_record(instance, test_nll.key, model_n_key(model, n))
-            if record is None:
-                break
-            run = instance.get_run_by_id(record.run_id)
-            if run is not None and run.tags.get(STAGE_TAG) == "2":
-                break  # stage-2 runs re-score one n; they do not make a new stage-1 curve
-            latest.append(record.storage_id)
-        if len(latest) != len(profile.n_grid):
-            continue
-        curve = _latest_record(instance, optimal_scale.key, model)
-        newest = max(latest)
-        if curve is not None and curve.storage_id > newest:
-            continue
-        requests.append(dg.RunRequest(run_key=f"optimal_scale-{model}-{newest}", partition_key=model))
-    return requests
-
-
-@dg.sensor(
-    job=select_n_job,
-    minimum_interval_seconds=60,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Runs optimal_scale for a model once every n of the grid has a fresh stage-1 test NLL.",
-)
-def stage1_scale_curve_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-    requests = stage1_scale_requests(context.instance, current_profile())
-    if not requests:
-        return dg.SkipReason("no model has a complete, newer set of stage-1 test NLLs")
-    return dg.SensorResult(run_requests=requests)
-
-
-def stage2_requests(
-    instance: dg.DagsterInstance, store: DuckDBStore, profile: Profile, cursor: str | None
-) -> tuple[list[dg.RunRequest], str, str]:
-    """(run requests, new cursor, reason): stage 2 for every model when the reference model's optimal n
-    differs from the one stage 2 last ran at. The cursor holds that n and the last curve seen."""
-    state = json.loads(cursor) if cursor else {"storage_id": 0, "n": None}
-    reference = profile.models[0]
-    record = _latest_record(instance, optimal_scale.key, reference)
-    if record is None or record.storage_id <= state["storage_id"]:
-        return [], json.dumps(state), f"no new optimal_scale for the reference model {reference}"
-    state["storage_id"] = record.storage_id
-    n = chosen_n(store, profile)
-    if n is None:
-        return [], json.dumps(state), f"eval.scale_curve has no optimal n for {reference}"
-    scaling.check_n_in_grid(n, profile.n_grid, what=f"chosen n of {reference}")
-    if n == state["n"]:
-        return [], json.dumps(state), f"optimal n is still {n}; stage 2 already ran there"
-    state["n"] = n
-    requests = [
-        dg.RunRequest(
-            run_key=f"stage2-{model}-{n}-{record.storage_id}",
-            partition_key=model_n_key(model, n),
-            tags={STAGE_TAG: "2"},
-        )
-        for model in profile.models
-    ]
-    return requests, json.dumps(state), f"stage 2 at n={n}"
-
-
-@dg.sensor(
-    job=stage2_job,
-    minimum_interval_seconds=60,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Starts stage 2 (all models at the chosen n) when the reference model's optimal n changes.",
-)
-def stage2_sensor(context: dg.SensorEvaluationContext, store: DuckDBStore) -> dg.SensorResult:
-    requests, cursor, reason = stage2_requests(context.instance, store, current_profile(), context.cursor)
-    return dg.SensorResult(
-        run_requests=requests, cursor=cursor, skip_reason=None if requests else dg.SkipReason(reason)
-    )
 
 
 defs = dg.Definitions(
-    assets=[model_architecture, base_model, lora_adapter, test_nll, optimal_scale],
-    asset_checks=[lora_adapter_files_intact, test_nll_is_finite],
-    jobs=[stage1_job, select_n_job, stage2_job],
-    sensors=[stage1_scale_curve_sensor, stage2_sensor],
+    assets=[
+        model_architecture, base_model, stage1_lora_adapter, stage1_test_nll, stage1_scale_curve, optimal_scale,
+        stage2_lora_adapter, stage2_test_nll,
+    ],  # fmt: skip
+    asset_checks=[
+        _adapters_intact_check(stage1_lora_adapter, 1),
+        _adapters_intact_check(stage2_lora_adapter, 2),
+        _nll_finite_check(stage1_test_nll, 1),
+        _nll_finite_check(stage2_test_nll, 2),
+    ],
+    jobs=[stage1_job, stage2_job],
     resources={
         "trainer": LoraTrainer(
             backend=current_profile().train.backend, cpu_precision=current_profile().train.cpu_precision

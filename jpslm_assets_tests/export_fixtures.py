@@ -7,8 +7,8 @@
   converter does not know its pre-tokenizer and refuses it, like the paper's Tanuki tokenizer.
 - ``build_lora_adapter``: a PEFT LoRA adapter with non-zero weights, so merging really changes the model.
 - ``fixture_test_set``: a few test questions with the ``qa.test_set`` columns.
-- ``export_assets``: the export assets plus upstream stand-ins for ``lora_adapter`` and ``test_set`` that write
-  fixture rows through the project's IO manager.
+- ``upstream_assets``: stand-ins for ``stage2_lora_adapter``, ``stage1_lora_adapter``, ``optimal_scale`` and
+  ``test_set`` that write fixture rows through the project's IO manager; ``prepare_upstream`` materializes them.
 """
 
 
@@ -22,7 +22,7 @@ import dagster as dg
 import polars as pl
 
 from jpslm_assets import export
-from jpslm_assets.partitions import model_n_partitions
+from jpslm_assets.partitions import STAGE1_SUFFIX, model_partitions, n_partitions
 from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager, artifact_record, table_metadata
 
 CHATML = (
@@ -200,26 +200,58 @@ def fixture_test_set() -> pl.DataFrame:
 
 
 def upstream_assets(runs: Mapping[str, dict[str, Any]], test_set: pl.DataFrame) -> list[dg.AssetsDefinition]:
-    """Stand-ins for the training and dataset stages: they write the fixture rows through the IO manager."""
+    """Stand-ins for the training and dataset stages: they write the fixture rows through the IO manager.
+
+    ``runs`` maps stage-3 partition keys to training-run rows: a model's key to its stage-2 run, and
+    ``<model>@stage1`` to the stage-1 run whose n is the fixture's n*.
+    """
+    stage1 = next((row for key, row in runs.items() if key.endswith(STAGE1_SUFFIX)), None)
 
     @dg.asset(
-        name="lora_adapter",
-        partitions_def=model_n_partitions(),
-        metadata=table_metadata("train.runs", partition_expr={"model": "model", "n": "n"}),
+        name="stage2_lora_adapter",
+        partitions_def=model_partitions(),
+        metadata=table_metadata("train.stage2_runs", partition_expr="model"),
     )
-    def lora_adapter(context: dg.AssetExecutionContext) -> pl.DataFrame:
-        return pl.DataFrame([runs[context.partition_key]])
+    def stage2_lora_adapter(context: dg.AssetExecutionContext) -> pl.DataFrame:
+        return pl.DataFrame([{**runs[context.partition_key], "stage": 2}])
+
+    @dg.asset(
+        name="stage1_lora_adapter",
+        partitions_def=n_partitions(),
+        metadata=table_metadata("train.stage1_runs", partition_expr="n"),
+    )
+    def stage1_lora_adapter(context: dg.AssetExecutionContext) -> pl.DataFrame:
+        if stage1 is None or str(stage1["n"]) != context.partition_key:
+            raise dg.Failure(f"the fixture has no stage-1 run at n={context.partition_key}")
+        return pl.DataFrame([{**stage1, "stage": 1}])
+
+    @dg.asset(name="optimal_scale", metadata=table_metadata("eval.optimal_scale"))
+    def optimal_scale() -> pl.DataFrame:
+        chosen = stage1 or next(iter(runs.values()))
+        return pl.DataFrame({"model": [chosen["model"]], "n": [chosen["n"]]})
 
     @dg.asset(name="test_set", metadata=table_metadata("qa.test_set"))
     def test_set_asset() -> pl.DataFrame:
         return test_set
 
-    return [lora_adapter, test_set_asset]
+    return [stage2_lora_adapter, stage1_lora_adapter, optimal_scale, test_set_asset]
+
+
+def prepare_upstream(
+    assets: list[dg.AssetsDefinition], resources: dict[str, Any], runs: Mapping[str, dict[str, Any]]
+) -> None:
+    """Materialize the stand-ins: test set, n*, every stage-2 run and the stage-1 run at n*."""
+    assert materialize(assets, ["test_set", "optimal_scale"], resources).success
+    for key, row in runs.items():
+        if key.endswith(STAGE1_SUFFIX):
+            assert materialize(assets, ["stage1_lora_adapter"], resources, partition_key=str(row["n"])).success
+        else:
+            assert materialize(assets, ["stage2_lora_adapter"], resources, partition_key=key).success
 
 
 EXPORT_ASSETS = [
     export.merged_model, export.gguf_f16, export.gguf_q4_k_m, export.deployment, export.answers_f16,
-    export.answers_q4_k_m,
+    export.answers_q4_k_m, export.answers_nf4,
 ]  # fmt: skip
 
 

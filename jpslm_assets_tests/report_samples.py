@@ -154,11 +154,12 @@ def write_samples(store: DuckDBStore, tables: list[str] | None = None) -> dict[s
 
 
 def deployments_frame(rows: list[tuple[str, int, str, str]]) -> pl.DataFrame:
-    """serve.deployments rows (model, n, format, status)."""
+    """serve.deployments rows (stage-3 adapter, n, format, status); a plain model key is its stage-2 adapter."""
     return pl.DataFrame(
         [
-            {"model": m, "n": n, "format": f, "backend": "llama_cpp", "served_name": f"{m}-{n}-{f}",
-             "modelfile_path": None, "status": status}
+            {"adapter": m, "stage": 1 if m.endswith("@stage1") else 2, "model": m.split("@")[0], "n": n,
+             "format": f, "backend": "llama_cpp", "served_name": f"{m}-{n}-{f}", "modelfile_path": None,
+             "status": status}
             for m, n, f, status in rows
         ],
         schema_overrides={"modelfile_path": pl.String},
@@ -174,23 +175,26 @@ def reevaluation_location(store_path: str) -> dg.Definitions:
     The per-format assets carry the same ``table`` / ``fixed_columns`` metadata as the real stages, so the
     reports module discovers them exactly as it discovers the real ones.
     """
-    from jpslm_assets.partitions import model_n_partitions, split_model_n
+    from jpslm_assets.export import stage3_metadata
+    from jpslm_assets.partitions import stage3_adapter, stage3_partitions
     from jpslm_assets.reports import build_reports_definitions
     from jpslm_assets.store import table_metadata
 
-    partitions = model_n_partitions()
+    partitions = stage3_partitions()
+    n_by_model = {"tiny-llama": 40, "smollm2-135m": 60}
     per_format = []
     for fmt in FORMATS:
 
         def make(fmt: str = fmt) -> list[dg.AssetsDefinition]:
             @dg.asset(
                 name=f"answers_{fmt}", group_name="export", partitions_def=partitions, code_version="1",
-                metadata=table_metadata("eval.answers", {"model": "model", "n": "n"}, fixed={"format": fmt}),
+                metadata=stage3_metadata("eval.answers", fmt),
             )  # fmt: skip
             def answers(context: dg.AssetExecutionContext) -> pl.DataFrame:
-                model, n = split_model_n(context)
+                adapter = stage3_adapter(context.partition_key)
+                n = n_by_model.get(adapter.model, 20)
                 return pl.DataFrame(
-                    {"model": model, "n": n, "format": fmt, "question_id": [f"T{q:03d}" for q in range(6)],
+                    {"model": adapter.model, "n": n, "format": fmt, "stage": adapter.stage, "question_id": [f"T{q:03d}" for q in range(6)],
                      "category": [CATEGORIES[q % 4] for q in range(6)],
                      "answer": ["点検は年一回" * (q + 1) for q in range(6)]}
                 )  # fmt: skip
@@ -198,11 +202,11 @@ def reevaluation_location(store_path: str) -> dg.Definitions:
             @dg.asset(
                 name=f"judge_scores_{fmt}", group_name="judging", partitions_def=partitions, code_version="1",
                 ins={"answers": dg.AssetIn(f"answers_{fmt}")},
-                metadata=table_metadata("eval.judge_scores", {"model": "model", "n": "n"}, fixed={"format": fmt}),
+                metadata=stage3_metadata("eval.judge_scores", fmt),
             )  # fmt: skip
             def judge_scores(answers: pl.DataFrame) -> pl.DataFrame:
                 return answers.select(
-                    "model", "n", "format", "question_id", "category",
+                    "adapter", "stage", "model", "n", "format", "question_id", "category",
                     pl.lit("length-judge").alias("judge"),
                     (pl.col("answer").str.len_chars() // 7).clip(0, 3).cast(pl.Int64).alias("score"),
                     pl.lit("").alias("reason"), pl.lit(True).alias("parse_ok"), pl.lit("").alias("raw_output"),

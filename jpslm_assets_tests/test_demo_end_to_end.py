@@ -1,4 +1,6 @@
-"""The README's demo, end to end: every asset of the demo profile materialized, then an unchanged re-run.
+"""The README's demo, end to end: every stage of the paper materialized, an unchanged re-run that launches
+nothing, then the UI (webserver + daemon) on the finished demo's DAGSTER_HOME, which requests nothing
+until n* changes, and then requests stage 2 with its reason.
 
 Slow (several minutes on 2 cores): it trains, exports, answers and judges with the real demo models.
 """
@@ -6,24 +8,31 @@ Slow (several minutes on 2 cores): it trains, exports, answers and judges with t
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import dagster as dg
 import duckdb
+import polars as pl
 import pytest
 
+from jpslm_assets.export import GGUF_FORMATS
+from jpslm_assets.resources.models import choose_cpu_precision, cpu_bf16_flags
 from jpslm_assets.settings import load_profile
+from jpslm_assets_tests.dagster_processes import start_dagster_ui
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 ROOT = Path(__file__).resolve().parents[1]
+TABLE_SENSOR, TRAINING_SENSOR = "jpslm_table_automation", "jpslm_training_automation"
 
 LINEAGE_TO_GRAPH = """
 WITH RECURSIVE walk(materialization_id, asset_key, partition_key, depth) AS (
     SELECT m.materialization_id, m.asset_key, m.partition_key, 0
     FROM eval.judge_scores s
     JOIN lineage.materializations m
-      ON m.asset_key = 'judge_scores_' || s.format AND m.partition_key = s.model || '|' || s.n
-    WHERE s.model = ? AND s.format = 'q4_k_m'
+      ON m.asset_key = 'judge_scores_' || s.format AND m.partition_key = s.adapter
+    WHERE s.adapter = ? AND s.format = 'q4_k_m'
     QUALIFY row_number() OVER (ORDER BY m.materialized_at DESC) = 1
     UNION
     SELECT i.upstream_materialization_id, i.upstream_asset_key, i.upstream_partition_key, w.depth + 1
@@ -35,41 +44,146 @@ FROM walk w JOIN lineage.materializations m USING (materialization_id)
 """
 
 
+def _environment(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "JPSLM_DATA_DIR": str(data_dir), **extra}
+    for name in ("DAGSTER_HOME", "JPSLM_PROFILE", "JPSLM_DUCKDB_PATH"):
+        env.pop(name, None)
+    return env
+
+
 def _demo(data_dir: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "JPSLM_DATA_DIR": str(data_dir)}
-    env.pop("DAGSTER_HOME", None)
-    env.pop("JPSLM_PROFILE", None)
     return subprocess.run(
         [sys.executable, "-m", "jpslm_assets.cli", "demo"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=3000,
-    )
+        cwd=ROOT, env=_environment(data_dir), capture_output=True, text=True, timeout=3000,
+    )  # fmt: skip
 
 
-def test_demo_materializes_everything_and_rerun_skips(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    first = _demo(data_dir)
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+def _ticks(log: Path, sensor: str) -> int:
+    """Evaluations of one automation sensor that the daemon finished, from its log."""
+    if not log.exists():
+        return 0
+    return log.read_text("utf-8", errors="replace").count(f"Finished auto-materialization tick for {sensor} ")
 
+
+def _wait(predicate, timeout: float, what: str, log: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{log}")
+
+
+def _check_tables(data_dir: Path) -> None:
     profile = load_profile("demo")
+    reference = profile.stage1_model
     with duckdb.connect(str(data_dir / "jpslm.duckdb"), read_only=True) as con:
-        summary = con.sql("SELECT model, format, questions, ci_low, ci_high FROM marts.score_summary").fetchall()
-        pairs = {(model, fmt) for model, fmt, *_ in summary}
-        assert pairs == {(m, f) for m in profile.models for f in profile.formats}
-        assert all(row[2] > 0 and row[3] is not None and row[4] is not None for row in summary)
+        stage1 = con.sql("SELECT model, n, r, dropout, precision, precision_reason FROM train.stage1_runs").pl()
+        assert sorted(stage1["n"].to_list()) == profile.n_grid and set(stage1["model"]) == {reference}
+        assert set(stage1["r"]) == {profile.train.stage1.r} and set(stage1["dropout"]) == {0.0}
+        (n_star,) = con.sql("SELECT n FROM eval.optimal_scale").fetchone()
+        stage2 = con.sql("SELECT model, n, r, dropout, precision, precision_reason FROM train.stage2_runs").pl()
+        assert sorted(stage2["model"].to_list()) == sorted(profile.models)
+        assert set(stage2["n"]) == {n_star} and set(stage2["r"]) == {32} and set(stage2["dropout"]) == {0.05}
+        # CPU precision follows this machine's CPU, with its reason recorded.
+        expected, _ = choose_cpu_precision("auto", cpu_bf16_flags())
+        label = "bf16-autocast" if expected == "bf16" else "fp32"
+        runs = pl.concat([stage1, stage2])
+        assert set(runs["precision"]) == {label}
+        assert all(reason.startswith("cpu_precision=auto") for reason in runs["precision_reason"])
+        # The reference model's stage-1 and stage-2 adapters at n* both exported and judged.
+        merged = con.sql("SELECT adapter, stage, n, lora_r FROM serve.merged_models ORDER BY adapter").pl()
+        assert {(row["adapter"], row["stage"]) for row in merged.iter_rows(named=True)} == {
+            *((m, 2) for m in profile.models), (f"{reference}@stage1", 1)
+        }
+        assert set(merged["n"]) == {n_star}
 
-        reached = dict(con.execute(LINEAGE_TO_GRAPH, [profile.models[0]]).fetchall())
+        summary = con.sql("SELECT model, format, questions, ci_low, ci_high FROM marts.score_summary").fetchall()
+        assert {(model, fmt) for model, fmt, *_ in summary} == {
+            (m, f) for m in profile.models for f in GGUF_FORMATS
+        }
+        assert all(row[2] > 0 and row[3] is not None and row[4] is not None for row in summary)
+        lesson4 = con.sql("SELECT * FROM marts.lora_rank_effect").pl()
+        assert set(lesson4["model"]) == {reference} and set(lesson4["format"]) == set(GGUF_FORMATS)
+        assert set(lesson4["stage1_r"]) == {16} and set(lesson4["stage2_r"]) == {32}
+        assert (lesson4["pairs"] == profile.eval_questions).all() and lesson4["p_value"].is_not_null().all()
+        categories = con.sql("SELECT count(DISTINCT category) FROM eval.answers").fetchone()
+        assert categories == (8,), "one evaluation question per category"
+        scale = con.sql("SELECT n, delta_nll, nll_above_optimum FROM marts.scale_curve ORDER BY n").pl()
+        assert scale["delta_nll"][0] is None and scale["nll_above_optimum"].min() == 0.0
+
+        reached = dict(con.execute(LINEAGE_TO_GRAPH, [reference]).fetchall())
         graph_version = con.sql(
             "SELECT data_version FROM lineage.materializations WHERE asset_key = 'kg_relations' "
             "ORDER BY materialized_at DESC LIMIT 1"
         ).fetchone()
         assert graph_version is not None and reached.get("kg_relations") == graph_version[0]
-        assert {"lora_adapter", "training_subset", "qa_pool", "gguf_q4_k_m"} <= set(reached)
+        assert {"stage2_lora_adapter", "optimal_scale", "training_subset", "qa_pool", "gguf_q4_k_m"} <= set(reached)
+
+
+def test_demo_runs_every_stage_then_the_ui_starts_nothing_until_n_star_changes(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    first = _demo(data_dir)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    _check_tables(data_dir)
 
     second = _demo(data_dir)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     assert "materializing" not in second.stdout, second.stdout
     assert "(0 runs launched)" in second.stdout
+
+    _check_ui_automation(data_dir, tmp_path)
+
+
+def _check_ui_automation(data_dir: Path, tmp_path: Path) -> None:
+    """The UI on the demo's home, training automation switched on: two ticks of each sensor and no run;
+    then n* changes and the training sensor requests stage 2, for the reason it gives."""
+    home = data_dir / "dagster_home"
+    env = _environment(data_dir, DAGSTER_HOME=str(home), JPSLM_AUTOMATION__TRAINING="true")
+    os.environ["DAGSTER_HOME"] = str(home)
+    instance = dg.DagsterInstance.get()
+    runs_before = len(instance.get_runs())
+    log = tmp_path / "ui.log"
+    log.unlink(missing_ok=True)  # ticks are counted from this start only
+    with start_dagster_ui(target=["-m", "jpslm_assets.definitions"], env=env, log_path=log, cwd=ROOT) as ui:
+        _wait(
+            lambda: min(_ticks(log, TABLE_SENSOR), _ticks(log, TRAINING_SENSOR)) >= 2,
+            240, "two ticks of both automation sensors", ui.log_tail(),
+        )  # fmt: skip
+        assert len(instance.get_runs()) == runs_before, "the UI started a run after the demo"
+
+        # Stage 1 now prefers another n: n* changes, and Dagster requests stage 2 for every model.
+        with duckdb.connect(str(data_dir / "jpslm.duckdb")) as con:
+            (n_star,) = con.sql("SELECT n FROM eval.optimal_scale").fetchone()
+            con.execute(
+                "UPDATE eval.scale_curve SET is_optimal = (n = (SELECT min(n) FROM eval.scale_curve WHERE n <> ?))",
+                [n_star],
+            )
+        from jpslm_assets.definitions import defs
+
+        job = defs.resolve_implicit_global_asset_job_def()
+        assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("optimal_scale")]).success
+
+        def stage2_requested() -> list[dg.DagsterRun]:
+            return [
+                run for run in instance.get_runs(filters=dg.RunsFilter(tags={"dagster/sensor_name": TRAINING_SENSOR}))
+                if dg.AssetKey("stage2_lora_adapter") in (run.asset_selection or set())
+            ]
+
+        _wait(lambda: bool(stage2_requested()), 240, "a stage-2 run requested by automation", ui.log_tail())
+        [run] = stage2_requested()[:1]
+        assert run.tags.get("dagster/partition") in load_profile("demo").models or run.tags.get(
+            "dagster/asset_partition_range_start"
+        )
+        evaluations = instance.schedule_storage.get_auto_materialize_asset_evaluations(
+            key=dg.AssetKey("stage2_lora_adapter"), limit=5
+        )
+        labels = set()
+        for record in evaluations:
+            stack = [record.get_evaluation_with_run_ids().evaluation]
+            while stack:
+                node = stack.pop()
+                if node.true_subset.size:
+                    labels.add(node.condition_snapshot.label)
+                stack.extend(node.child_evaluations)
+        assert "upstream data version changed" in labels, labels

@@ -21,6 +21,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
+from jpslm_assets.domain.answering import select_eval_questions
 from jpslm_assets.store import DuckDBStore, artifact_record, file_sha256
 from jpslm_assets_tests.export_fixtures import (
     CHATML_WITHOUT_GENERATION_PROMPT,
@@ -31,15 +32,18 @@ from jpslm_assets_tests.export_fixtures import (
     export_resources,
     fixture_test_set,
     materialize,
+    prepare_upstream,
     train_run_row,
     upstream_assets,
 )
 
-GOOD = "tiny-llama|60"  # the happy path
-REFUSED = "tiny-qwen2|60"  # byte-level BPE the converter refuses (the paper's Tanuki case)
-NO_PROMPT = "smollm2-135m|60"  # chat template without a generation prompt
-BROKEN_INPUT = "tiny-llama|40"  # train.runs row without base_model_ref
-ALL_EXPORT = ["merged_model", "gguf_f16", "gguf_q4_k_m", "deployment", "answers_f16", "answers_q4_k_m"]
+GOOD = "tiny-llama"  # the happy path: tiny-llama's stage-2 adapter at n=60
+REFUSED = "tiny-qwen2"  # byte-level BPE the converter refuses (the paper's Tanuki case)
+NO_PROMPT = "smollm2-135m"  # chat template without a generation prompt
+BROKEN_INPUT = "tiny-llama@stage1"  # the stage-1 run at n* = 40 lacks base_model_ref
+ALL_EXPORT = [
+    "merged_model", "gguf_f16", "gguf_q4_k_m", "deployment", "answers_f16", "answers_q4_k_m", "answers_nf4"
+]  # fmt: skip
 
 
 @dataclass
@@ -76,9 +80,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
         store = DuckDBStore(path=str(root / "data" / "jpslm.duckdb"), lock_timeout_s=10)
         assets = [*upstream_assets(runs, fixture_test_set()), *EXPORT_ASSETS]
         resources = export_resources(store, Path(request.config.cache.mkdir("llama-cpp-converter")))
-        materialize(assets, ["test_set"], resources)
+        prepare_upstream(assets, resources, runs)
         instance = dg.DagsterInstance.ephemeral()
-        good = materialize(assets, ["lora_adapter", *ALL_EXPORT], resources, partition_key=GOOD, instance=instance)
+        good = materialize(assets, ALL_EXPORT, resources, partition_key=GOOD, instance=instance)
         yield Chain(root, store, assets, resources, base, {GOOD: good}, instance)
 
 
@@ -170,7 +174,8 @@ def test_deployment_writes_reproducible_modelfiles_and_embedded_llama_cpp(chain:
 def test_answers_cover_the_eval_questions_for_both_formats(chain: Chain) -> None:
     frame = chain.store.query("SELECT * FROM eval.answers WHERE model='tiny-llama' AND n=60 ORDER BY format, question_id")
     assert frame.group_by("format").len().sort("format")["len"].to_list() == [4, 4]
-    assert frame.filter(pl.col("format") == "f16")["question_id"].to_list() == ["T001", "T002", "T003", "T004"]
+    expected = select_eval_questions(fixture_test_set(), 4)["question_id"].to_list()
+    assert frame.filter(pl.col("format") == "f16")["question_id"].to_list() == expected
     assert set(frame["backend"]) == {"llama_cpp"}
     assert set(frame["finish_reason"]) <= {"stop", "length"}
     assert (frame["tokens"] > 0).all() and (frame["seconds"] > 0).all()
@@ -214,7 +219,7 @@ def test_max_tokens_is_reported_as_length(chain: Chain, monkeypatch: pytest.Monk
 
 
 def test_refused_conversion_is_recorded_with_the_nf4_fallback(chain: Chain) -> None:
-    result = materialize(chain.assets, ["lora_adapter", *ALL_EXPORT], chain.resources, partition_key=REFUSED)
+    result = materialize(chain.assets, ALL_EXPORT, chain.resources, partition_key=REFUSED)
     assert result.success
     gguf = chain.store.query("SELECT * FROM serve.gguf WHERE model='tiny-qwen2' AND n=60 ORDER BY format")
     rows = {row["format"]: row for row in gguf.iter_rows(named=True)}
@@ -227,19 +232,28 @@ def test_refused_conversion_is_recorded_with_the_nf4_fallback(chain: Chain) -> N
     expected = "ok" if torch.cuda.is_available() else "unavailable"
     assert rows["nf4"]["status"] == expected and "GGUF conversion failed" in rows["nf4"]["failure_reason"]
     deployments = chain.store.query("SELECT * FROM serve.deployments WHERE model='tiny-qwen2' ORDER BY format")
-    f16 = deployments.row(0, named=True)
-    assert f16["backend"] == "transformers" and f16["quantization"] == "nf4" and f16["status"] == expected
+    by_format = {row["format"]: row for row in deployments.iter_rows(named=True)}
+    assert sorted(by_format) == ["f16", "nf4", "q4_k_m"]
+    # The fallback is served and scored as nf4, never under the GGUF format it replaces.
+    nf4 = by_format["nf4"]
+    assert nf4["backend"] == "transformers" and nf4["quantization"] == "nf4" and nf4["status"] == expected
+    assert by_format["f16"]["status"] == by_format["q4_k_m"]["status"] == "unavailable"
+    assert "no f16 GGUF" in by_format["f16"]["detail"]
+    assert _metadata(result, "answers_f16")["status"] == "unavailable"
     if expected == "unavailable":
         answers = chain.store.query("SELECT count(*) AS c FROM eval.answers WHERE model='tiny-qwen2'")
         assert answers["c"][0] == 0
-        assert _metadata(result, "answers_f16")["status"] == "unavailable"
+        assert _metadata(result, "answers_nf4")["status"] == "unavailable"
+    else:
+        answers = chain.store.query("SELECT DISTINCT format FROM eval.answers WHERE model='tiny-qwen2'")
+        assert answers["format"].to_list() == ["nf4"]
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations() if e.asset_key.path == ["gguf_f16"]}
     assert checks["converted"] is False
 
 
 def test_template_without_generation_prompt_fails_deployment_with_the_fix(chain: Chain) -> None:
     result = materialize(
-        chain.assets, ["lora_adapter", "merged_model", "gguf_f16", "gguf_q4_k_m", "deployment"], chain.resources,
+        chain.assets, ["merged_model", "gguf_f16", "gguf_q4_k_m", "deployment"], chain.resources,
         partition_key=NO_PROMPT, raise_on_error=False,
     )  # fmt: skip
     assert not result.success
@@ -250,10 +264,18 @@ def test_template_without_generation_prompt_fails_deployment_with_the_fix(chain:
 
 
 def test_bad_train_run_row_names_the_missing_column(chain: Chain) -> None:
-    result = materialize(chain.assets, ["lora_adapter", "merged_model"], chain.resources,
+    result = materialize(chain.assets, ["merged_model"], chain.resources,
                          partition_key=BROKEN_INPUT, raise_on_error=False)  # fmt: skip
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert "has no base_model_ref; re-materialize lora_adapter" in failure.step_failure_data.error.message
+    # The @stage1 partition exports the reference model's stage-1 adapter at n* (40 in the fixture).
+    message = failure.step_failure_data.error.message
+    assert "the stage-1 run of tiny-llama at n=40 has no base_model_ref; re-materialize its adapter" in message
+
+
+def test_a_gguf_model_has_no_nf4_answers(chain: Chain) -> None:
+    assert _metadata(chain.results[GOOD], "answers_nf4")["status"] == "not applicable"
+    rows = chain.store.query("SELECT count(*) AS c FROM eval.answers WHERE adapter = ? AND format = 'nf4'", [GOOD])
+    assert rows["c"][0] == 0
 
 
 def _answers_failure(chain: Chain) -> str:
@@ -321,19 +343,3 @@ def test_conversion_past_its_time_limit_leaves_the_previous_gguf(chain: Chain) -
         tools.convert_hf_to_gguf(Path(merged["artifact_path"]), target)
     assert file_sha256(target) == row["artifact_sha256"]
     assert not list(target.parent.glob(f".{target.name}.partial-*"))
-
-
-def test_stage3_sensor_requests_new_adapters_at_the_chosen_n(chain: Chain) -> None:
-    from jpslm_assets.export import stage3_job, stage3_requests
-    from jpslm_assets.settings import current_profile
-
-    profile = current_profile()
-    requests, cursor, reason = stage3_requests(chain.instance, chain.store, profile, None)
-    assert requests == [] and "no chosen n yet" in reason
-    curve = pl.DataFrame({"model": ["tiny-llama", "tiny-llama"], "n": [60, 120], "is_optimal": [True, False]})
-    chain.store.write_slice("eval.scale_curve", curve, {"model": "tiny-llama"})
-    requests, cursor, _ = stage3_requests(chain.instance, chain.store, profile, None)
-    assert [str(r.partition_key) for r in requests] == [GOOD]
-    again, _, reason = stage3_requests(chain.instance, chain.store, profile, cursor)
-    assert again == [] and reason == "no new adapter at n=60"
-    assert stage3_job.name == "stage3_export_evaluation"

@@ -189,11 +189,14 @@ def test_tokenizer_comparison_names_the_first_mismatch() -> None:
 # ------------------------------------------------------------------------------------------- answering
 
 
-def test_eval_questions_are_the_first_human_written_by_id() -> None:
-    frame = fixture_test_set().sample(fraction=1.0, shuffle=True, seed=3)
-    chosen = select_eval_questions(frame, 3)
-    assert chosen["question_id"].to_list() == ["T001", "T002", "T003"]
-    assert chosen["human_written"].all()
+def test_eval_questions_are_a_stratified_sample_of_the_human_written_in_id_order() -> None:
+    frame = fixture_test_set()
+    chosen = select_eval_questions(frame.sample(fraction=1.0, shuffle=True, seed=3), 3)
+    assert chosen["human_written"].all() and chosen["category"].n_unique() == 3  # three categories of six
+    assert chosen["question_id"].to_list() == sorted(chosen["question_id"].to_list())
+    assert chosen.equals(select_eval_questions(frame, 3)), "input order does not change the sample"
+    everything = select_eval_questions(frame, 6)
+    assert everything["question_id"].to_list() == ["T001", "T002", "T003", "T004", "T005", "T006"]
 
 
 def test_eval_question_errors_name_the_fix() -> None:

@@ -315,15 +315,15 @@ def test_an_in_process_backend_gets_one_worker_whatever_is_asked() -> None:
 def _deployment_asset(gguf: Path) -> dg.AssetsDefinition:
     @dg.asset(
         name="deployment",
-        partitions_def=export.model_n_partitions(),
-        metadata=table_metadata("serve.deployments", partition_expr=export.MODEL_N),
+        partitions_def=export.stage3_partitions(),
+        metadata=export.stage3_metadata("serve.deployments"),
     )
     def deployment_stand_in(context: dg.AssetExecutionContext) -> pl.DataFrame:
-        model, n = export.split_model_n(context)
+        model, n = context.partition_key, 60
         return pl.DataFrame(
             [
                 {
-                    "model": model, "n": n, "format": "f16", "backend": "llama_server",
+                    "adapter": model, "stage": 2, "model": model, "n": n, "format": "f16", "backend": "llama_server",
                     "served_name": f"jpslm-{model}-n{n}:f16", "model_ref": str(gguf), "quantization": "f16",
                     "modelfile_path": None, "status": "ok", "detail": "llama-server",
                 }
@@ -355,7 +355,7 @@ def test_answers_asset_uses_the_smaller_of_profile_and_server_concurrency(
         "generation": LlamaServerBackend(binary=str(fake.binary), parallel=2),
     }
     materialize(assets, ["test_set"], resources)
-    result = materialize(assets, ["deployment", "answers_f16"], resources, partition_key="tiny-llama|60")
+    result = materialize(assets, ["deployment", "answers_f16"], resources, partition_key="tiny-llama")
     [event] = [
         e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == "answers_f16"
     ]

@@ -14,7 +14,8 @@ from pydantic import Field
 
 from jpslm_assets import judging
 from jpslm_assets.domain import judging as judge_lib
-from jpslm_assets.partitions import model_n_key, model_n_partitions
+from jpslm_assets.export import stage3_metadata
+from jpslm_assets.partitions import stage3_partitions
 from jpslm_assets.resources.generation import GenerationBackend
 from jpslm_assets.resources.generation_api import GenerationError, GenerationRequest, GenerationResult
 from jpslm_assets.resources.judge import JudgeModelError, JudgeResource, reencode_gguf
@@ -447,7 +448,7 @@ def fake_judge(**backend: object) -> JudgeResource:
     )
 
 
-PARTITION = model_n_key("tiny-llama", 60)
+PARTITION = "tiny-llama"  # the stage-3 partition of tiny-llama's stage-2 adapter
 
 
 def upstream_assets(answers: pl.DataFrame) -> list[dg.AssetsDefinition]:
@@ -461,10 +462,8 @@ def upstream_assets(answers: pl.DataFrame) -> list[dg.AssetsDefinition]:
 
     @dg.asset(
         key="answers_f16",
-        partitions_def=model_n_partitions(),
-        metadata=table_metadata(
-            "eval.answers", partition_expr={"model": "model", "n": "n"}, fixed={"format": "f16"}
-        ),
+        partitions_def=stage3_partitions(),
+        metadata=stage3_metadata("eval.answers", "f16"),
     )
     def stand_in_answers() -> pl.DataFrame:
         return answers

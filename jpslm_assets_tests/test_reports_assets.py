@@ -155,10 +155,13 @@ def test_figure_assets_depend_on_the_assets_that_write_their_tables(store: DuckD
     @dg.asset(metadata=table_metadata("qa.training_subset", partition_expr="n"))
     def training_subset() -> None: ...
 
-    @dg.asset(metadata=table_metadata("train.runs"))
-    def lora_adapter() -> None: ...  # also fills train.loss_curve, listed in reports.yaml
+    @dg.asset(metadata=table_metadata("train.stage1_runs"))
+    def stage1_lora_adapter() -> None: ...  # also fills train.loss_curve, listed in reports.yaml
 
-    stage_assets = [summary_writer, category_scores, training_subset, lora_adapter]
+    @dg.asset(metadata=table_metadata("train.stage2_runs"))
+    def stage2_lora_adapter() -> None: ...  # so does this one
+
+    stage_assets = [summary_writer, category_scores, training_subset, stage1_lora_adapter, stage2_lora_adapter]
     specs = reports.asset_specs([dg.Definitions(assets=stage_assets)])
     defs = reports.build_reports_definitions(specs)
     graph = dg.Definitions.merge(
@@ -176,7 +179,7 @@ def test_figure_assets_depend_on_the_assets_that_write_their_tables(store: DuckD
     assert parents("figure_radar") == {"summary_writer"}  # score_distribution has no writer here
     assert parents("figure_category_heatmap") == {"category_scores"}
     assert parents("figure_subset_quality") == {"training_subset"}
-    assert parents("figure_loss_curves") == {"lora_adapter"}
+    assert parents("figure_loss_curves") == {"stage1_lora_adapter", "stage2_lora_adapter"}
     assert parents("evaluation_report") == {f"figure_{key}" for key in FIGURE_KEYS}
     for key in FIGURE_KEYS:
         node = asset_graph.get(dg.AssetKey(f"figure_{key}"))

@@ -49,24 +49,24 @@ def test_deployed_models_keeps_ok_rows_of_the_profile_and_explains_the_rest() ->
         ]
     )
     exports = pl.DataFrame(
-        {"model": ["smollm2-135m", "smollm2-135m"], "n": [60, 60], "format": ["f16", "q4_k_m"],
+        {"adapter": ["smollm2-135m", "smollm2-135m"], "n": [60, 60], "format": ["f16", "q4_k_m"],
          "status": ["ok", "failed"]}
     )  # fmt: skip
-    targets, notes = reports.deployed_models(
-        deployments, exports, ["tiny-llama", "tiny-qwen2", "smollm2-135m"], [60, 120, 180], ["f16", "q4_k_m"]
-    )
+    adapters = ["tiny-llama", "tiny-qwen2", "smollm2-135m", "tiny-llama@stage1"]
+    targets, notes = reports.deployed_models(deployments, exports, adapters, ["f16", "q4_k_m"])
     assert targets == [
         reports.DeployedModel("smollm2-135m", 60, ("f16",)),
         reports.DeployedModel("tiny-llama", 120, ("f16", "q4_k_m")),
     ]
     assert notes == [
-        "deployment smollm2-135m|60 q4_k_m: its GGUF export is not ok, skipped",
-        "deployment swallow-8b|4000 f16: not in the active profile's models/n grid, skipped",
-        "deployment tiny-qwen2|120 nf4: no evaluation asset for format 'nf4', skipped",
+        "deployment smollm2-135m (n=60) q4_k_m: its GGUF export is not ok, skipped",
+        "deployment swallow-8b (n=4000) f16: not a stage-3 adapter of the active profile "
+        "(tiny-llama, tiny-qwen2, smollm2-135m, tiny-llama@stage1), skipped",
+        "deployment tiny-qwen2 (n=120) nf4: no evaluation asset for format 'nf4', skipped",
     ]
-    assert reports.deployed_models(None, None, ["m"], [1], ["f16"]) == ([], [])
+    assert reports.deployed_models(None, None, ["m"], ["f16"]) == ([], [])
     with pytest.raises(StoreError, match=r"serve.deployments lacks column\(s\) \['status'\]"):
-        reports.deployed_models(deployments.drop("status"), None, ["m"], [1], ["f16"])
+        reports.deployed_models(deployments.drop("status"), None, ["m"], ["f16"])
 
 
 def test_targets_are_found_by_table_and_format(store: DuckDBStore) -> None:
@@ -116,7 +116,7 @@ def test_schedule_skips_with_a_reason_when_nothing_was_deployed(
     assert not result.run_requests
     assert result.skip_message is not None
     assert "has no row with status 'ok' for this profile" in result.skip_message
-    assert "swallow-8b|4000 f16: not in the active profile" in result.skip_message
+    assert "swallow-8b (n=4000) f16: not a stage-3 adapter of the active profile" in result.skip_message
     assert instance.get_runs() == []  # a skip is not a failed run: no run at all
 
 
@@ -134,8 +134,8 @@ def test_schedule_requests_one_run_per_deployment_and_the_run_succeeds(
     requests = result.run_requests
     assert requests is not None and len(requests) == 2
     by_key = {str(r.partition_key): r for r in requests}
-    assert set(by_key) == {"smollm2-135m|60", "tiny-llama|40"}
-    small, tiny = by_key["smollm2-135m|60"], by_key["tiny-llama|40"]
+    assert set(by_key) == {"smollm2-135m", "tiny-llama"}
+    small, tiny = by_key["smollm2-135m"], by_key["tiny-llama"]
     assert small.run_key == "reevaluation-20260302T0300-smollm2-135m-60"
     assert tiny.tags["jpslm/formats"] == "f16,q4_k_m"
     selected = {k.to_user_string() for k in tiny.asset_selection or []}

@@ -12,6 +12,7 @@ import dagster as dg
 import polars as pl
 
 from jpslm_assets import training
+from jpslm_assets.definitions import with_automation
 from jpslm_assets.partitions import n_partitions
 from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager, table_metadata
 
@@ -113,7 +114,7 @@ def definitions(
 ) -> dg.Definitions:
     """The training stage with stand-in upstreams, the shared store and IO manager, in-process executor."""
     stage = training.defs
-    return dg.Definitions(
+    definitions = dg.Definitions(
         assets=[*upstream_assets(pool, tests), *(stage.assets or [])],
         asset_checks=list(stage.asset_checks or []),
         jobs=list(stage.jobs or []),
@@ -126,6 +127,7 @@ def definitions(
         },
         executor=dg.in_process_executor,
     )
+    return with_automation(definitions)
 
 
 TINY_RUN = {

@@ -151,6 +151,7 @@ def test_scale_curve_reproduces_the_papers_table2() -> None:
     assert curve["is_optimal"].to_list() == [False, False, False, True, False]
     assert curve["test_ppl"].round(2).to_list() == [3.83, 3.58, 3.37, 3.09, 3.74]
     assert curve.filter(pl.col("n") == 5000)["delta_nll"][0] == pytest.approx(0.1918, abs=1e-4)
+    assert curve.filter(pl.col("n") == 3000)["nll_above_optimum"][0] == pytest.approx(0.0878, abs=1e-4)
     assert scaling.optimal_n(curve) == 4000
     assert tuple(curve.columns) == scaling.SCALE_CURVE_COLUMNS
 
@@ -168,7 +169,7 @@ def test_scale_curve_ties_prefer_the_smaller_n_and_bad_points_are_named() -> Non
         )
     with pytest.raises(scaling.ScaleCurveError, match=r"more than one row for n=\[1000\]"):
         scaling.scale_curve(pl.concat([paper_table2(), paper_table2().head(1)]))
-    with pytest.raises(scaling.ScaleCurveError, match="materialize lora_adapter and test_nll"):
+    with pytest.raises(scaling.ScaleCurveError, match="materialize stage1_lora_adapter and stage1_test_nll"):
         scaling.scale_curve(paper_table2().head(0))
 
 

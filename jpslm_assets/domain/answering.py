@@ -23,8 +23,16 @@ class AnsweringInputError(ValueError):
     """The test set cannot be used; the message names the column or row and the fix."""
 
 
-def select_eval_questions(test_set: pl.DataFrame, count: int) -> pl.DataFrame:
-    """The first ``count`` human-written questions in question_id order (the paper's 100 of 200)."""
+def select_eval_questions(test_set: pl.DataFrame, count: int, seed: int = 42) -> pl.DataFrame:
+    """The evaluation questions: all human-written ones when ``count`` covers them (the paper's 100 of
+    200), else a sample stratified by category and drawn with ``seed``, in question_id order.
+
+    The sample gives each category a share of ``count`` proportional to its size (largest remainders,
+    ties to the category named first), at least one per category while ``count`` allows, so that 8
+    questions over the 8 categories are one per category. The same test set, count and seed always give
+    the same questions.
+    """
+    import numpy as np
     import polars as pl
 
     missing = [column for column in TEST_SET_COLUMNS if column not in test_set.columns]
@@ -48,7 +56,46 @@ def select_eval_questions(test_set: pl.DataFrame, count: int) -> pl.DataFrame:
             f"the profile asks for eval_questions={count} but qa.test_set has only {human.height} human_written "
             "questions; lower eval_questions (JPSLM_EVAL_QUESTIONS) or extend the test set."
         )
-    return human.head(count)
+    if count == human.height:
+        return human
+    human = human.with_columns(pl.col("category").fill_null("(none)").alias("_stratum"))
+    sizes = dict(human.group_by("_stratum").len().sort("_stratum").iter_rows())
+    quotas = stratified_quotas(sizes, count)
+    rng = np.random.default_rng(seed)
+    chosen: list[str] = []
+    for stratum, quota in quotas.items():
+        ids = human.filter(pl.col("_stratum") == stratum)["question_id"].cast(pl.Utf8).to_list()
+        picked = rng.permutation(len(ids))[:quota]
+        chosen.extend(ids[i] for i in sorted(picked))
+    return human.filter(pl.col("question_id").cast(pl.Utf8).is_in(chosen)).drop("_stratum")
+
+
+def stratified_quotas(sizes: Mapping[str, int], count: int) -> dict[str, int]:
+    """How many of ``count`` draws each stratum gets: one each first (while count allows, largest strata
+    first), the rest proportional to size by largest remainder; never more than a stratum holds."""
+    strata = sorted(sizes, key=lambda name: (-sizes[name], name))
+    quotas = dict.fromkeys(sizes, 0)
+    for name in strata[: min(count, len(strata))]:
+        quotas[name] = 1
+    left = count - sum(quotas.values())
+    total = sum(sizes.values())
+    if left > 0:
+        room = {name: sizes[name] - quotas[name] for name in strata}
+        shares = {name: left * sizes[name] / total for name in strata}
+        for name in strata:
+            quotas[name] += min(room[name], int(shares[name]))
+        remaining = count - sum(quotas.values())
+        by_remainder = sorted(strata, key=lambda name: (-(shares[name] - int(shares[name])), name))
+        while remaining > 0:
+            progressed = False
+            for name in by_remainder:
+                if remaining and quotas[name] < sizes[name]:
+                    quotas[name] += 1
+                    remaining -= 1
+                    progressed = True
+            if not progressed:
+                break
+    return {name: quota for name, quota in sorted(quotas.items()) if quota}
 
 
 def served_name(model: str, n: int, format_name: str) -> str:

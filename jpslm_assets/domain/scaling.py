@@ -5,7 +5,10 @@ Status of each n against the optimum n* (the paper's Table 2 vocabulary):
 - ``overfitting``: n > n*, more data than the optimum and a higher NLL;
 - ``underfit``: the smallest n of the grid when it is below n*;
 - ``improving``: the sizes between that smallest n and n*.
-``delta_nll`` is the NLL above the optimum (0 at n*), so ``+0.19`` reads "0.19 nats per token worse".
+Two differences per n, as the paper's Table 2 and a reader of it need them:
+- ``delta_nll``: the change from the previous (smaller) n of the grid, NULL at the smallest n; the paper's
+  ΔNLL (5k: +0.192 over 4k reads "overfitting");
+- ``nll_above_optimum``: the distance to the optimum, 0 at n*.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ SCALE_CURVE_COLUMNS = (
     "test_nll",
     "test_ppl",
     "delta_nll",
+    "nll_above_optimum",
     "status",
     "is_optimal",
 )
@@ -41,7 +45,7 @@ def scale_curve(points: pl.DataFrame) -> pl.DataFrame:
     if missing:
         raise ScaleCurveError(f"scale curve input lacks column(s) {sorted(missing)}")
     if points.is_empty():
-        raise ScaleCurveError("no (n, test NLL) points: materialize lora_adapter and test_nll first")
+        raise ScaleCurveError("no (n, test NLL) points: materialize stage1_lora_adapter and stage1_test_nll first")
     models = points["model"].unique().to_list()
     if len(models) != 1:
         raise ScaleCurveError(f"a scale curve covers one model, got {sorted(models)}")
@@ -52,7 +56,7 @@ def scale_curve(points: pl.DataFrame) -> pl.DataFrame:
     for n, nll in points.select("n", "test_nll").iter_rows():
         if nll is None or not math.isfinite(nll):
             raise ScaleCurveError(
-                f"model {model}, n={n}: test NLL is {nll}; re-materialize test_nll[{model}|{n}] "
+                f"model {model}, n={n}: test NLL is {nll}; re-materialize stage1_test_nll[{n}] "
                 "(a diverged adapter gives NaN: lower the learning rate)."
             )
     if "stage" not in points.columns:
@@ -78,7 +82,8 @@ def scale_curve(points: pl.DataFrame) -> pl.DataFrame:
         pl.col("train_loss_final").cast(pl.Float64),
         pl.col("test_nll").cast(pl.Float64),
         pl.col("test_nll").exp().alias("test_ppl"),
-        (pl.col("test_nll") - best_nll).alias("delta_nll"),
+        pl.col("test_nll").diff().alias("delta_nll"),
+        (pl.col("test_nll") - best_nll).alias("nll_above_optimum"),
         status.alias("status"),
         (pl.col("n") == best_n).alias("is_optimal"),
     )

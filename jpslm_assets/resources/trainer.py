@@ -49,7 +49,7 @@ from pydantic import BaseModel, Field
 
 from jpslm_assets.domain.chat_format import EncodedExample, encode_training_pairs
 from jpslm_assets.domain.training_plan import LoraPlan
-from jpslm_assets.resources.models import cpu_thread_count
+from jpslm_assets.resources.models import choose_cpu_precision, cpu_bf16_flags, cpu_thread_count
 from jpslm_assets.resources.packed_attention import use_packed_attention, varlen_available
 
 Backend = Literal["unsloth", "bnb_qlora", "cpu_lora"]
@@ -867,9 +867,10 @@ class LoraTrainer(dg.ConfigurableResource):
     cpu_threads: int | None = Field(
         default=None, description="torch threads on CPU (default: the cores not already busy)"
     )
-    cpu_precision: Literal["fp32", "bf16"] = Field(
-        default="fp32",
-        description="CPU LoRA precision: fp32, or bf16 autocast (about 2x faster on CPUs with AVX512-BF16/AMX)",
+    cpu_precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="CPU LoRA precision: auto (bf16 autocast where the CPU has AVX512-BF16 or AMX, else "
+        "fp32), fp32, or bf16 autocast",
     )
     compile_layers: bool | None = Field(
         default=None,
@@ -879,6 +880,10 @@ class LoraTrainer(dg.ConfigurableResource):
 
     def resolved_backend(self) -> Backend:
         return select_backend(self.backend)
+
+    def resolved_cpu_precision(self) -> tuple[str, str]:
+        """(``fp32`` or ``bf16``, why) that CPU LoRA runs of this resource use on this machine."""
+        return choose_cpu_precision(self.cpu_precision, cpu_bf16_flags())
 
     def launcher_for(self, backend: Backend) -> tuple[str, int]:
         """(launcher, processes) this resource would use for ``backend`` on this machine.
@@ -900,7 +905,7 @@ class LoraTrainer(dg.ConfigurableResource):
         launcher, processes = self.launcher_for(spec.backend)
         if self.cpu_threads and spec.cpu_threads is None:
             spec = spec.model_copy(update={"cpu_threads": self.cpu_threads})
-        if spec.backend == "cpu_lora" and self.cpu_precision == "bf16":
+        if spec.backend == "cpu_lora" and self.resolved_cpu_precision()[0] == "bf16":
             spec = spec.model_copy(update={"cpu_bf16": True})
         if self.compile_layers is not None and spec.compile_layers is None:
             spec = spec.model_copy(update={"compile_layers": self.compile_layers})
