@@ -170,7 +170,7 @@ STAGE3_COLUMNS = ("adapter", "stage")  # last: which stage-3 adapter the rows be
 def _with_adapter_columns(
     frame: pl.DataFrame, adapter: Any, answers: pl.DataFrame, fmt: str
 ) -> pl.DataFrame:
-    n = int(answers["n"][0]) if answers.height else None
+    n = int(answers["n"][0]) if answers.height and "n" in answers.columns else None
     identity = {**adapter_columns(adapter, n or 0), "n": n, "format": fmt}
     types = {"adapter": pl.Utf8, "stage": pl.Int64, "model": pl.Utf8, "n": pl.Int64, "format": pl.Utf8}
     return frame.with_columns(pl.lit(value, dtype=types[name]).alias(name) for name, value in identity.items())

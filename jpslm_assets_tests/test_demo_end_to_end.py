@@ -1,6 +1,6 @@
 """The README's demo, end to end: every stage of the paper materialized, an unchanged re-run that launches
-nothing, then the UI (webserver + daemon) on the finished demo's DAGSTER_HOME, which requests nothing
-until n* changes, and then requests stage 2 with its reason.
+nothing, then the UI (webserver + daemon) on the finished demo's DAGSTER_HOME, which requests nothing;
+when n* changes, Dagster's automation evaluator requests stage 2 with its reason.
 
 Slow (several minutes on 2 cores): it trains, exports, answers and judges with the real demo models.
 """
@@ -132,12 +132,19 @@ def test_demo_runs_every_stage_then_the_ui_starts_nothing_until_n_star_changes(t
     assert "materializing" not in second.stdout, second.stdout
     assert "(0 runs launched)" in second.stdout
 
-    _check_ui_automation(data_dir, tmp_path)
+    previous_home = os.environ.get("DAGSTER_HOME")
+    try:
+        _check_ui_automation(data_dir, tmp_path)
+    finally:
+        if previous_home is None:
+            os.environ.pop("DAGSTER_HOME", None)
+        else:
+            os.environ["DAGSTER_HOME"] = previous_home
 
 
 def _check_ui_automation(data_dir: Path, tmp_path: Path) -> None:
     """The UI on the demo's home, training automation switched on: two ticks of each sensor and no run;
-    then n* changes and the training sensor requests stage 2, for the reason it gives."""
+    then n* changes and Dagster's automation evaluator requests stage 2, for the reason it gives."""
     home = data_dir / "dagster_home"
     env = _environment(data_dir, DAGSTER_HOME=str(home), JPSLM_AUTOMATION__TRAINING="true")
     os.environ["DAGSTER_HOME"] = str(home)
@@ -152,38 +159,34 @@ def _check_ui_automation(data_dir: Path, tmp_path: Path) -> None:
         )  # fmt: skip
         assert len(instance.get_runs()) == runs_before, "the UI started a run after the demo"
 
-        # Stage 1 now prefers another n: n* changes, and Dagster requests stage 2 for every model.
-        with duckdb.connect(str(data_dir / "jpslm.duckdb")) as con:
-            (n_star,) = con.sql("SELECT n FROM eval.optimal_scale").fetchone()
-            con.execute(
-                "UPDATE eval.scale_curve SET is_optimal = (n = (SELECT min(n) FROM eval.scale_curve WHERE n <> ?))",
-                [n_star],
-            )
-        from jpslm_assets.definitions import defs
+    # Stage 1 now prefers another n: n* changes, and Dagster's evaluator (the one the sensors run) requests
+    # stage 2 for every model, saying why.
+    from jpslm_assets import automation
+    from jpslm_assets.definitions import defs
 
-        job = defs.resolve_implicit_global_asset_job_def()
-        assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("optimal_scale")]).success
-
-        def stage2_requested() -> list[dg.DagsterRun]:
-            return [
-                run for run in instance.get_runs(filters=dg.RunsFilter(tags={"dagster/sensor_name": TRAINING_SENSOR}))
-                if dg.AssetKey("stage2_lora_adapter") in (run.asset_selection or set())
-            ]
-
-        _wait(lambda: bool(stage2_requested()), 240, "a stage-2 run requested by automation", ui.log_tail())
-        [run] = stage2_requested()[:1]
-        assert run.tags.get("dagster/partition") in load_profile("demo").models or run.tags.get(
-            "dagster/asset_partition_range_start"
+    training = dg.AssetSelection.all() - automation.table_selection()
+    before = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=training)
+    assert before.total_requested == 0, "the finished demo leaves nothing for automation to do"
+    with duckdb.connect(str(data_dir / "jpslm.duckdb")) as con:
+        (n_star,) = con.sql("SELECT n FROM eval.optimal_scale").fetchone()
+        con.execute(
+            "UPDATE eval.scale_curve SET is_optimal = (n = (SELECT min(n) FROM eval.scale_curve WHERE n <> ?))",
+            [n_star],
         )
-        evaluations = instance.schedule_storage.get_auto_materialize_asset_evaluations(
-            key=dg.AssetKey("stage2_lora_adapter"), limit=5
-        )
-        labels = set()
-        for record in evaluations:
-            stack = [record.get_evaluation_with_run_ids().evaluation]
+    job = defs.resolve_implicit_global_asset_job_def()
+    assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("optimal_scale")]).success
+    after = dg.evaluate_automation_conditions(
+        defs=defs, instance=instance, asset_selection=training, cursor=before.cursor
+    )
+    stage2 = dg.AssetKey("stage2_lora_adapter")
+    assert after.get_requested_partitions(stage2) == set(load_profile("demo").models)
+    labels: set[str] = set()
+    for result in after.results:
+        if result.key == stage2:
+            stack = [result]
             while stack:
                 node = stack.pop()
-                if node.true_subset.size:
-                    labels.add(node.condition_snapshot.label)
-                stack.extend(node.child_evaluations)
-        assert "upstream data version changed" in labels, labels
+                if node.true_subset.size and node.condition.get_label():
+                    labels.add(node.condition.get_label())
+                stack.extend(node.child_results)
+    assert "upstream data version changed" in labels, labels

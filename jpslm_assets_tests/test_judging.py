@@ -298,12 +298,14 @@ def answers_frame(question_ids: Sequence[str], answers: Sequence[str] | None = N
     answers = answers or [f"回答{q}" for q in question_ids]
     return pl.DataFrame(
         {
+            "model": ["tiny-llama"] * len(question_ids),
+            "n": [60] * len(question_ids),
             "question_id": list(question_ids),
             "category": [None] * len(question_ids),
             "answer": list(answers),
             "chars": [len(a) for a in answers],
         },
-        schema_overrides={"category": pl.Utf8},
+        schema_overrides={"category": pl.Utf8, "n": pl.Int64, "model": pl.Utf8},
     )
 
 
@@ -588,6 +590,8 @@ def test_judging_defs_follow_the_profile_formats() -> None:
         "judge_scores_q4_k_m",
         "citation_grounding_f16",
         "citation_grounding_q4_k_m",
+        "judge_scores_nf4",  # the HF + NF4 fallback of a model llama.cpp cannot convert
+        "citation_grounding_nf4",
     }
     for assets in defs.assets or []:
         assert assets.group_names_by_key and set(assets.group_names_by_key.values()) == {"judging"}  # type: ignore[union-attr]
