@@ -820,7 +820,7 @@ defs = dg.Definitions(
     assets=[
         model_architecture, base_model, stage1_lora_adapter, stage1_test_nll, stage1_scale_curve, optimal_scale,
         stage2_lora_adapter, stage2_test_nll,
-    ],  # fmt: skip
+    ],
     asset_checks=[
         _adapters_intact_check(stage1_lora_adapter, 1),
         _adapters_intact_check(stage2_lora_adapter, 2),

@@ -132,14 +132,15 @@ def test_demo_runs_every_stage_then_the_ui_starts_nothing_until_n_star_changes(t
     assert "materializing" not in second.stdout, second.stdout
     assert "(0 runs launched)" in second.stdout
 
-    previous_home = os.environ.get("DAGSTER_HOME")
+    previous = {name: os.environ.get(name) for name in ("DAGSTER_HOME", "JPSLM_DATA_DIR")}
     try:
         _check_ui_automation(data_dir, tmp_path)
     finally:
-        if previous_home is None:
-            os.environ.pop("DAGSTER_HOME", None)
-        else:
-            os.environ["DAGSTER_HOME"] = previous_home
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _check_ui_automation(data_dir: Path, tmp_path: Path) -> None:
@@ -148,6 +149,7 @@ def _check_ui_automation(data_dir: Path, tmp_path: Path) -> None:
     home = data_dir / "dagster_home"
     env = _environment(data_dir, DAGSTER_HOME=str(home), JPSLM_AUTOMATION__TRAINING="true")
     os.environ["DAGSTER_HOME"] = str(home)
+    os.environ["JPSLM_DATA_DIR"] = str(data_dir)  # the definitions below write to the demo's store
     instance = dg.DagsterInstance.get()
     runs_before = len(instance.get_runs())
     log = tmp_path / "ui.log"
@@ -162,7 +164,9 @@ def _check_ui_automation(data_dir: Path, tmp_path: Path) -> None:
     # Stage 1 now prefers another n: n* changes, and Dagster's evaluator (the one the sensors run) requests
     # stage 2 for every model, saying why.
     from jpslm_assets import automation
-    from jpslm_assets.definitions import defs
+    from jpslm_assets.definitions import build_definitions
+
+    defs = build_definitions()
 
     training = dg.AssetSelection.all() - automation.table_selection()
     before = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=training)
