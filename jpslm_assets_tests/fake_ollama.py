@@ -183,7 +183,10 @@ class FakeOllama:
         self._failures: list[tuple[int, str, str | None]] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
+        # Handler threads are joined on close: a request still generating (after a client timed out on it)
+        # must not outlive the test that sent it.
+        self._server.daemon_threads = False
+        self._server.block_on_close = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
