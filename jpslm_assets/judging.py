@@ -55,6 +55,7 @@ def judge_resource_for(profile: Profile) -> JudgeResource:
         model=profile.judge.model,
         max_answer_chars=profile.judge.max_answer_chars,
         retries=profile.judge.retries,
+        reason_max_chars=profile.judge.reason_max_chars,
         seed=profile.generation.seed,
         embedded_weights=judge_lib.load_rubric().generation.embedded_weights,
     )

@@ -71,6 +71,86 @@ def test_llama_cpp_is_deterministic_and_reports_tokens(models: Models) -> None:
     assert quantized.completion_tokens > 0
 
 
+def test_llama_cpp_threads_sharing_one_loaded_model_take_turns(models: Models) -> None:
+    """One cached ``Llama`` used from several threads at once (a timed-out request still generating while the
+    next one starts) used to crash the process inside llama.cpp's decode; now they take turns."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = LlamaCppBackend(n_ctx=512)
+    serial = backend.generate(str(models.gguf), _request(max_tokens=24, stop=())).text
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(lambda _: backend.generate(str(models.gguf), _request(max_tokens=24, stop=())),
+                                range(8)))  # fmt: skip
+    assert [answer.text for answer in answers] == [serial] * 8
+
+
+def test_a_shared_system_prefix_is_computed_once_and_never_carries_over(models: Models) -> None:
+    """The judge's system message is the same for every item: its state is computed once and restored, and
+    each answer is the same whichever request came before it."""
+    backend = LlamaCppBackend(n_ctx=512)
+    system = {"role": "system", "content": "採点基準: 3 正確 2 概ね正しい 1 一部正しい 0 誤り"}
+    questions = ["堤防の点検はいつ行うか。", "砂防堰堤の目的は何か。", "河川管理施設とは何か。"]
+
+    def answers(order: list[int], shared: int) -> dict[int, str]:
+        return {
+            index: backend.generate(
+                str(models.gguf),
+                _request(messages=[system, {"role": "user", "content": questions[index]}], max_tokens=16,
+                         stop=(), shared_prefix_messages=shared),
+            ).text
+            for index in order
+        }  # fmt: skip
+
+    request = _request(messages=[system, {"role": "user", "content": questions[0]}], shared_prefix_messages=1)
+    prompt = backend.render_prompt(str(models.gguf), request.messages)
+    shared = backend.shared_prefix(str(models.gguf), request, prompt)
+    assert 0 < shared < len(prompt)
+    assert backend.shared_prefix(str(models.gguf), _request(shared_prefix_messages=1), prompt) == 0  # one message
+    from jpslm_assets.resources import generation
+
+    forward, backward = answers([0, 1, 2], 1), answers([2, 1, 0], 1)
+    assert forward == backward
+    kept = generation._PREFIX_STATES.get(backend.load(str(models.gguf)))
+    assert kept is not None and kept[0] == tuple(prompt[:shared])
+
+
+def test_gguf_header_is_read_once_per_file_version(models: Models, tmp_path: Path) -> None:
+    """Export, deployment and serving each read a part of one GGUF header: one parse serves them all, and a
+    file replaced under the same name is read again."""
+    import shutil
+
+    from jpslm_assets.resources import llama_cpp_tools as tools
+
+    copy = tmp_path / "model.gguf"
+    shutil.copy(models.gguf, copy)
+    tools._read_header.cache_clear()
+    f16_types = tools.tensor_type_counts(copy)
+    assert "F16" in f16_types
+    chat = tools.gguf_chat_metadata(copy)
+    summary = tools.gguf_summary(copy)
+    assert tools._read_header.cache_info().misses == 1 and tools._read_header.cache_info().hits >= 2
+    assert chat.chat_template == CHATML and summary.tensors == sum(summary.tensor_types.values())
+    shutil.copy(models.q4, copy)  # the same path, another file
+    assert tools.tensor_type_counts(copy) != f16_types
+    assert tools._read_header.cache_info().misses == 2
+
+
+def test_transformers_gguf_loading_parses_each_file_once_and_restores_gguf_py(models: Models) -> None:
+    import gguf
+
+    from jpslm_assets.resources.models import _gguf_parsed_once
+
+    original = gguf.GGUFReader
+    with _gguf_parsed_once():
+        from gguf import GGUFReader  # as transformers imports it, inside its loader
+
+        first, second = GGUFReader(models.gguf), GGUFReader(str(models.gguf))
+        assert first is second and len(first.tensors) > 0
+        assert GGUFReader(models.q4) is not first
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    assert gguf.GGUFReader is original and gguf.GGUFReader(models.gguf) is not first
+
+
 def test_llama_cpp_reports_length_when_max_tokens_is_hit(models: Models) -> None:
     result = LlamaCppBackend(n_ctx=512).generate(str(models.gguf), _request(max_tokens=2, stop=()))
     assert result.finish_reason == "length" and result.completion_tokens == 2

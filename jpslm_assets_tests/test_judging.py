@@ -132,6 +132,20 @@ def test_gbnf_grammar_is_accepted_by_llama_cpp_and_admits_only_rubric_scores() -
     assert "char ::= [ !#-[\\]-~]" in ascii_grammar
 
 
+def test_the_profile_bounds_the_reason_and_the_bound_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    rubric_default = judge_lib.judge_settings(RUBRIC, backend="llama_cpp", model="m", max_answer_chars=64, retries=0)
+    assert rubric_default.reason_max_chars == RUBRIC.generation.reason_max_chars
+    short = judge_lib.judge_settings(
+        RUBRIC, backend="llama_cpp", model="m", max_answer_chars=64, retries=0, reason_max_chars=48
+    )
+    assert short.reason_max_chars == 48 and short.max_tokens < rubric_default.max_tokens
+    assert json.loads(short.as_json())["reason_max_chars"] == 48
+    assert load_profile("paper").judge.reason_max_chars is None  # the paper's judge keeps the rubric's bound
+    monkeypatch.setenv("JPSLM_JUDGE__REASON_MAX_CHARS", "30")
+    judge = judging.judge_resource_for(load_profile("demo"))
+    assert judge.settings(RUBRIC).reason_max_chars == 30
+
+
 def test_grammar_constrained_generation_yields_a_parseable_reply() -> None:
     """The grammar itself, applied by llama.cpp to the packaged small model, forces the JSON shape."""
     from llama_cpp import Llama, LlamaGrammar

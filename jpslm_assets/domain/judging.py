@@ -218,12 +218,14 @@ def judge_settings(
     seed: int = 42,
     constraint: Constraint | None = None,
     weights: str | None = None,
+    reason_max_chars: int | None = None,
 ) -> JudgeSettings:
     """Settings for one judge: profile values, run-config overrides, rubric defaults for the rest.
 
     With a grammar and English instructions the reason is restricted to printable ASCII: a small judge
     otherwise copies Japanese text from the prompt into its reason until ``max_tokens`` cuts the reply.
-    ``max_tokens`` always fits the longest admissible reply.
+    ``max_tokens`` always fits the longest admissible reply. ``reason_max_chars`` (None: the rubric's) bounds
+    the reason; it is part of the recorded settings, so scores made under different bounds are told apart.
     """
     if language is None:
         if backend not in rubric.default_language_by_backend:
@@ -240,7 +242,7 @@ def judge_settings(
     if retries < 0:
         raise RubricError(f"judge.retries must be >= 0, got {retries}")
     reason_ascii = language == "en" and constraint == "grammar"
-    reason_max_chars = rubric.generation.reason_max_chars
+    reason_max_chars = reason_max_chars or rubric.generation.reason_max_chars
     return JudgeSettings(
         backend=backend,
         model=model,
@@ -452,6 +454,7 @@ def judge_one(item: JudgeItem, generate: GenerateFn, rubric: Rubric, settings: J
             seed=settings.seed + attempt,
             grammar=grammar,
             json_schema=schema,
+            shared_prefix_messages=1,  # the system message (role and rubric) is the same for every item
         )
         try:
             result = generate(request)

@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from jpslm_assets.domain.fidelity import ScoringSequence, SequenceNll, answer_to
 from jpslm_assets.domain.modelfile import ChatTemplateError, ModelfileSpec, chat_turns
 from jpslm_assets.resources.generation_api import GenerationError, GenerationRequest, GenerationResult
 from jpslm_assets.resources.llama_cpp_tools import LlamaCppToolError, check_gguf_file
+from jpslm_assets.resources.models import llama_cpp_thread_count
 
 OLLAMA_HOST_ENV = "OLLAMA_HOST"
 DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
@@ -98,6 +100,48 @@ class GenerationBackend(dg.ConfigurableResource):
 # --------------------------------------------------------------------------------------------- llama.cpp
 
 
+_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def exclusive(model: Any) -> threading.RLock:
+    """The lock that one loaded model's users hold while they decode with it or close it.
+
+    A llama.cpp context is not thread-safe: two threads decoding with one ``Llama`` (or one closing it while
+    another decodes) crash the process. Models are shared through the cache below, so every decode and every
+    close goes through this lock.
+    """
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
+_PREFIX_STATES: weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], Any]] = weakref.WeakKeyDictionary()
+
+
+def _restore_prefix(llm: Any, prefix: tuple[int, ...]) -> None:
+    """Put ``llm`` in the state it has after evaluating exactly ``prefix`` from an empty context.
+
+    The state is computed once per model and prefix (the last prefix is kept) and restored for every request
+    that starts with it, so a request's result never depends on the request before it.
+    """
+    cached = _PREFIX_STATES.get(llm)
+    if cached is None or cached[0] != prefix:
+        llm.reset()
+        llm.eval(list(prefix))
+        _PREFIX_STATES[llm] = cached = (prefix, llm.save_state())
+    llm.load_state(cached[1])
+
+
+def _close(model: Any) -> None:
+    close = getattr(model, "close", None)
+    if callable(close):
+        with exclusive(model):
+            close()
+
+
 class _LoadedModels:
     """Models loaded in this process, least recently used evicted first (each holds its weights in RAM)."""
 
@@ -112,9 +156,7 @@ class _LoadedModels:
                 return self._models[key]
             while len(self._models) >= max(capacity, 1):
                 _, evicted = self._models.popitem(last=False)
-                close = getattr(evicted, "close", None)
-                if callable(close):
-                    close()
+                _close(evicted)
             loaded = load()
             self._models[key] = loaded
             return loaded
@@ -123,16 +165,13 @@ class _LoadedModels:
         """Forget (and close) one entry."""
         with self._lock:
             model = self._models.pop(key, None)
-        close = getattr(model, "close", None)
-        if callable(close):
-            close()
+        if model is not None:
+            _close(model)
 
     def clear(self) -> None:
         with self._lock:
             for model in self._models.values():
-                close = getattr(model, "close", None)
-                if callable(close):
-                    close()
+                _close(model)
             self._models.clear()
 
 
@@ -163,7 +202,11 @@ class LlamaCppBackend(GenerationBackend):
     backend_name: ClassVar[str] = "llama_cpp"
 
     n_ctx: int = Field(default=4096, gt=0, description="Context window (profile generation.num_ctx)")
-    n_threads: int | None = Field(default=None, description="CPU threads; None lets llama.cpp decide")
+    n_threads: int | None = Field(
+        default=None,
+        description="CPU threads for generation; None: this machine's physical cores that are not busy (llama-cpp-"
+        "python's own default, half the logical CPUs, leaves one of two cores idle on a 2-vCPU machine)",
+    )
     n_batch: int = Field(default=512, gt=0)
     n_gpu_layers: int = Field(default=0, description="-1 offloads every layer when built with CUDA")
     max_loaded_models: int = Field(default=2, gt=0, description="Models kept in memory per process")
@@ -184,7 +227,7 @@ class LlamaCppBackend(GenerationBackend):
                 return Llama(
                     model_path=str(path),
                     n_ctx=self.n_ctx,
-                    n_threads=self.n_threads,
+                    n_threads=llama_cpp_thread_count(self.n_threads),
                     n_batch=self.n_batch,
                     n_gpu_layers=self.n_gpu_layers,
                     logits_all=logits_all,
@@ -231,6 +274,28 @@ class LlamaCppBackend(GenerationBackend):
             raise self._error(model_ref, f"the chat template refused the conversation: {exc}") from exc
         return list(llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
 
+    def shared_prefix(self, model_ref: str, request: GenerationRequest, prompt: Sequence[int]) -> int:
+        """How many leading tokens of ``prompt`` are the request's shared messages (0: none, or they do not
+        tokenize as an exact prefix of the whole prompt, when nothing is reused)."""
+        if request.shared_prefix_messages <= 0 or request.shared_prefix_messages >= len(request.messages):
+            return 0
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        llm = self.load(model_ref)
+        formatter = Jinja2ChatFormatter(
+            template=llm.metadata["tokenizer.chat_template"],
+            eos_token=_token_text(llm, llm.token_eos()),
+            bos_token=_token_text(llm, llm.token_bos()),
+            add_generation_prompt=False,
+        )
+        try:
+            text = formatter(messages=list(request.messages[: request.shared_prefix_messages])).prompt  # type: ignore[arg-type]
+        except Exception:  # a template that refuses a conversation without a user turn: no reuse
+            return 0
+        prefix = list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+        # At least one token of the prompt stays to evaluate, so sampling starts from fresh logits.
+        return len(prefix) if 0 < len(prefix) < len(prompt) and list(prompt[: len(prefix)]) == prefix else 0
+
     def generate(self, model_ref: str, request: GenerationRequest) -> GenerationResult:
         llm = self.load(model_ref)
         prompt = self.render_prompt(model_ref, request.messages)
@@ -244,7 +309,8 @@ class LlamaCppBackend(GenerationBackend):
         started = time.perf_counter()
         try:
             text, generated, finish_reason = complete_tokens(
-                llm, prompt, request.max_tokens, request.temperature, request.seed, request.stop, grammar
+                llm, prompt, request.max_tokens, request.temperature, request.seed, request.stop, grammar,
+                prefix_tokens=self.shared_prefix(model_ref, request, prompt),
             )
         except (ValueError, RuntimeError) as exc:
             raise self._error(model_ref, f"generation failed: {exc}") from exc
@@ -301,11 +367,12 @@ class LlamaCppBackend(GenerationBackend):
             )
         llm = self.load(model_ref, logits_all=True)
         results = []
-        for sequence in sequences:
-            llm.reset()
-            llm.eval(list(sequence.ids))
-            logits = np.asarray(llm.scores[: len(sequence.ids)], dtype=np.float32)
-            results.append(answer_token_nll(logits, sequence))
+        with exclusive(llm):
+            for sequence in sequences:
+                llm.reset()
+                llm.eval(list(sequence.ids))
+                logits = np.asarray(llm.scores[: len(sequence.ids)], dtype=np.float32)
+                results.append(answer_token_nll(logits, sequence))
         return results
 
     def deploy(self, request: DeploymentRequest) -> Deployment:
@@ -356,19 +423,40 @@ def complete_tokens(
     seed: int,
     stop: Sequence[str] = (),
     grammar: Any = None,
+    prefix_tokens: int = 0,
 ) -> tuple[str, int, Literal["stop", "length"]]:
     """Generate after ``prompt`` until an end-of-generation token, a stop string or ``max_tokens``.
+
+    ``prefix_tokens``: the first that many prompt tokens are restored from a state computed once (see
+    ``_restore_prefix``) instead of being evaluated again; the rest of the prompt is evaluated as usual.
 
     Returns (text, generated token count, finish reason). Why not ``create_chat_completion``: llama-cpp-python
     skips its ``max_tokens`` check while the output ends inside a UTF-8 character, so a model that keeps
     emitting byte pieces runs past the limit until the context overflows. Here the limit is exact, and a
     character left incomplete at the limit is dropped from the text.
     """
+    with exclusive(llm):
+        return _complete_tokens(llm, prompt, max_tokens, temperature, seed, stop, grammar, prefix_tokens)
+
+
+def _complete_tokens(
+    llm: Any,
+    prompt: Sequence[int],
+    max_tokens: int,
+    temperature: float,
+    seed: int,
+    stop: Sequence[str],
+    grammar: Any,
+    prefix_tokens: int,
+) -> tuple[str, int, Literal["stop", "length"]]:
     import llama_cpp
 
-    # An empty context for every request: llama-cpp-python's reuse of a cached prompt prefix has failed to
-    # find KV cells here, and it would make an answer depend on the question asked before it.
-    llm.reset()
+    # Every request starts from an empty context, or from the state right after its shared prefix: never from
+    # what the request before it left, so an answer cannot depend on the question asked before it.
+    if prefix_tokens > 0:
+        _restore_prefix(llm, tuple(prompt[:prefix_tokens]))
+    else:
+        llm.reset()
     llm.set_seed(seed)
     vocab = llm._model.vocab
     generated: list[int] = []

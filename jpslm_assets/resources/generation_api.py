@@ -26,6 +26,9 @@ class GenerationRequest:
     # Constrained output: a GBNF grammar (llama.cpp) or a JSON schema (Ollama's `format`).
     grammar: str | None = None
     json_schema: dict[str, Any] | None = None
+    # How many leading messages many requests share word for word (the judge's system prompt and rubric).
+    # Embedded llama.cpp computes them once per loaded model and restores that state for every request.
+    shared_prefix_messages: int = 0
 
 
 @dataclass(frozen=True)

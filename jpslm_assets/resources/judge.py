@@ -117,6 +117,9 @@ class JudgeResource(dg.ConfigurableResource):
     )
     max_answer_chars: int = Field(gt=0, description="Answers and references are cut to this many characters")
     retries: int = Field(ge=0, le=10, description="Extra attempts after an unparseable reply")
+    reason_max_chars: int | None = Field(
+        default=None, gt=0, le=2000, description="Longest reason a reply may carry; None: the rubric's"
+    )
     language: str | None = Field(
         default=None, description="Rubric language ja / en; None: the rubric's default"
     )
@@ -198,6 +201,7 @@ class JudgeResource(dg.ConfigurableResource):
             retries=self.retries if retries is None else retries,
             language=language or self.language,  # type: ignore[arg-type]  # validated by check_language
             seed=self.seed,
+            reason_max_chars=self.reason_max_chars,
             weights=self.weights(model),
         )
 
