@@ -29,7 +29,7 @@ TABLE_ASSETS = ("stage1_scale_curve", "optimal_scale")
 
 def on_change() -> dg.AutomationCondition:
     """Missing for the first time, new code, or an upstream's data version changed, since last handled."""
-    changed = (
+    changed: dg.AutomationCondition = (
         dg.AutomationCondition.missing().newly_true().with_label("newly missing")
         | dg.AutomationCondition.code_version_changed().with_label("code version changed")
         | dg.AutomationCondition.any_deps_match(dg.AutomationCondition.data_version_changed()).with_label(

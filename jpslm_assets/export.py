@@ -233,7 +233,7 @@ def merged_model(
 class GgufConfig(dg.Config):
     """Fidelity measurement settings (the defaults follow the profile)."""
 
-    fidelity_questions: int = 0  # 0: the profile's eval_questions
+    fidelity_questions: int = 0  # 0: the profile's export.fidelity_questions (0 there: its eval_questions)
     fidelity_dtype: str = "float32"  # the HF reference runs unquantized in full precision
 
 
@@ -426,7 +426,8 @@ def _materialize_gguf(
     name = adapter.key.replace("@", "-")
     target = export_folder(adapter.key, n) / f"{name}-n{n}-{format_name}.gguf"
     remove_stale_partials(target)
-    questions = config.fidelity_questions or current_profile().eval_questions
+    profile = current_profile()
+    questions = config.fidelity_questions or profile.export.fidelity_questions or profile.eval_questions
     f16_row = _single_row(gguf_f16, "gguf_f16", adapter.key) if gguf_f16 is not None else None
     started = time.perf_counter()
     try:

@@ -66,6 +66,16 @@ class JudgeSettings(BaseModel):
     model: str
     max_answer_chars: int = Field(gt=0)
     retries: int = Field(ge=0, le=10)
+    # The longest reason a judge may write (the grammar / JSON schema bound it); None: the rubric's own.
+    reason_max_chars: int | None = Field(default=None, gt=0, le=2000)
+
+
+class ExportSettings(BaseModel):
+    """GGUF export. ``fidelity_questions``: how many evaluation questions (the stratified, seeded subset) each
+    GGUF's answer-token NLL is compared on against the merged HF model; 0 means all of ``eval_questions``.
+    Scoring with every position's logits costs about a second a question for a 135M model on 2 cores."""
+
+    fidelity_questions: int = Field(default=0, ge=0)
 
 
 class ScheduleSettings(BaseModel):
@@ -99,6 +109,7 @@ class Profile(BaseSettings):
     train: TrainSettings
     generation: GenerationSettings
     judge: JudgeSettings
+    export: ExportSettings = ExportSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     automation: AutomationSettings = AutomationSettings()
 

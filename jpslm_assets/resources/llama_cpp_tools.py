@@ -2,8 +2,11 @@
 
 Why the sdist: llama-cpp-python's wheel ships the llama.cpp library but not its Python converter. The sdist of
 the *installed* version vendors the matching ``convert_hf_to_gguf.py`` together with its own ``gguf-py``,
-which must be used instead of PyPI's ``gguf`` (the two drift apart). The sdist is fetched once with
-``pip download`` and only the Python parts are unpacked into a cache folder.
+which must be used instead of PyPI's ``gguf`` (the two drift apart). The sdist is fetched once, straight from
+the package index pip is configured with (its JSON simple API, sha256 checked), with ``pip download`` as the
+fallback, and only the Python parts are unpacked into a cache folder. Why not ``pip download`` first: it
+prepares the sdist's metadata in an isolated build environment (scikit-build-core, CMake), about a minute and a
+half on 2 cores, for a file that is only unpacked.
 
 Conversion and quantization run in subprocesses: a converter crash or a llama.cpp abort then fails one step
 with its log instead of killing the step process, and a killed step leaves only a ``*.partial`` file behind,
@@ -12,6 +15,7 @@ never a torn file under the final name.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -100,16 +104,66 @@ def check_gguf_file(path: Path) -> None:
         )
 
 
-def tensor_type_counts(path: Path) -> dict[str, int]:
-    """How many tensors of each ggml type (F16, Q4_K, Q6_K, ...) a GGUF file holds."""
-    check_gguf_file(path)
+@dataclass(frozen=True)
+class GgufChatMetadata:
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+    add_bos: bool  # whether llama.cpp (and Ollama) prepend BOS to a prompt
+
+
+@dataclass(frozen=True)
+class _GgufHeader:
+    tensors: tuple[tuple[str, str, tuple[int, ...]], ...]  # (name, ggml type, shape)
+    chat: GgufChatMetadata
+
+
+@functools.lru_cache(maxsize=16)
+def _read_header(path: str, mtime_ns: int, size: int) -> _GgufHeader:
+    """One parse of a GGUF's header and tensor table, kept per file version (path, mtime, size).
+
+    gguf-py's reader parses every metadata array element by element (a 49k-token vocabulary takes seconds),
+    and export, deployment and serving each ask for a part of the same header.
+    """
     from gguf import GGUFReader
 
     try:
-        reader = GGUFReader(str(path))
+        reader = GGUFReader(path)
     except Exception as exc:
         raise LlamaCppToolError(f"cannot read the tensor table of {path} ({exc}); re-materialize it.") from exc
-    counts = Counter(tensor.tensor_type.name for tensor in reader.tensors)
+    fields = reader.fields
+
+    def value(key: str) -> Any:
+        return fields[key].contents() if key in fields else None
+
+    def token_text(key: str) -> str:
+        token = value(key)
+        return str(fields["tokenizer.ggml.tokens"].contents(int(token))) if token is not None else ""
+
+    add_bos = value("tokenizer.ggml.add_bos_token")
+    if add_bos is None:  # llama.cpp's default: SentencePiece vocabularies add BOS, others do not
+        add_bos = value("tokenizer.ggml.model") == "llama"
+    chat = GgufChatMetadata(
+        chat_template=value("tokenizer.chat_template"),
+        bos_token=token_text("tokenizer.ggml.bos_token_id"),
+        eos_token=token_text("tokenizer.ggml.eos_token_id"),
+        add_bos=bool(add_bos),
+    )
+    tensors = tuple(
+        (tensor.name, tensor.tensor_type.name, tuple(int(size) for size in tensor.shape)) for tensor in reader.tensors
+    )
+    return _GgufHeader(tensors, chat)
+
+
+def _header(path: Path) -> _GgufHeader:
+    check_gguf_file(path)
+    stat = path.stat()
+    return _read_header(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+def tensor_type_counts(path: Path) -> dict[str, int]:
+    """How many tensors of each ggml type (F16, Q4_K, Q6_K, ...) a GGUF file holds."""
+    counts = Counter(kind for _, kind, _ in _header(path).tensors)
     return dict(sorted(counts.items()))
 
 
@@ -123,49 +177,14 @@ class GgufSummary:
 
 def gguf_summary(path: Path) -> GgufSummary:
     """Tensor type counts and whether K-quants can apply to every matrix."""
-    types = tensor_type_counts(path)
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    incompatible = tuple(
-        tensor.name
-        for tensor in reader.tensors
-        if len(tensor.shape) >= 2 and int(tensor.shape[0]) % 256 != 0
-    )
-    return GgufSummary(types, len(reader.tensors), not incompatible, incompatible)
-
-
-@dataclass(frozen=True)
-class GgufChatMetadata:
-    chat_template: str | None
-    bos_token: str
-    eos_token: str
-    add_bos: bool  # whether llama.cpp (and Ollama) prepend BOS to a prompt
+    tensors = _header(path).tensors
+    incompatible = tuple(name for name, _, shape in tensors if len(shape) >= 2 and shape[0] % 256 != 0)
+    return GgufSummary(tensor_type_counts(path), len(tensors), not incompatible, incompatible)
 
 
 def gguf_chat_metadata(path: Path) -> GgufChatMetadata:
     """The chat template and BOS/EOS facts from a GGUF header, without loading its weights."""
-    check_gguf_file(path)
-    from gguf import GGUFReader
-
-    fields = GGUFReader(str(path)).fields
-
-    def value(key: str) -> Any:
-        return fields[key].contents() if key in fields else None
-
-    def token_text(key: str) -> str:
-        token = value(key)
-        return str(fields["tokenizer.ggml.tokens"].contents(int(token))) if token is not None else ""
-
-    add_bos = value("tokenizer.ggml.add_bos_token")
-    if add_bos is None:  # llama.cpp's default: SentencePiece vocabularies add BOS, others do not
-        add_bos = value("tokenizer.ggml.model") == "llama"
-    return GgufChatMetadata(
-        chat_template=value("tokenizer.chat_template"),
-        bos_token=token_text("tokenizer.ggml.bos_token_id"),
-        eos_token=token_text("tokenizer.ggml.eos_token_id"),
-        add_bos=bool(add_bos),
-    )
+    return _header(path).chat
 
 
 def remove_stale_partials(target: Path) -> list[Path]:
@@ -264,6 +283,10 @@ class LlamaCppTools(dg.ConfigurableResource):
         return target
 
     def _download_sdist(self, version: str, folder: Path) -> Path:
+        try:
+            return fetch_sdist_from_index(LLAMA_CPP_DIST, version, folder)
+        except LlamaCppToolError as exc:
+            dg.get_dagster_logger().info(f"{exc}; falling back to `pip download`")
         command = [
             sys.executable, "-m", "pip", "download", f"{LLAMA_CPP_DIST}=={version}",
             "--no-binary", ":all:", "--no-deps", "--quiet", "-d", str(folder),
@@ -361,6 +384,61 @@ class LlamaCppTools(dg.ConfigurableResource):
         check_gguf_file(partial)
         os.replace(partial, out_path)
         return time.monotonic() - started
+
+
+def pip_index_url() -> str:
+    """The index pip installs from: ``$PIP_INDEX_URL``, else pip's configured ``index-url``, else PyPI."""
+    configured = os.environ.get("PIP_INDEX_URL")
+    if configured:
+        return configured.split()[0]
+    listed = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60, check=False
+    )
+    for line in listed.stdout.splitlines():
+        name, _, value = line.partition("=")
+        if name.strip().endswith(".index-url") and value.strip():
+            return value.strip().strip("'\"")
+    return "https://pypi.org/simple"
+
+
+def fetch_sdist_from_index(dist: str, version: str, folder: Path, index_url: str | None = None) -> Path:
+    """Download ``dist==version``'s sdist into ``folder`` through the index's JSON simple API (PEP 691).
+
+    The file's sha256 is checked against the index's; any failure raises ``LlamaCppToolError``.
+    """
+    import hashlib
+
+    import httpx
+
+    index = (index_url or pip_index_url()).rstrip("/")
+    project = re.sub(r"[-_.]+", "-", dist).lower()
+    wanted = f"{re.sub(r'[-_.]+', '_', dist).lower()}-{version}.tar.gz"
+    try:
+        with httpx.Client(timeout=httpx.Timeout(120.0, connect=15.0), follow_redirects=True) as client:
+            listing = client.get(
+                f"{index}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+            )
+            listing.raise_for_status()
+            if "json" not in listing.headers.get("content-type", ""):
+                raise LlamaCppToolError(f"{index} does not offer the JSON simple API")
+            files = [entry for entry in listing.json().get("files", []) if entry.get("filename") == wanted]
+            if not files:
+                raise LlamaCppToolError(f"{index} lists no {wanted}")
+            expected = files[0].get("hashes", {}).get("sha256")
+            url = httpx.URL(str(listing.url)).join(files[0]["url"])
+            target = folder / wanted
+            digest = hashlib.sha256()
+            with client.stream("GET", url) as response, target.open("wb") as out:
+                response.raise_for_status()
+                for chunk in response.iter_bytes(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+    except (httpx.HTTPError, ValueError, KeyError, OSError) as exc:
+        raise LlamaCppToolError(f"could not fetch {wanted} from {index} ({exc})") from exc
+    if expected and digest.hexdigest() != expected:
+        target.unlink(missing_ok=True)
+        raise LlamaCppToolError(f"{wanted} from {index} has sha256 {digest.hexdigest()}, the index says {expected}")
+    return target
 
 
 def _unpack_converter(sdist: Path, folder: Path) -> None:
