@@ -88,6 +88,8 @@ def _check_tables(data_dir: Path) -> None:
         # CPU precision follows this machine's CPU, with its reason recorded.
         expected, _ = choose_cpu_precision("auto", cpu_bf16_flags())
         label = "bf16-autocast" if expected == "bf16" else "fp32"
+        both = con.sql("SELECT stage, count(*) FROM marts.training_runs GROUP BY stage ORDER BY stage").fetchall()
+        assert both == [(1, len(profile.n_grid)), (2, len(profile.models))]
         runs = pl.concat([stage1, stage2])
         assert set(runs["precision"]) == {label}
         assert all(reason.startswith("cpu_precision=auto") for reason in runs["precision_reason"])

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -92,6 +93,51 @@ def test_cli_ui_refuses_a_port_in_use_before_starting_dagster(data_dir: Path) ->
     assert f"jpslm ui --port {port + 1}" in result.stderr
     assert "Traceback" not in result.stderr
     assert "dagster dev" not in result.stdout  # refused before starting anything
+
+
+@pytest.mark.integration
+def test_cli_ui_starts_dagster_with_its_own_interpreter_without_path(data_dir: Path, tmp_path: Path) -> None:
+    """`.venv/bin/jpslm ui` from a shell whose PATH lacks the environment's bin folder (no `dagster` on PATH):
+    the UI comes up, on a home whose dagster.yaml turns telemetry and the onboarding dialog off."""
+    import shutil
+
+    import httpx
+    import yaml
+
+    from jpslm_assets_tests.dagster_processes import DagsterProcess, free_port
+
+    script = Path(sys.executable).parent / "jpslm"
+    if not script.exists():
+        script = Path(shutil.which("jpslm") or "")
+    assert script.is_file(), "the jpslm console script is not installed beside this interpreter"
+    port = free_port()
+    home = tmp_path / "home"
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("DAGSTER_", "VIRTUAL_ENV"))}
+    env.update(PATH="/usr/bin:/bin", JPSLM_DATA_DIR=str(data_dir), DAGSTER_HOME=str(home))
+    log = tmp_path / "ui.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(script), "ui", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env,
+            cwd=tmp_path, start_new_session=True,
+        )  # fmt: skip
+    ui = DagsterProcess("jpslm ui", process, log)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert ui.alive(), ui.log_tail()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/server_info", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            raise AssertionError(f"the UI did not answer within 180 s\n{ui.log_tail()}")
+    finally:
+        ui.stop()
+    config = yaml.safe_load((home / "dagster.yaml").read_text("utf-8"))
+    assert config["telemetry"] == {"enabled": False} and config["nux"] == {"enabled": False}
+    assert "No such file or directory" not in log.read_text("utf-8", errors="replace")
 
 
 def test_port_check_accepts_a_free_port_and_rejects_a_listening_one() -> None:
