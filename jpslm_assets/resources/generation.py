@@ -40,7 +40,7 @@ from pydantic import Field
 from jpslm_assets.domain.fidelity import ScoringSequence, SequenceNll, answer_token_nll
 from jpslm_assets.domain.modelfile import ChatTemplateError, ModelfileSpec, chat_turns
 from jpslm_assets.resources.generation_api import GenerationError, GenerationRequest, GenerationResult
-from jpslm_assets.resources.llama_cpp_tools import LlamaCppToolError, check_gguf_file
+from jpslm_assets.resources.llama_cpp_tools import LlamaCppToolError, check_gguf_file, file_identity
 from jpslm_assets.resources.models import llama_cpp_thread_count
 
 OLLAMA_HOST_ENV = "OLLAMA_HOST"
@@ -191,9 +191,16 @@ def release_loaded_models() -> None:
 atexit.register(_LLAMA_SERVERS.clear)
 
 
-def _file_identity(path: Path) -> tuple[str, int, int]:
-    stat = path.stat()
-    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+def _chat_formatter(llm: Any, generation_prompt: bool) -> Any:
+    """llama-cpp-python's Jinja renderer for the GGUF's own chat template, its BOS and EOS texts."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    return Jinja2ChatFormatter(
+        template=llm.metadata["tokenizer.chat_template"],
+        eos_token=_token_text(llm, llm.token_eos()),
+        bos_token=_token_text(llm, llm.token_bos()),
+        add_generation_prompt=generation_prompt,
+    )
 
 
 class LlamaCppBackend(GenerationBackend):
@@ -218,7 +225,7 @@ class LlamaCppBackend(GenerationBackend):
             check_gguf_file(path)
         except LlamaCppToolError as exc:
             raise self._error(model_ref, str(exc)) from exc
-        key = (*_file_identity(path), self.n_ctx, logits_all, self.n_gpu_layers)
+        key = (*file_identity(path), self.n_ctx, logits_all, self.n_gpu_layers)
 
         def load() -> Any:
             from llama_cpp import Llama
@@ -259,17 +266,10 @@ class LlamaCppBackend(GenerationBackend):
         As in llama-cpp-python's chat handler (and HF's ``apply_chat_template``), the template writes any BOS
         itself: none is added, so none is doubled.
         """
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         llm = self.load(model_ref)
         self.check_chat_template(model_ref)
-        formatter = Jinja2ChatFormatter(
-            template=llm.metadata["tokenizer.chat_template"],
-            eos_token=_token_text(llm, llm.token_eos()),
-            bos_token=_token_text(llm, llm.token_bos()),
-        )
         try:
-            prompt = formatter(messages=list(messages)).prompt  # type: ignore[arg-type]
+            prompt = _chat_formatter(llm, generation_prompt=True)(messages=list(messages)).prompt
         except Exception as exc:  # the template's own raise_exception, or a Jinja error
             raise self._error(model_ref, f"the chat template refused the conversation: {exc}") from exc
         return list(llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
@@ -279,17 +279,10 @@ class LlamaCppBackend(GenerationBackend):
         tokenize as an exact prefix of the whole prompt, when nothing is reused)."""
         if request.shared_prefix_messages <= 0 or request.shared_prefix_messages >= len(request.messages):
             return 0
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         llm = self.load(model_ref)
-        formatter = Jinja2ChatFormatter(
-            template=llm.metadata["tokenizer.chat_template"],
-            eos_token=_token_text(llm, llm.token_eos()),
-            bos_token=_token_text(llm, llm.token_bos()),
-            add_generation_prompt=False,
-        )
+        shared = list(request.messages[: request.shared_prefix_messages])
         try:
-            text = formatter(messages=list(request.messages[: request.shared_prefix_messages])).prompt  # type: ignore[arg-type]
+            text = _chat_formatter(llm, generation_prompt=False)(messages=shared).prompt
         except Exception:  # a template that refuses a conversation without a user turn: no reuse
             return 0
         prefix = list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
@@ -784,7 +777,7 @@ class LlamaServerBackend(GenerationBackend):
         except LlamaCppToolError as exc:
             raise self._error(model_ref, str(exc)) from exc
         key = (
-            *_file_identity(path), self.resolved_binary(), self.host, self.port, self.parallel, self.n_ctx,
+            *file_identity(path), self.resolved_binary(), self.host, self.port, self.parallel, self.n_ctx,
             self.n_gpu_layers, tuple(self.extra_args),
         )  # fmt: skip
         server: _LlamaServer = _LLAMA_SERVERS.get(key, lambda: self._start(path), self.max_servers)

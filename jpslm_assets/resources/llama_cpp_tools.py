@@ -155,10 +155,15 @@ def _read_header(path: str, mtime_ns: int, size: int) -> _GgufHeader:
     return _GgufHeader(tensors, chat)
 
 
+def file_identity(path: Path) -> tuple[str, int, int]:
+    """(resolved path, mtime in ns, size): a file version, for caches that must see a replaced file."""
+    stat = path.stat()
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+
+
 def _header(path: Path) -> _GgufHeader:
     check_gguf_file(path)
-    stat = path.stat()
-    return _read_header(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    return _read_header(*file_identity(path))
 
 
 def tensor_type_counts(path: Path) -> dict[str, int]:
