@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from importlib import resources
 
 import polars as pl
+from bench_readme_command import cpu_facts  # this folder is on sys.path when run as a script
 
 from jpslm_assets.domain import judging as judge_lib
 from jpslm_assets.judging import judge_resource_for
@@ -61,6 +62,9 @@ def main() -> None:
     parser.add_argument("--chars", type=int, nargs="+", default=[200, 400])
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--weights", nargs="+", default=["source", "f16"], help="source | f16 | q8_0")
+    parser.add_argument(
+        "--grammar", nargs="+", default=["fast"], help="fast (check the chosen token) | full (mask the vocabulary)"
+    )
     args = parser.parse_args()
 
     profile = load_profile("demo")
@@ -78,19 +82,14 @@ def main() -> None:
         judge = base.model_copy(update={"embedded_weights": weights})
         model_ref = judge.model_ref()
         for threads in args.threads:
-            backend = LlamaCppBackend(n_ctx=rubric.generation.num_ctx, n_threads=threads)
-            backend.load(model_ref)  # load outside the timed loop
-            for chars in args.chars:
-                runs.append(
-                    Run(
-                        weights,
-                        threads,
-                        chars,
-                        backend,
-                        model_ref,
-                        judge.settings(rubric, max_answer_chars=chars),
-                    )
+            for grammar in args.grammar:
+                backend = LlamaCppBackend(
+                    n_ctx=rubric.generation.num_ctx, n_threads=threads, grammar_fast_path=grammar == "fast"
                 )
+                backend.load(model_ref)  # load outside the timed loop
+                for chars in args.chars:
+                    settings = judge.settings(rubric, max_answer_chars=chars)
+                    runs.append(Run(weights, threads, grammar, chars, backend, model_ref, settings))
     for item in items:
         for run in runs:
             run.judge(item, rubric)
@@ -98,18 +97,21 @@ def main() -> None:
     for run in runs:
         wall, cpu = run.wall / len(items), run.cpu / len(items)
         print(
-            f"weights={run.weights} threads={run.threads} max_answer_chars={run.chars}: {wall:.2f} s/judgement "
+            f"weights={run.weights} threads={run.threads} grammar={run.grammar} max_answer_chars={run.chars}: "
+            f"{wall:.2f} s/judgement "
             f"wall (x{wall / first:.2f} of the first row), {cpu:.2f} CPU s, "
             f"{sum(run.prompt_tokens) / len(run.prompt_tokens):.0f} prompt + "
             f"{sum(run.reply_tokens) / len(run.reply_tokens):.0f} reply tokens per call, "
             f"parse rate {sum(run.parsed) / len(run.parsed):.2f}, scores {run.scores}"
         )
+    print(f"# {cpu_facts()}")
 
 
 @dataclass
 class Run:
     weights: str
     threads: int
+    grammar: str
     chars: int
     backend: LlamaCppBackend
     model_ref: str

@@ -612,8 +612,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "test" and not Path(db).exists():
         print(f"error: DuckDB file {db} does not exist; run `jpslm-sql run --db {db}` first", file=sys.stderr)
         return 2
+    from jpslm_assets.store import open_duckdb
+
     try:
-        conn = duckdb.connect(db, read_only=args.command == "test")
+        conn = open_duckdb(db, read_only=args.command == "test")
     except duckdb.Error as exc:
         print(f"error: cannot open DuckDB file {db}: {exc}", file=sys.stderr)
         return 2

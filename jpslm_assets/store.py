@@ -134,6 +134,30 @@ def _is_corrupt_error(exc: Exception) -> bool:
     )
 
 
+# The catalog name every connection gives the project's file. DuckDB names a file's catalog after its stem by
+# default, so a file called `kg.duckdb` or `marts.duckdb` would make `kg.nodes` ambiguous between catalog `kg`
+# and schema `kg`; attached under a fixed name, any file name works.
+CATALOG = "jpslm_store"
+
+
+def open_duckdb(file: Path | str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """A connection whose current catalog is ``file``, attached as ``CATALOG`` (see above)."""
+    conn = duckdb.connect(":memory:")
+    try:
+        mode = " (READ_ONLY)" if read_only else ""
+        conn.execute(f"ATTACH {_sql_string(str(file))} AS {CATALOG}{mode}")
+        conn.execute(f"USE {CATALOG}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _sql_string(text: str) -> str:
+    """A SQL string literal (ATTACH takes no bound parameter for its path)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 class DuckDBStore(dg.ConfigurableResource):
     """The project's DuckDB file. Connections are short; a held lock is retried with backoff."""
 
@@ -160,7 +184,7 @@ class DuckDBStore(dg.ConfigurableResource):
         delay = 0.05
         while True:
             try:
-                conn = duckdb.connect(str(file), read_only=read_only)
+                conn = open_duckdb(file, read_only=read_only)
                 break
             except duckdb.Error as exc:
                 if _is_lock_error(exc) and time.monotonic() < deadline:

@@ -224,6 +224,9 @@ def test_served_names_are_valid_ollama_names() -> None:
 def test_conversion_failures_are_classified() -> None:
     tanuki = "Traceback...\nNotImplementedError: BPE pre-tokenizer was not recognized - update get_vocab_base_pre()"
     assert classify_conversion_failure(tanuki) == "unknown_tokenizer"
+    assert classify_conversion_failure("ERROR:hf-to-gguf:Model MadeUpForCausalLM is not supported") == (
+        "unsupported_architecture"
+    )
     assert classify_conversion_failure("NotImplementedError: Architecture 'MadeUpForCausalLM' not supported!") == (
         "unsupported_architecture"
     )

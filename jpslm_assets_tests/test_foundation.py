@@ -274,3 +274,28 @@ def test_every_asset_has_group_kinds_code_version_and_description() -> None:
         if not kinds:
             problems.append(f"{name}: no kinds")
     assert not problems, "\n".join(problems)
+
+
+def test_readme_commands_and_ci_build_the_same_lean_llama_cpp() -> None:
+    """Both README set-up commands and CI build llama-cpp-python with the same CMAKE_ARGS, whose include file
+    exists and switches llama.cpp's `common` library off (llama-cpp-python forces it on; nothing loads it)."""
+    import re
+    import shlex
+
+    readme = (ROOT / "README.md").read_text("utf-8")
+    blocks = re.findall(r"```bash\n(.+?)\n```", readme, re.S)
+    commands = [block for block in blocks if "pip install" in block and "torch==2.13.0" in block]
+    ci = (ROOT / ".ci" / "run").read_text("utf-8")
+    commands.append(next(line for line in ci.splitlines() if "pip install" in line))
+    assert len(commands) == 3
+    prefixes = {command.split(" pip install", 1)[0] for command in commands}
+    assert len(prefixes) == 1, prefixes
+    (assignment,) = shlex.split(prefixes.pop())
+    name, value = assignment.split("=", 1)
+    assert name == "CMAKE_ARGS"
+    defines = dict(arg[2:].split("=", 1) for arg in value.split())
+    assert defines["LLAVA_BUILD"] == "OFF"
+    include = Path(defines["CMAKE_PROJECT_llama.cpp_INCLUDE"].replace("$PWD", str(ROOT)))
+    assert include.is_file()
+    statements = [line.strip() for line in include.read_text().splitlines() if not line.strip().startswith("#")]
+    assert "set(LLAMA_BUILD_COMMON OFF)" in statements

@@ -103,15 +103,44 @@ def test_a_shared_system_prefix_is_computed_once_and_never_carries_over(models: 
 
     request = _request(messages=[system, {"role": "user", "content": questions[0]}], shared_prefix_messages=1)
     prompt = backend.render_prompt(str(models.gguf), request.messages)
-    shared = backend.shared_prefix(str(models.gguf), request, prompt)
+    (shared,) = backend.shared_prefix(str(models.gguf), request, prompt)
     assert 0 < shared < len(prompt)
-    assert backend.shared_prefix(str(models.gguf), _request(shared_prefix_messages=1), prompt) == 0  # one message
-    from jpslm_assets.resources import generation
+    assert backend.shared_prefix(str(models.gguf), _request(shared_prefix_messages=1), prompt) == ()  # one message
+    from jpslm_assets.resources import prompt_states
 
+    prompt_states.clear()
     forward, backward = answers([0, 1, 2], 1), answers([2, 1, 0], 1)
     assert forward == backward
-    kept = generation._PREFIX_STATES.get(backend.load(str(models.gguf)))
-    assert kept is not None and kept[0] == tuple(prompt[:shared])
+    assert prompt_states.stored() == [tuple(prompt[:shared])]
+
+
+def test_answers_to_one_question_share_a_second_stored_state(models: Models) -> None:
+    """The judge's user message repeats the question (and reference) for every answer to it: the state after
+    that part is stored too, computed from the system state, and replies do not depend on which answer came
+    first, nor on whether the states were already stored."""
+    from jpslm_assets.resources import prompt_states
+
+    backend = LlamaCppBackend(n_ctx=512)
+    system = {"role": "system", "content": "採点基準: 3 正確 0 誤り"}
+    head = "問題: 堤防の点検はいつ行うか。\n"
+    candidates = ["回答: 毎年出水期の前に行う。", "回答: 必要に応じて行う。", "回答: 点検は不要である。"]
+
+    def request(index: int):  # type: ignore[no-untyped-def]
+        user = {"role": "user", "content": head + candidates[index]}
+        return _request(messages=[system, user], max_tokens=12, stop=(), shared_prefix_messages=1,
+                        shared_last_message_chars=len(head))  # fmt: skip
+
+    prompt = backend.render_prompt(str(models.gguf), request(0).messages)
+    first, second = backend.shared_prefix(str(models.gguf), request(0), prompt)
+    assert 0 < first < second < len(prompt)
+    prompt_states.clear()
+    cold = [backend.generate(str(models.gguf), request(index)).text for index in (0, 1, 2)]
+    assert prompt_states.stored() == [tuple(prompt[:first]), tuple(prompt[:second])]
+    warm = [backend.generate(str(models.gguf), request(index)).text for index in (2, 1, 0)][::-1]
+    assert cold == warm
+    prompt_states.clear()
+    alone = [backend.generate(str(models.gguf), request(index)).text for index in (1,)]
+    assert alone == cold[1:2]
 
 
 def test_gguf_header_is_read_once_per_file_version(models: Models, tmp_path: Path) -> None:
@@ -165,6 +194,84 @@ def test_llama_cpp_grammar_and_json_schema_constrain_the_output(models: Models) 
     assert json.loads(structured.text)["score"] in {0, 1, 2, 3}
     with pytest.raises(GenerationError, match="grammar does not parse"):
         backend.generate(str(models.gguf), _request(grammar="root ::= ["))
+
+
+def test_grammar_fast_path_chooses_the_tokens_of_the_full_vocabulary_grammar(
+    models: Models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy decoding under a grammar checks the chosen token first and masks the whole vocabulary only when
+    the grammar rejects it: the tokens are those of llama-cpp-python's grammar-over-everything sampler, for a
+    grammar that rejects most greedy choices, one that accepts most, and after a restored shared prefix."""
+    from jpslm_assets.resources import generation, grammar_decoding
+
+    backend = LlamaCppBackend(n_ctx=512)
+    llm = backend.load(str(models.gguf))
+    calls = {"checked": 0, "masked": 0}
+    allows, best_allowed = grammar_decoding.GrammarSampler.allows, grammar_decoding.GrammarSampler.best_allowed
+
+    def counted_allows(self, token):  # type: ignore[no-untyped-def]
+        calls["checked"] += 1
+        return allows(self, token)
+
+    def counted_best_allowed(self, logits):  # type: ignore[no-untyped-def]
+        calls["masked"] += 1
+        return best_allowed(self, logits)
+
+    monkeypatch.setattr(grammar_decoding.GrammarSampler, "allows", counted_allows)
+    monkeypatch.setattr(grammar_decoding.GrammarSampler, "best_allowed", counted_best_allowed)
+    grammars = {
+        "strict": 'root ::= "{\\"score\\": " [0-3] ", \\"reason\\": \\"" [^"]{0,12} "\\"}"',
+        "loose": "root ::= [^\\x00]{1,20}",
+    }
+    system = {"role": "system", "content": "採点基準: 3 正確 0 誤り"}
+    for name, text in grammars.items():
+        request = _request(grammar=text, max_tokens=40, stop=())
+        grammar = backend._grammar(llm, str(models.gguf), request)
+        for messages, shared in ((QUESTION, 0), ([system, *QUESTION], 1)):
+            prompt = backend.render_prompt(str(models.gguf), messages)
+            prefix = backend.shared_prefix(
+                str(models.gguf), _request(messages=messages, shared_prefix_messages=shared), prompt
+            )
+            assert bool(prefix) == (shared > 0)
+            fast = generation.complete_tokens(llm, prompt, 40, 0.0, 42, (), grammar, prefix_tokens=prefix)
+            full = generation.complete_tokens(
+                llm, prompt, 40, 0.0, 42, (), grammar, prefix_tokens=prefix, grammar_fast_path=False
+            )
+            assert fast == full, f"{name} grammar, shared prefix {prefix}"
+            assert fast[1] > 0
+    assert calls["masked"] > 0 and calls["checked"] > calls["masked"], calls
+
+
+def test_forked_and_subprocess_conversions_write_the_same_gguf(
+    models: Models, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The converter runs in a forked child of the step (inheriting torch and transformers) or in a new
+    interpreter: the same GGUF byte for byte, and a converter failure is read from the child's log either way."""
+    import gguf  # PyPI's gguf loaded here: the forked converter must still use the sdist's own
+
+    from jpslm_assets.resources.llama_cpp_tools import ConversionFailed
+
+    cache = str(request.config.cache.mkdir("llama-cpp-converter"))
+    overrides = {"tokenizer.ggml.add_space_prefix": False}
+    outputs = {}
+    for isolation in ("fork", "subprocess"):
+        tools = LlamaCppTools(cache_dir=cache, isolation=isolation)
+        outputs[isolation] = tools.convert_hf_to_gguf(
+            models.hf, tmp_path / f"{isolation}.gguf", metadata_overrides=overrides
+        ).path.read_bytes()
+    assert outputs["fork"] == outputs["subprocess"] == models.gguf.read_bytes()
+    assert "gguf" in __import__("sys").modules and gguf.__name__ == "gguf"
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"architectures": ["MadeUpForCausalLM"]}))
+    for isolation in ("fork", "subprocess"):
+        tools = LlamaCppTools(cache_dir=cache, isolation=isolation)
+        with pytest.raises(ConversionFailed) as failed:
+            tools.convert_hf_to_gguf(broken, tmp_path / f"broken-{isolation}.gguf")
+        assert failed.value.kind == "unsupported_architecture", failed.value
+        assert "MadeUpForCausalLM" in str(failed.value)
+        assert not list(tmp_path.glob(f".broken-{isolation}.gguf.partial-*"))
 
 
 def test_llama_cpp_names_missing_and_corrupt_files(models: Models, tmp_path: Path) -> None:

@@ -202,3 +202,20 @@ def test_read_waits_for_a_short_lock(store: DuckDBStore) -> None:
     assert patient.query("SELECT count(*) AS c FROM kg.items").item() == 1
     holder.wait()
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("stem", ["kg", "qa", "train", "eval", "serve", "lineage", "marts", "main", "jpslm_store"])
+def test_any_file_name_works_even_a_schema_name(tmp_path: Path, stem: str) -> None:
+    """DuckDB names a file's catalog after its stem; `kg.duckdb` made `kg.items` ambiguous (catalog or schema)
+    and every write failed. The store attaches its file under a fixed catalog name instead."""
+    store = DuckDBStore(path=str(tmp_path / f"{stem}.duckdb"))
+    for schema in ("kg", "qa", "train", "eval", "serve", "lineage", "marts"):
+        for part, value in (("a", 1), ("b", 2), ("a", 3)):
+            store.write_slice(f"{schema}.items", pl.DataFrame({"part": [part], "v": [value]}), {"part": part})
+        assert store.read_slices(f"{schema}.items", [{"part": "a"}])["v"].to_list() == [3]
+        assert store.table_exists(f"{schema}.items")
+    assert store.query("SELECT count(*) AS n FROM kg.items")["n"].item() == 2
+    with store.connect(read_only=True) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == ("jpslm_store",)
+    with store.connect(read_only=True) as conn, pytest.raises(duckdb.Error, match="read-only"):
+        conn.execute("CREATE TABLE kg.other AS SELECT 1")

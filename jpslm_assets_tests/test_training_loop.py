@@ -81,6 +81,45 @@ def test_loss_covers_answer_tokens_only(tiny_base: Path, tmp_path: Path) -> None
     assert abs(loss - whole_sequence) > 1e-3, "the check must tell answer-only from whole-sequence loss"
 
 
+def test_answer_position_head_gives_the_models_own_loss(
+    tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU loss applies the LM head to answer positions only; with the Trainer's ``num_items_in_batch`` it
+    equals the model's own loss over full logits, for padded and padding-free batches, and the full-logits
+    fallback (architectures not known to have a plain head) gives it too. Test NLL scoring agrees as well."""
+    import torch
+    from transformers import Trainer
+
+    for padding_free in (False, True):
+        spec = make_spec(tiny_base, tmp_path / str(padding_free), 8, per_device_batch_size=4)
+        prepared = trainer_lib.prepare_run(spec.model_copy(update={"padding_free": padding_free}), lambda m: None)
+        trainer, model = prepared.trainer, prepared.trainer.model
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        items = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) + 3  # as if 3 more came in other micro-batches
+        model.eval()
+        with torch.no_grad():
+            own = float(Trainer.compute_loss(trainer, model, {**batch, "use_cache": False}, num_items_in_batch=items))
+            head_on_answers = float(trainer.compute_loss(model, dict(batch), num_items_in_batch=items))
+            monkeypatch.setattr(nll, "PLAIN_HEAD_ARCHITECTURES", frozenset())
+            full_logits = float(trainer.compute_loss(model, dict(batch), num_items_in_batch=items))
+            monkeypatch.undo()
+        assert head_on_answers == pytest.approx(own, rel=1e-5), padding_free
+        assert full_logits == pytest.approx(own, rel=1e-5), padding_free
+
+    examples = prepared.examples
+    scored = nll.answer_token_nll(model, examples, pad_id=0, batch_size=3)
+    with torch.no_grad():
+        sums, counts = [], []
+        for example in examples:  # one at a time, full logits: no padding involved at all
+            ids = torch.tensor([example.input_ids])
+            loss_sum, count = nll.token_losses(model(input_ids=ids).logits, torch.tensor([example.labels]))
+            sums.append(float(loss_sum[0]))
+            counts.append(int(count[0]))
+    reference = nll.summarize(sums, counts)
+    assert scored.answer_tokens == reference.answer_tokens
+    assert scored.per_question_nll == pytest.approx(reference.per_question_nll, rel=1e-5)
+
+
 def test_padding_free_batches_mask_prompts_and_give_the_padded_loss(tiny_base: Path, tmp_path: Path) -> None:
     """One row per micro-batch, positions restarting per example: same answer-only loss as padded rows."""
     import torch

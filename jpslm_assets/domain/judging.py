@@ -433,6 +433,8 @@ def judge_one(item: JudgeItem, generate: GenerateFn, rubric: Rubric, settings: J
     if not item.answer or not item.answer.strip():
         return Verdict(item.question_id, 0, EMPTY_ANSWER_REASON, True, None, 0, None, 0.0)
     messages = build_judge_messages(item, rubric, settings.language, settings.max_answer_chars)
+    user = messages[-1]["content"]
+    shared_chars = user.rfind(f"\n{rubric.instructions[settings.language].answer}: ") + 1
     grammar = (
         judge_grammar(rubric, settings.reason_max_chars, settings.reason_ascii)
         if settings.constraint == "grammar"
@@ -455,6 +457,8 @@ def judge_one(item: JudgeItem, generate: GenerateFn, rubric: Rubric, settings: J
             grammar=grammar,
             json_schema=schema,
             shared_prefix_messages=1,  # the system message (role and rubric) is the same for every item
+            # and the user message up to the candidate answer is the same for every answer to this question
+            shared_last_message_chars=shared_chars,
         )
         try:
             result = generate(request)

@@ -82,6 +82,39 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return (losses * counted).sum(dim=1), counted.sum(dim=1)
 
 
+# Causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)``: no logit scaling or
+# soft-capping after the head (Gemma 2's softcap, Cohere's logit_scale). For these the head can be applied to
+# the labelled positions alone; any other model goes through its own forward and full logits.
+PLAIN_HEAD_ARCHITECTURES = frozenset(
+    {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+)
+
+
+def labelled_logits(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits that predict labelled tokens, those tokens, and the row each came from.
+
+    ``batch`` holds ``input_ids``, ``labels`` and optionally ``attention_mask`` / ``position_ids`` (padded or
+    padding-free rows). Position ``t`` predicts token ``t+1``. Returns (logits ``[N, vocab]`` in float32,
+    targets ``[N]``, rows ``[N]``) for the N labelled positions. The LM head runs on those N positions only:
+    answers are a fraction of each sequence and the head over a 49k-152k vocabulary is a large part of a small
+    model's compute, and of any model's logits memory. ``model`` may be a PEFT model (its LoRA layers sit inside
+    the base model's modules, so calling the base decoder applies them, and ``disable_adapter`` still works).
+    """
+    labels = batch["labels"]
+    shifted = labels[:, 1:]
+    mask = shifted != IGNORE_INDEX
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if type(core).__name__ in PLAIN_HEAD_ARCHITECTURES:
+        hidden = core.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        logits = core.get_output_embeddings()(hidden[:, :-1][mask])
+    else:
+        extra = {"use_cache": False} if hasattr(model, "config") else {}  # HF models: no KV cache to build
+        logits = model(**inputs, **extra).logits[:, :-1][mask]
+    rows = mask.nonzero(as_tuple=True)[0]
+    return logits.float(), shifted[mask], rows
+
+
 def answer_token_nll(
     model: Any,
     examples: Sequence[EncodedExample],
@@ -104,13 +137,15 @@ def answer_token_nll(
     try:
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
-                batch = collate(examples[start : start + batch_size], pad_id)
-                logits = model(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
-                ).logits
-                loss_sum, count = token_losses(logits, batch["labels"].to(device))
-                sums.extend(loss_sum.double().cpu().tolist())
+                padded = collate(examples[start : start + batch_size], pad_id)
+                batch = {key: value.to(device) for key, value in padded.items()}
+                logits, targets, rows = labelled_logits(model, batch)
+                losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+                rows_in_batch = batch["labels"].size(0)
+                loss_sum = torch.zeros(rows_in_batch, dtype=torch.float64, device=losses.device)
+                loss_sum.index_add_(0, rows, losses.double())
+                count = torch.bincount(rows, minlength=rows_in_batch)
+                sums.extend(loss_sum.cpu().tolist())
                 counts.extend(int(c) for c in count.cpu().tolist())
     finally:
         model.train(was_training)

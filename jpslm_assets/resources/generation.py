@@ -29,7 +29,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -39,7 +39,9 @@ from pydantic import Field
 
 from jpslm_assets.domain.fidelity import ScoringSequence, SequenceNll, answer_token_nll
 from jpslm_assets.domain.modelfile import ChatTemplateError, ModelfileSpec, chat_turns
+from jpslm_assets.resources import prompt_states
 from jpslm_assets.resources.generation_api import GenerationError, GenerationRequest, GenerationResult
+from jpslm_assets.resources.grammar_decoding import GrammarSampler, greedy_tokens
 from jpslm_assets.resources.llama_cpp_tools import LlamaCppToolError, check_gguf_file, file_identity
 from jpslm_assets.resources.models import llama_cpp_thread_count
 
@@ -116,23 +118,6 @@ def exclusive(model: Any) -> threading.RLock:
         if lock is None:
             lock = _MODEL_LOCKS[model] = threading.RLock()
         return lock
-
-
-_PREFIX_STATES: weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], Any]] = weakref.WeakKeyDictionary()
-
-
-def _restore_prefix(llm: Any, prefix: tuple[int, ...]) -> None:
-    """Put ``llm`` in the state it has after evaluating exactly ``prefix`` from an empty context.
-
-    The state is computed once per model and prefix (the last prefix is kept) and restored for every request
-    that starts with it, so a request's result never depends on the request before it.
-    """
-    cached = _PREFIX_STATES.get(llm)
-    if cached is None or cached[0] != prefix:
-        llm.reset()
-        llm.eval(list(prefix))
-        _PREFIX_STATES[llm] = cached = (prefix, llm.save_state())
-    llm.load_state(cached[1])
 
 
 def _close(model: Any) -> None:
@@ -217,6 +202,11 @@ class LlamaCppBackend(GenerationBackend):
     n_batch: int = Field(default=512, gt=0)
     n_gpu_layers: int = Field(default=0, description="-1 offloads every layer when built with CUDA")
     max_loaded_models: int = Field(default=2, gt=0, description="Models kept in memory per process")
+    grammar_fast_path: bool = Field(
+        default=True,
+        description="Greedy decoding under a grammar checks the chosen token first and masks the whole vocabulary "
+        "only when the grammar rejects it (the same tokens; false: llama-cpp-python's sampler chain)",
+    )
 
     def load(self, model_ref: str, logits_all: bool = False) -> Any:
         """The ``llama_cpp.Llama`` for a GGUF, loaded once per (file, settings) and cached."""
@@ -274,20 +264,34 @@ class LlamaCppBackend(GenerationBackend):
             raise self._error(model_ref, f"the chat template refused the conversation: {exc}") from exc
         return list(llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
 
-    def shared_prefix(self, model_ref: str, request: GenerationRequest, prompt: Sequence[int]) -> int:
-        """How many leading tokens of ``prompt`` are the request's shared messages (0: none, or they do not
-        tokenize as an exact prefix of the whole prompt, when nothing is reused)."""
-        if request.shared_prefix_messages <= 0 or request.shared_prefix_messages >= len(request.messages):
-            return 0
+    def shared_prefix(
+        self, model_ref: str, request: GenerationRequest, prompt: Sequence[int]
+    ) -> tuple[int, ...]:
+        """Token counts where the request's shared parts end in ``prompt``: after its shared messages, then after
+        the shared start of its last message (see ``GenerationRequest``). A part is left out when it does not
+        tokenize as an exact prefix of the whole prompt; at least one prompt token always stays to evaluate, so
+        sampling starts from fresh logits."""
         llm = self.load(model_ref)
-        shared = list(request.messages[: request.shared_prefix_messages])
-        try:
-            text = _chat_formatter(llm, generation_prompt=False)(messages=shared).prompt
-        except Exception:  # a template that refuses a conversation without a user turn: no reuse
-            return 0
-        prefix = list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
-        # At least one token of the prompt stays to evaluate, so sampling starts from fresh logits.
-        return len(prefix) if 0 < len(prefix) < len(prompt) and list(prompt[: len(prefix)]) == prefix else 0
+        boundaries: list[int] = []
+
+        def add(text: str) -> None:
+            tokens = list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+            longer = (boundaries[-1] if boundaries else 0) < len(tokens) < len(prompt)
+            if longer and list(prompt[: len(tokens)]) == tokens:
+                boundaries.append(len(tokens))
+
+        if 0 < request.shared_prefix_messages < len(request.messages):
+            shared = list(request.messages[: request.shared_prefix_messages])
+            # a template that refuses a conversation without a user turn: no reuse
+            with contextlib.suppress(Exception):
+                add(_chat_formatter(llm, generation_prompt=False)(messages=shared).prompt)
+        if request.messages and 0 < request.shared_last_message_chars < len(request.messages[-1]["content"]):
+            content = request.messages[-1]["content"]
+            text = _chat_formatter(llm, generation_prompt=True)(messages=list(request.messages)).prompt
+            where = text.rfind(content)
+            if where >= 0:
+                add(text[: where + request.shared_last_message_chars])
+        return tuple(boundaries)
 
     def generate(self, model_ref: str, request: GenerationRequest) -> GenerationResult:
         llm = self.load(model_ref)
@@ -304,6 +308,7 @@ class LlamaCppBackend(GenerationBackend):
             text, generated, finish_reason = complete_tokens(
                 llm, prompt, request.max_tokens, request.temperature, request.seed, request.stop, grammar,
                 prefix_tokens=self.shared_prefix(model_ref, request, prompt),
+                grammar_fast_path=self.grammar_fast_path,
             )
         except (ValueError, RuntimeError) as exc:
             raise self._error(model_ref, f"generation failed: {exc}") from exc
@@ -416,20 +421,28 @@ def complete_tokens(
     seed: int,
     stop: Sequence[str] = (),
     grammar: Any = None,
-    prefix_tokens: int = 0,
+    prefix_tokens: int | Sequence[int] = (),
+    grammar_fast_path: bool = True,
 ) -> tuple[str, int, Literal["stop", "length"]]:
     """Generate after ``prompt`` until an end-of-generation token, a stop string or ``max_tokens``.
 
-    ``prefix_tokens``: the first that many prompt tokens are restored from a state computed once (see
-    ``_restore_prefix``) instead of being evaluated again; the rest of the prompt is evaluated as usual.
+    ``prefix_tokens``: token counts (one, or several increasing) of shared prompt prefixes whose context states
+    are restored from ``prompt_states`` (computed the first time) instead of being evaluated again; the rest of
+    the prompt is evaluated as usual.
 
     Returns (text, generated token count, finish reason). Why not ``create_chat_completion``: llama-cpp-python
     skips its ``max_tokens`` check while the output ends inside a UTF-8 character, so a model that keeps
     emitting byte pieces runs past the limit until the context overflows. Here the limit is exact, and a
     character left incomplete at the limit is dropped from the text.
+
+    Greedy decoding under a grammar asks the grammar about the chosen token only (``grammar_decoding``), as
+    llama.cpp's own sampler does; ``grammar_fast_path=False`` runs llama-cpp-python's sampler chain instead,
+    which applies the grammar to the whole vocabulary at every token (the same tokens, slower).
     """
     with exclusive(llm):
-        return _complete_tokens(llm, prompt, max_tokens, temperature, seed, stop, grammar, prefix_tokens)
+        return _complete_tokens(
+            llm, prompt, max_tokens, temperature, seed, stop, grammar, prefix_tokens, grammar_fast_path
+        )
 
 
 def _complete_tokens(
@@ -440,43 +453,55 @@ def _complete_tokens(
     seed: int,
     stop: Sequence[str],
     grammar: Any,
-    prefix_tokens: int,
+    prefix_tokens: int | Sequence[int],
+    grammar_fast_path: bool,
 ) -> tuple[str, int, Literal["stop", "length"]]:
     import llama_cpp
 
     # Every request starts from an empty context, or from the state right after its shared prefix: never from
     # what the request before it left, so an answer cannot depend on the question asked before it.
-    if prefix_tokens > 0:
-        _restore_prefix(llm, tuple(prompt[:prefix_tokens]))
-    else:
-        llm.reset()
+    boundaries = [prefix_tokens] if isinstance(prefix_tokens, int) else list(prefix_tokens)
+    prompt_states.restore(llm, prompt, [count for count in boundaries if count > 0])
     llm.set_seed(seed)
     vocab = llm._model.vocab
     generated: list[int] = []
     finish: Literal["stop", "length"] = "length"
     text = ""
-    # temperature 0 is llama.cpp's greedy sampler; otherwise llama-cpp-python's default sampling chain.
-    for token in llm.generate(
-        list(prompt),
-        temp=temperature,
-        top_k=40,
-        top_p=0.95,
-        min_p=0.05,
-        repeat_penalty=1.0,
-        reset=True,
-        grammar=grammar,
-    ):
-        if llama_cpp.llama_vocab_is_eog(vocab, token):
-            finish = "stop"
-            break
-        generated.append(token)
-        if stop:
-            text = llm.detokenize(generated, prev_tokens=list(prompt)).decode("utf-8", errors="ignore")
-            hits = [text.index(marker) for marker in stop if marker in text]
-            if hits:
-                return text[: min(hits)], len(generated), "stop"
-        if len(generated) >= max_tokens:
-            break
+    constrained: GrammarSampler | None = None
+    if grammar is not None and temperature == 0.0 and grammar_fast_path:
+        constrained = GrammarSampler(llm, grammar._grammar, grammar._root)
+        tokens: Iterator[int] = greedy_tokens(llm, list(prompt[llm.n_tokens :]), constrained)
+    else:
+        # temperature 0 is llama.cpp's greedy sampler; otherwise llama-cpp-python's default sampling chain.
+        tokens = llm.generate(
+            list(prompt),
+            temp=temperature,
+            top_k=40,
+            top_p=0.95,
+            min_p=0.05,
+            repeat_penalty=1.0,
+            reset=True,
+            grammar=grammar,
+        )
+    try:
+        for token in tokens:
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = "stop"
+                break
+            generated.append(token)
+            if stop:
+                text = llm.detokenize(generated, prev_tokens=list(prompt)).decode("utf-8", errors="ignore")
+                hits = [text.index(marker) for marker in stop if marker in text]
+                if hits:
+                    return text[: min(hits)], len(generated), "stop"
+            if len(generated) >= max_tokens:
+                break
+    finally:
+        close = getattr(tokens, "close", None)
+        if callable(close):
+            close()
+        if constrained is not None:
+            constrained.close()
     text = llm.detokenize(generated, prev_tokens=list(prompt)).decode("utf-8", errors="ignore")
     return text, len(generated), finish
 

@@ -27,8 +27,11 @@ class GenerationRequest:
     grammar: str | None = None
     json_schema: dict[str, Any] | None = None
     # How many leading messages many requests share word for word (the judge's system prompt and rubric).
-    # Embedded llama.cpp computes them once per loaded model and restores that state for every request.
+    # Embedded llama.cpp computes them once per model file and restores that state for every request.
     shared_prefix_messages: int = 0
+    # How many leading characters of the last message other requests share too (a judgement's question,
+    # reference and location, before the candidate answer): a second stored state, computed from the first.
+    shared_last_message_chars: int = 0
 
 
 @dataclass(frozen=True)

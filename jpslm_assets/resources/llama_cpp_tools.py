@@ -8,7 +8,7 @@ fallback, and only the Python parts are unpacked into a cache folder. Why not ``
 prepares the sdist's metadata in an isolated build environment (scikit-build-core, CMake), about a minute and a
 half on 2 cores, for a file that is only unpacked.
 
-Conversion and quantization run in subprocesses: a converter crash or a llama.cpp abort then fails one step
+Conversion and quantization run in subprocesses (``llama_cpp_worker``): a converter crash or a llama.cpp abort then fails one step
 with its log instead of killing the step process, and a killed step leaves only a ``*.partial`` file behind,
 never a torn file under the final name.
 """
@@ -44,13 +44,10 @@ GGUF_MAGIC = b"GGUF"
 # Output types accepted by convert_hf_to_gguf.py --outtype, and llama.cpp ftype names for quantization.
 ConvertOutType = Literal["f16", "bf16", "f32", "q8_0"]
 QuantizeType = Literal["q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0"]
-_FTYPE_CONSTANTS: dict[str, str] = {
-    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
-    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-}
+
+# The subprocesses' entry point: a module that imports nothing of the product's at load, so that a conversion
+# or quantization does not pay for importing Dagster first.
+WORKER = "jpslm_assets.resources.llama_cpp_worker"
 
 # Parts of the sdist the converter needs: the script, its `conversion` package, its gguf-py, chat templates.
 _SDIST_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/templates/")
@@ -230,7 +227,8 @@ def classify_conversion_failure(log: str) -> FailureKind:
         "error" in lowered and any(f"{marker}" in _failure_line(log).lower() for marker in tokenizer_markers)
     ):
         return "unknown_tokenizer"
-    if re.search(r"architecture .* not supported|failed to detect model architecture", lowered):
+    # "Architecture 'X' not supported!" (older converters), "Model X is not supported" (0.3.3x's)
+    if re.search(r"architecture .* not supported|model \S+ is not supported|failed to detect model architecture", lowered):
         return "unsupported_architecture"
     if "filenotfounderror" in lowered or "missing or incomplete model files" in lowered:
         return "missing_files"
@@ -257,6 +255,11 @@ class LlamaCppTools(dg.ConfigurableResource):
         description="A llama-cpp-python sdist (.tar.gz) to use instead of `pip download` (offline machines)",
     )
     convert_timeout_s: float = Field(default=4 * 3600, gt=0)
+    isolation: Literal["fork", "subprocess"] = Field(
+        default="fork" if sys.platform == "linux" else "subprocess",
+        description="How the converter is isolated: a forked child of the step (inherits its imports; Linux) or a "
+        "new interpreter (anywhere; pays the converter's imports of torch and transformers every time)",
+    )
     quantize_timeout_s: float = Field(default=4 * 3600, gt=0)
     quantize_threads: int = Field(default=0, ge=0, description="0: llama.cpp picks (all cores)")
 
@@ -325,33 +328,20 @@ class LlamaCppTools(dg.ConfigurableResource):
             )
         converter = self.converter_dir()
         partial = partial_path(out_path)
-        env = dict(os.environ)
-        env.pop("NO_LOCAL_GGUF", None)
-        # The sdist's own gguf-py, never PyPI's gguf: the converter writes keys only its gguf-py knows.
-        env["PYTHONPATH"] = os.pathsep.join([str(converter / "gguf-py"), str(converter)])
         arguments = [str(model_dir), "--outfile", str(partial), "--outtype", outtype]
-        if metadata_overrides:
-            command = [
-                sys.executable, "-m", "jpslm_assets.resources.llama_cpp_tools", "convert",
-                str(converter), json.dumps(dict(metadata_overrides)), *arguments,
-            ]  # fmt: skip
-            env["PYTHONPATH"] += os.pathsep + str(Path(__file__).resolve().parents[2])
-        else:
-            command = [sys.executable, str(converter / "convert_hf_to_gguf.py"), *arguments]
         out_path.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        try:
-            completed = subprocess.run(
-                command, capture_output=True, text=True, env=env, timeout=self.convert_timeout_s, check=False
-            )
-        except subprocess.TimeoutExpired as exc:
+        if self.isolation == "fork":
+            code, log = self._convert_forked(converter, dict(metadata_overrides or {}), arguments)
+        else:
+            code, log = self._convert_in_subprocess(converter, dict(metadata_overrides or {}), arguments)
+        if code is None:
             partial.unlink(missing_ok=True)
             raise LlamaCppToolError(
                 f"convert_hf_to_gguf.py on {model_dir} ran past convert_timeout_s={self.convert_timeout_s:.0f}"
-            ) from exc
-        log = (completed.stdout or "") + (completed.stderr or "")
+            )
         tail = "\n".join(log.splitlines()[-30:])
-        if completed.returncode != 0 or not partial.is_file():
+        if code != 0 or not partial.is_file():
             partial.unlink(missing_ok=True)
             kind = classify_conversion_failure(log)
             raise ConversionFailed(
@@ -361,13 +351,48 @@ class LlamaCppTools(dg.ConfigurableResource):
         os.replace(partial, out_path)
         return ConversionResult(out_path, time.monotonic() - started, tail)
 
+    def _convert_forked(
+        self, converter: Path, overrides: dict[str, Any], arguments: list[str]
+    ) -> tuple[int | None, str]:
+        import torch  # noqa: F401  (imported once here, inherited by every forked conversion)
+        import transformers  # noqa: F401
+
+        from jpslm_assets.resources.llama_cpp_worker import convert, run_forked
+
+        descriptor, name = tempfile.mkstemp(prefix="convert-", suffix=".log")
+        os.close(descriptor)
+        try:
+            code = run_forked(
+                lambda: convert(str(converter), overrides, arguments), Path(name), self.convert_timeout_s
+            )
+            return code, Path(name).read_text(errors="replace")
+        finally:
+            Path(name).unlink(missing_ok=True)
+
+    def _convert_in_subprocess(
+        self, converter: Path, overrides: dict[str, Any], arguments: list[str]
+    ) -> tuple[int | None, str]:
+        env = dict(os.environ)
+        # The sdist's own gguf-py, never PyPI's gguf: the converter writes keys only its gguf-py knows.
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(converter / "gguf-py"), str(converter), str(Path(__file__).resolve().parents[2])]
+        )
+        command = [sys.executable, "-m", WORKER, "convert", str(converter), json.dumps(overrides), *arguments]
+        try:
+            completed = subprocess.run(
+                command, capture_output=True, text=True, env=env, timeout=self.convert_timeout_s, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return None, ""
+        return completed.returncode, (completed.stdout or "") + (completed.stderr or "")
+
     def quantize(self, source: Path, out_path: Path, quant: QuantizeType = "q4_k_m") -> float:
         """Quantize a GGUF with ``llama_cpp.llama_model_quantize``; returns seconds taken."""
         check_gguf_file(source)
         partial = partial_path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         command = [
-            sys.executable, "-m", "jpslm_assets.resources.llama_cpp_tools",
+            sys.executable, "-m", WORKER,
             "quantize", str(source), str(partial), quant, str(self.quantize_threads),
         ]  # fmt: skip
         started = time.monotonic()
@@ -470,61 +495,3 @@ def _unpack_converter(sdist: Path, folder: Path) -> None:
             raise LlamaCppToolError(f"{sdist} has no vendor/llama.cpp/convert_hf_to_gguf.py; is it llama-cpp-python?")
         folder.mkdir(parents=True, exist_ok=True)
         archive.extractall(folder, members=members, filter="data")
-
-
-def _quantize_in_this_process(source: str, target: str, quant: str, threads: int) -> int:
-    import ctypes
-
-    import llama_cpp
-
-    if quant not in _FTYPE_CONSTANTS:
-        print(f"unknown quantization {quant!r}; choose one of {sorted(_FTYPE_CONSTANTS)}", file=sys.stderr)
-        return 2
-    llama_cpp.llama_backend_init()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, _FTYPE_CONSTANTS[quant])
-    params.nthread = threads
-    status = llama_cpp.llama_model_quantize(source.encode(), target.encode(), ctypes.byref(params))
-    if status != 0:
-        print(f"llama_model_quantize returned {status}", file=sys.stderr)
-    return int(status)
-
-
-def _convert_with_overrides(converter: str, overrides_json: str, arguments: list[str]) -> None:
-    """Run convert_hf_to_gguf.py in this process, writing ``overrides`` into the GGUF header.
-
-    The converter is llama.cpp's, unchanged; only its writer is told to set the given keys just before it
-    writes the header (a repeated key overwrites the converter's value).
-    """
-    import runpy
-
-    sys.path[:0] = [str(Path(converter) / "gguf-py"), converter]
-    import gguf
-
-    overrides = json.loads(overrides_json)
-    original = gguf.GGUFWriter.write_header_to_file
-
-    def write_header_with_overrides(self: Any, *args: Any, **kwargs: Any) -> Any:
-        for key, value in overrides.items():
-            if isinstance(value, bool):
-                self.add_bool(key, value)
-            elif isinstance(value, int):
-                self.add_int32(key, value)
-            else:
-                self.add_string(key, str(value))
-        return original(self, *args, **kwargs)
-
-    gguf.GGUFWriter.write_header_to_file = write_header_with_overrides  # type: ignore[method-assign]
-    sys.argv = [str(Path(converter) / "convert_hf_to_gguf.py"), *arguments]
-    runpy.run_path(sys.argv[0], run_name="__main__")
-
-
-if __name__ == "__main__":  # subprocesses of LlamaCppTools.quantize / convert_hf_to_gguf
-    if len(sys.argv) == 6 and sys.argv[1] == "quantize":
-        sys.exit(_quantize_in_this_process(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])))
-    if len(sys.argv) > 4 and sys.argv[1] == "convert":
-        _convert_with_overrides(sys.argv[2], sys.argv[3], sys.argv[4:])
-        sys.exit(0)
-    print("usage: python -m jpslm_assets.resources.llama_cpp_tools quantize SRC DST QUANT THREADS")
-    print("       python -m jpslm_assets.resources.llama_cpp_tools convert CONVERTER_DIR OVERRIDES_JSON ARGS...")
-    sys.exit(2)

@@ -718,23 +718,33 @@ def compile_decoder_layers(model: Any) -> int:
 
 
 def _model_loss_trainer(sft_trainer: type) -> type:
-    """``sft_trainer`` with the model's own loss, for CPU runs.
+    """``sft_trainer`` with a plain answer-token loss, for CPU runs.
 
     TRL's loss sends only the answer positions through a tiled LM head, which saves GPU memory; on CPU the
     tiling cost more than it saved (SmolLM2 trained 1.26x faster per token with the model's own loss, same
-    losses; docs/benchmarks/training.md). The loss is the same mean answer-token NLL over the accumulated
-    batch; TRL's entropy and token-accuracy log entries are left out.
+    losses; docs/benchmarks/training.md). The model's own loss, though, computes logits at every position, prompt
+    included. Here the head runs on the answer positions alone (``nll.labelled_logits``), untiled: the same mean
+    answer-token NLL over the accumulated batch (the sum divided by the Trainer's ``num_items_in_batch``, as the
+    model's loss does), with less compute. TRL's entropy and token-accuracy log entries are left out.
     """
+    import torch
     from transformers import Trainer
 
-    class ModelLossSFTTrainer(sft_trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs["use_cache"] = False
-            return Trainer.compute_loss(
-                self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
+    from jpslm_assets.domain.nll import labelled_logits
 
-    return ModelLossSFTTrainer
+    class AnswerLossSFTTrainer(sft_trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs:  # evaluation wants the model's outputs too: the model's own loss
+                inputs["use_cache"] = False
+                return Trainer.compute_loss(
+                    self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+                )
+            logits, targets, _ = labelled_logits(model, inputs)
+            loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+            divisor = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+            return loss / torch.as_tensor(divisor, dtype=loss.dtype, device=loss.device).clamp(min=1)
+
+    return AnswerLossSFTTrainer
 
 
 @contextlib.contextmanager
