@@ -257,6 +257,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_summary()
         return 0
     if args.command == "ui":
+        if not _is_loopback(args.host):
+            print(
+                f"warning: --host {args.host} serves the UI beyond this machine; Dagster's UI has no login, so anyone "
+                "who reaches the port can launch, cancel and wipe runs. Use 127.0.0.1 (the default) and an SSH "
+                "tunnel, or put an authenticating proxy in front.",
+                file=sys.stderr,
+            )
         problem = port_problem(args.host, args.port)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
@@ -268,11 +275,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"DAGSTER_HOME={os.environ['DAGSTER_HOME']}\n$ {' '.join(command)}")
         return subprocess.call(command)
     if args.command == "lineage":
-        from jpslm_assets.store import default_store
+        from jpslm_assets.store import StoreError, default_store
 
-        print(default_store().query(LINEAGE_SQL, [args.asset, args.partition]))
+        try:
+            print(default_store().query(LINEAGE_SQL, [args.asset, args.partition]))
+        except StoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         return 0
     return 1
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: resolve it
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+        except (OSError, ValueError):
+            return False
 
 
 if __name__ == "__main__":

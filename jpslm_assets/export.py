@@ -793,7 +793,9 @@ stage3_job = dg.define_asset_job(
 def generation_resource() -> GenerationBackend:
     """The profile's generation backend (``generation.backend``) with its context size."""
     generation_settings = current_profile().generation
-    return backend_for(generation_settings.backend, generation_settings.num_ctx)
+    return backend_for(
+        generation_settings.backend, generation_settings.num_ctx, fallback=generation_settings.fallback
+    )
 
 
 defs = dg.Definitions(

@@ -17,6 +17,7 @@ NEO4J_DATABASE; publishing twice leaves the same graph.
 
 import base64
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -230,10 +231,16 @@ def kg_publish() -> None:
 
 
 def graph_store_for(profile: settings.Profile) -> GraphStore:
-    """The store the kg assets read: the shipped seed, or the Neo4j server from NEO4J_* variables."""
+    """The store the kg assets read: the seed (shipped, or the profile's ``kg_seed_folder``), or the Neo4j
+    server from NEO4J_* variables."""
     if profile.graph_store == "neo4j":
         return neo4j_store_from_env()
-    return SeedGraphStore()
+    return seed_store_for(profile)
+
+
+def seed_store_for(profile: settings.Profile) -> SeedGraphStore:
+    folder = profile.kg_seed_folder
+    return SeedGraphStore(folder=str(Path(folder).expanduser().resolve())) if folder else SeedGraphStore()
 
 
 defs = dg.Definitions(
@@ -248,7 +255,7 @@ defs = dg.Definitions(
     jobs=[kg_publish],
     resources={
         "graph_store": graph_store_for(settings.current_profile()),
-        "kg_seed": SeedGraphStore(),
+        "kg_seed": seed_store_for(settings.current_profile()),
         "graph_server": neo4j_store_from_env(),
     },
 )

@@ -59,6 +59,10 @@ class GenerationSettings(BaseModel):
     # Questions answered at once; capped by the backend's max_concurrency (1 for llama_cpp and transformers,
     # OllamaBackend.parallel, LlamaServerBackend.parallel). Env: JPSLM_GENERATION__CONCURRENCY.
     concurrency: int = Field(default=1, ge=1)
+    # What deployment does when the configured Ollama server does not answer: "none" fails the step with the
+    # server named; "llama_cpp" serves the GGUF with embedded llama.cpp instead and records that backend in
+    # the deployment, answers and scores. Env: JPSLM_GENERATION__FALLBACK.
+    fallback: Literal["none", "llama_cpp"] = "none"
 
 
 class JudgeSettings(BaseModel):
@@ -106,6 +110,9 @@ class Profile(BaseSettings):
     formats: list[Literal["f16", "q4_k_m", "nf4"]]
     eval_questions: int = Field(gt=0, le=100)
     graph_store: Literal["seed", "neo4j"] = "seed"
+    # With graph_store: seed, a folder holding your own nodes.jsonl and relations.jsonl (the shipped seed's
+    # format) instead of the seed in the package; env JPSLM_KG_SEED_FOLDER.
+    kg_seed_folder: str | None = None
     train: TrainSettings
     generation: GenerationSettings
     judge: JudgeSettings

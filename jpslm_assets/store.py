@@ -211,7 +211,23 @@ class DuckDBStore(dg.ConfigurableResource):
     def query(self, sql: str, params: Sequence[Any] | None = None) -> pl.DataFrame:
         """Run a read query and return a polars frame."""
         with self.connect(read_only=True) as conn:
-            return conn.execute(sql, params or []).pl()
+            try:
+                return conn.execute(sql, params or []).pl()
+            except duckdb.CatalogException as exc:
+                first_line = str(exc).strip().splitlines()[0]
+                if "Table with name" not in first_line:
+                    raise
+                raise StoreError(
+                    f"{self.file}: {first_line} The table is not there yet: materialize the assets that write it "
+                    "(`jpslm demo`, or the UI) first."
+                ) from exc
+            except duckdb.Error as exc:
+                if not _is_corrupt_error(exc):
+                    raise
+                raise StoreError(
+                    f"DuckDB file {self.file} is damaged ({exc}). It was left untouched: move it aside and "
+                    f"re-materialize, or point {settings.DUCKDB_PATH_ENV} at another file."
+                ) from exc
 
     def table_exists(self, table: str) -> bool:
         schema, name = split_table(table)

@@ -95,6 +95,55 @@ def test_cli_ui_refuses_a_port_in_use_before_starting_dagster(data_dir: Path) ->
     assert "dagster dev" not in result.stdout  # refused before starting anything
 
 
+def test_cli_ui_warns_when_serving_beyond_this_machine(data_dir: Path) -> None:
+    from jpslm_assets.cli import _is_loopback
+
+    assert _is_loopback("127.0.0.1") and _is_loopback("localhost") and _is_loopback("::1")
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.20")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:  # a busy port: nothing starts
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("0.0.0.0", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "jpslm_assets.cli", "ui", "--host", "0.0.0.0", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "JPSLM_DATA_DIR": str(data_dir)},
+        )
+    assert result.stderr.startswith("warning: --host 0.0.0.0 serves the UI beyond this machine"), result.stderr
+    assert "127.0.0.1 (the default)" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "no tables"])
+def test_cli_lineage_on_a_missing_or_damaged_store_is_one_error_line(
+    data_dir: Path, tmp_path: Path, damage: str
+) -> None:
+    database = tmp_path / "store.duckdb"
+    if damage == "garbage":
+        database.write_bytes(b"not a database" * 1000)
+    elif damage == "no tables":
+        import duckdb
+
+        duckdb.connect(str(database)).close()
+    result = subprocess.run(
+        [sys.executable, "-m", "jpslm_assets.cli", "lineage", "judge_scores_f16", "tiny-llama"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JPSLM_DATA_DIR": str(data_dir), "JPSLM_DUCKDB_PATH": str(database)},
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert str(database) in lines[0]
+    expected = {"missing": "does not exist yet", "garbage": "not a readable DuckDB database",
+                "no tables": "materialize the assets that write it"}[damage]  # fmt: skip
+    assert expected in lines[0]
+
+
 @pytest.mark.integration
 def test_cli_ui_starts_dagster_with_its_own_interpreter_without_path(data_dir: Path, tmp_path: Path) -> None:
     """`.venv/bin/jpslm ui` from a shell whose PATH lacks the environment's bin folder (no `dagster` on PATH):

@@ -426,12 +426,16 @@ def test_ollama_errors_are_named(models: Models, fake: FakeOllama) -> None:
     assert reachable and "HTTP 500" in reason
 
 
-def test_ollama_unreachable_is_named_and_deploy_falls_back_to_embedded(models: Models) -> None:
+def test_ollama_unreachable_fails_the_deployment_unless_a_fallback_is_configured(models: Models) -> None:
     backend = OllamaBackend(host="http://127.0.0.1:9", num_ctx=512, connect_timeout_s=1.0)
     reachable, reason = backend.reachable()
     assert not reachable and "unreachable" in reason and "127.0.0.1:9" in reason
     with pytest.raises(GenerationError, match="is unreachable; start `ollama serve`"):
         backend.generate("jpslm-tiny-n60:f16", _request())
+    # Scores must come from the serving stack that was configured: no quiet swap to another backend.
+    with pytest.raises(GenerationError, match=r"cannot deploy: .*127\.0\.0\.1:9.*generation\.fallback: llama_cpp"):
+        _deploy(models, backend)
+    backend = backend.model_copy(update={"fallback": "llama_cpp"})
     deployment = _deploy(models, backend)
     assert deployment.backend == "llama_cpp" and deployment.status == "ok"
     assert deployment.model_ref == str(models.gguf) and "embedded llama.cpp" in deployment.detail

@@ -333,3 +333,21 @@ def test_bad_uri_is_named() -> None:
     graph_store = Neo4jGraphStore(uri="http://127.0.0.1:7474", user="u", password="p", database="d")
     with pytest.raises(GraphStoreError, match="NEO4J_URI 'http://127.0.0.1:7474' is not a usable Bolt URI"):
         graph_store.read_graph()
+
+
+def test_the_profile_names_a_seed_folder_of_ones_own(
+    store: DuckDBStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kg_seed_folder` (env JPSLM_KG_SEED_FOLDER) points the seed graph store at a user's own files."""
+    from jpslm_assets import settings
+
+    folder = bad_seed(tmp_path, 163, "計画高水位を基準として", "計画高水位を基準に")
+    monkeypatch.setenv("JPSLM_KG_SEED_FOLDER", str(folder))
+    profile = settings.load_profile()
+    assert profile.kg_seed_folder == str(folder)
+    chosen = kg.graph_store_for(profile)
+    assert isinstance(chosen, SeedGraphStore) and chosen.folder == str(folder.resolve())
+    relations = materialize_kg(store, chosen).asset_value("kg_relations")
+    assert relations.filter(pl.col("description").str.contains("計画高水位を基準に")).height > 0
+    monkeypatch.delenv("JPSLM_KG_SEED_FOLDER")
+    assert kg.graph_store_for(settings.load_profile()).folder is None

@@ -402,7 +402,8 @@ def _integral(value: Any) -> int | None:
         return value
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+    # ASCII digits only: `\d` and int() also take full-width "３" and Arabic-Indic "٣", which no rubric level is.
+    if isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]+\s*", value, flags=re.ASCII):
         return int(value)
     return None
 

@@ -9,8 +9,9 @@ judging and QA rephrasing depend on that method only. A ``model_ref`` is what th
 server's parallel slots for Ollama (``OLLAMA_NUM_PARALLEL``) and llama-server (``-np``).
 
 Each backend also ``deploy``s an exported model for its kind of serving and reports what it did, so the
-deployment asset never branches on the backend (Ollama falls back to the embedded llama.cpp deployment when
-its server does not answer).
+deployment asset never branches on the backend. When the Ollama server does not answer, deployment fails
+naming it, unless the profile allows the embedded llama.cpp fallback (``generation.fallback: llama_cpp``),
+which is then recorded as the backend.
 
 Heavy libraries (llama_cpp, torch, transformers) are imported inside methods: importing this module is cheap.
 """
@@ -534,6 +535,11 @@ class OllamaBackend(GenerationBackend):
         gt=0,
         description="Requests sent at once; match the server's OLLAMA_NUM_PARALLEL (its slots)",
     )
+    fallback: Literal["none", "llama_cpp"] = Field(
+        default="none",
+        description="When the server does not answer at deployment: fail naming it (none), or deploy to embedded "
+        "llama.cpp instead and record that backend (llama_cpp; profile generation.fallback)",
+    )
 
     @property
     def max_concurrency(self) -> int:
@@ -658,6 +664,13 @@ class OllamaBackend(GenerationBackend):
         if request.gguf_path is None:
             return TransformersBackend(quantization="nf4").deploy(request)
         reachable, reason = self.reachable()
+        if not reachable and self.fallback == "none":
+            raise self._error(
+                request.served_name,
+                f"cannot deploy: {reason}. Start `ollama serve` there (or point OLLAMA_HOST at a running server), or "
+                "serve with embedded llama.cpp instead by setting generation.fallback: llama_cpp in the profile "
+                "(JPSLM_GENERATION__FALLBACK=llama_cpp); that backend is then recorded with the scores.",
+            )
         if not reachable:
             embedded = LlamaCppBackend(n_ctx=self.num_ctx).deploy(request)
             return Deployment(
@@ -1164,14 +1177,16 @@ class TransformersBackend(GenerationBackend):
 # --------------------------------------------------------------------------------------------- choosing
 
 
-def backend_for(kind: str, num_ctx: int, quantization: str = "none") -> GenerationBackend:
-    """A backend of the named kind with the profile's context size."""
+def backend_for(
+    kind: str, num_ctx: int, quantization: str = "none", fallback: Literal["none", "llama_cpp"] = "none"
+) -> GenerationBackend:
+    """A backend of the named kind with the profile's context size (and, for Ollama, its fallback)."""
     if kind == "llama_cpp":
         return LlamaCppBackend(n_ctx=num_ctx)
     if kind == "llama_server":
         return LlamaServerBackend(n_ctx=num_ctx)
     if kind == "ollama":
-        return OllamaBackend(num_ctx=num_ctx)
+        return OllamaBackend(num_ctx=num_ctx, fallback=fallback)
     if kind == "transformers":
         return TransformersBackend(quantization="nf4" if quantization == "nf4" else "none")
     raise GenerationError(
