@@ -12,7 +12,6 @@ from typing import Any
 import dagster as dg
 
 GPU_POOL = "gpu"
-DUCKDB_WRITER_POOL = "duckdb_writer"
 EXECUTOR_ENV = "JPSLM_EXECUTOR"
 MAX_CONCURRENT_ENV = "JPSLM_MAX_CONCURRENT"
 
