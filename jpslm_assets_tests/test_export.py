@@ -332,14 +332,30 @@ def test_export_killed_half_way_never_registers_a_torn_file(chain: Chain) -> Non
     assert file_sha256(Path(fresh["artifact_path"])) == fresh["artifact_sha256"]
 
 
-def test_conversion_past_its_time_limit_leaves_the_previous_gguf(chain: Chain) -> None:
+def test_conversion_past_its_time_limit_leaves_the_previous_gguf(
+    chain: Chain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from jpslm_assets.resources import llama_cpp_worker
     from jpslm_assets.resources.llama_cpp_tools import LlamaCppToolError, LlamaCppTools
 
     row = _row(chain.store, "SELECT * FROM serve.gguf WHERE model='tiny-llama' AND n=60 AND format='f16'")
     target = Path(row["artifact_path"])
     merged = _row(chain.store, "SELECT artifact_path FROM serve.merged_models WHERE model='tiny-llama' AND n=60")
-    tools = LlamaCppTools(cache_dir=chain.resources["llama_cpp_tools"].cache_dir, convert_timeout_s=0.3)
+    # A converter that never finishes (the forked child runs this process's code): the limit, not the speed of
+    # the machine, decides the outcome. It writes part of the output first, as a real converter would.
+    def stuck(converter: str, overrides: dict, arguments: list[str]) -> None:
+        Path(arguments[arguments.index("--outfile") + 1]).write_bytes(b"GGUF partial")
+        time.sleep(600)
+
+    monkeypatch.setattr(llama_cpp_worker, "convert", stuck)
+    tools = LlamaCppTools(
+        cache_dir=chain.resources["llama_cpp_tools"].cache_dir, convert_timeout_s=1.0, isolation="fork"
+    )
+    started = time.monotonic()
     with pytest.raises(LlamaCppToolError, match="ran past convert_timeout_s"):
         tools.convert_hf_to_gguf(Path(merged["artifact_path"]), target)
+    assert time.monotonic() - started < 60, "the stuck child was killed at the limit"
     assert file_sha256(target) == row["artifact_sha256"]
     assert not list(target.parent.glob(f".{target.name}.partial-*"))
