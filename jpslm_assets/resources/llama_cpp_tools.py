@@ -8,9 +8,10 @@ fallback, and only the Python parts are unpacked into a cache folder. Why not ``
 prepares the sdist's metadata in an isolated build environment (scikit-build-core, CMake), about a minute and a
 half on 2 cores, for a file that is only unpacked.
 
-Conversion and quantization run in subprocesses (``llama_cpp_worker``): a converter crash or a llama.cpp abort then fails one step
-with its log instead of killing the step process, and a killed step leaves only a ``*.partial`` file behind,
-never a torn file under the final name.
+Conversion runs in a forked child of the step (or a new interpreter), quantization in a new interpreter, both
+through ``llama_cpp_worker``: a converter crash or a llama.cpp abort then fails one step with its log instead
+of killing the step process, and a killed step leaves only a ``*.partial`` file behind, never a torn file under
+the final name.
 """
 
 from __future__ import annotations
@@ -228,7 +229,8 @@ def classify_conversion_failure(log: str) -> FailureKind:
     ):
         return "unknown_tokenizer"
     # "Architecture 'X' not supported!" (older converters), "Model X is not supported" (0.3.3x's)
-    if re.search(r"architecture .* not supported|model \S+ is not supported|failed to detect model architecture", lowered):
+    unsupported = r"architecture .* not supported|model \S+ is not supported|failed to detect model architecture"
+    if re.search(unsupported, lowered):
         return "unsupported_architecture"
     if "filenotfounderror" in lowered or "missing or incomplete model files" in lowered:
         return "missing_files"
@@ -372,48 +374,50 @@ class LlamaCppTools(dg.ConfigurableResource):
     def _convert_in_subprocess(
         self, converter: Path, overrides: dict[str, Any], arguments: list[str]
     ) -> tuple[int | None, str]:
-        env = dict(os.environ)
-        # The sdist's own gguf-py, never PyPI's gguf: the converter writes keys only its gguf-py knows.
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(converter / "gguf-py"), str(converter), str(Path(__file__).resolve().parents[2])]
+        # The worker's `convert` puts the sdist's own gguf-py first on sys.path itself.
+        return _run_worker(
+            ["convert", str(converter), json.dumps(overrides), *arguments], self.convert_timeout_s
         )
-        command = [sys.executable, "-m", WORKER, "convert", str(converter), json.dumps(overrides), *arguments]
-        try:
-            completed = subprocess.run(
-                command, capture_output=True, text=True, env=env, timeout=self.convert_timeout_s, check=False
-            )
-        except subprocess.TimeoutExpired:
-            return None, ""
-        return completed.returncode, (completed.stdout or "") + (completed.stderr or "")
 
     def quantize(self, source: Path, out_path: Path, quant: QuantizeType = "q4_k_m") -> float:
         """Quantize a GGUF with ``llama_cpp.llama_model_quantize``; returns seconds taken."""
         check_gguf_file(source)
         partial = partial_path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable, "-m", WORKER,
-            "quantize", str(source), str(partial), quant, str(self.quantize_threads),
-        ]  # fmt: skip
         started = time.monotonic()
-        try:
-            completed = subprocess.run(
-                command, capture_output=True, text=True, timeout=self.quantize_timeout_s, check=False
-            )
-        except subprocess.TimeoutExpired as exc:
+        code, log = _run_worker(
+            ["quantize", str(source), str(partial), quant, str(self.quantize_threads)], self.quantize_timeout_s
+        )
+        if code is None:
             partial.unlink(missing_ok=True)
             raise LlamaCppToolError(
                 f"quantizing {source} to {quant} ran past quantize_timeout_s={self.quantize_timeout_s:.0f}"
-            ) from exc
-        if completed.returncode != 0 or not partial.is_file():
+            )
+        if code != 0 or not partial.is_file():
             partial.unlink(missing_ok=True)
             raise LlamaCppToolError(
-                f"llama_model_quantize({source.name} -> {quant}) failed (exit {completed.returncode}): "
-                f"{_failure_line((completed.stdout or '') + (completed.stderr or ''))}"
+                f"llama_model_quantize({source.name} -> {quant}) failed (exit {code}): {_failure_line(log)}"
             )
         check_gguf_file(partial)
         os.replace(partial, out_path)
         return time.monotonic() - started
+
+
+def _run_worker(arguments: list[str], timeout_s: float) -> tuple[int | None, str]:
+    """``python -m llama_cpp_worker ARGUMENTS`` in a new interpreter: (exit code, stdout + stderr), or (None, "")
+    when it ran past ``timeout_s`` (it is killed)."""
+    env = dict(os.environ)
+    # The product's own folder, for `-m` wherever the package is imported from.
+    paths = [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(path for path in paths if path)
+    try:
+        completed = subprocess.run(
+            [sys.executable, "-m", WORKER, *arguments],
+            capture_output=True, text=True, env=env, timeout=timeout_s, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return None, ""
+    return completed.returncode, (completed.stdout or "") + (completed.stderr or "")
 
 
 def pip_index_url() -> str:
