@@ -153,6 +153,14 @@ def open_duckdb(file: Path | str, read_only: bool = False) -> duckdb.DuckDBPyCon
     return conn
 
 
+def _damaged(file: Path, what: str, exc: Exception) -> StoreError:
+    """The error for a DuckDB file that cannot be read, with the way out; the file itself is never touched."""
+    return StoreError(
+        f"DuckDB file {file} {what} ({exc}). It was left untouched: move it aside and re-materialize, or point "
+        f"{settings.DUCKDB_PATH_ENV} at another file."
+    )
+
+
 def _sql_string(text: str) -> str:
     """A SQL string literal (ATTACH takes no bound parameter for its path)."""
     return "'" + text.replace("'", "''") + "'"
@@ -198,10 +206,7 @@ class DuckDBStore(dg.ConfigurableResource):
                         "holding it open) or raise lock_timeout_s; nothing was written."
                     ) from exc
                 if _is_corrupt_error(exc):
-                    raise StoreError(
-                        f"DuckDB file {file} is not a readable DuckDB database ({exc}). It was left untouched: "
-                        f"move it aside and re-materialize, or point {settings.DUCKDB_PATH_ENV} at another file."
-                    ) from exc
+                    raise _damaged(file, "is not a readable DuckDB database", exc) from exc
                 raise StoreError(f"cannot open DuckDB file {file}: {exc}") from exc
         try:
             yield conn
@@ -224,10 +229,7 @@ class DuckDBStore(dg.ConfigurableResource):
             except duckdb.Error as exc:
                 if not _is_corrupt_error(exc):
                     raise
-                raise StoreError(
-                    f"DuckDB file {self.file} is damaged ({exc}). It was left untouched: move it aside and "
-                    f"re-materialize, or point {settings.DUCKDB_PATH_ENV} at another file."
-                ) from exc
+                raise _damaged(self.file, "is damaged", exc) from exc
 
     def table_exists(self, table: str) -> bool:
         schema, name = split_table(table)
