@@ -24,10 +24,14 @@ select
     count(j.question_id) as questions,
     g.judge,
     count(j.score) as scored,
-    count(j.score) filter (where j.score = 3) / nullif(count(j.score), 0) as perfect_rate
+    count(j.score) filter (where j.score = 3) / nullif(count(j.score), 0) as perfect_rate,
+    -- The judge's validity verdict from its controls (marts.judge_validity), beside its averages.
+    any_value(v.verdict) as judge_verdict
 from groups as g
 cross join categories as c
 left join judged as j
     on j.model = g.model and j.n = g.n and j.format = g.format and j.judge = g.judge and j.category = c.category
+left join marts.judge_validity as v
+    on v.judge = g.judge
 group by g.model, g.n, g.format, g.judge, c.category
 order by g.model, g.n, g.format, g.judge, c.category

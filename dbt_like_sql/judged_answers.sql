@@ -26,7 +26,8 @@ answers as (
         cast(question_id as varchar) as question_id,
         coalesce(cast(chars as bigint), length(answer)) as chars,
         cast(tokens as bigint) as tokens,
-        cast(seconds as double) as seconds
+        cast(seconds as double) as seconds,
+        backend
     from eval.answers
     where coalesce(stage, 2) = 2
 )
@@ -44,7 +45,9 @@ select
     s.prompt_version,
     a.chars,
     a.tokens,
-    a.seconds
+    a.seconds,
+    -- The stack that served the answers (ollama, or llama_cpp when a configured fallback replaced it).
+    a.backend as serving_backend
 from scores as s
 left join answers as a
     on a.model = s.model and a.n = s.n and a.format = s.format and a.question_id = s.question_id

@@ -137,11 +137,16 @@ def run_demo(force: bool = False, log: Callable[[str], None] = print) -> int:
     """Materialize everything the profile defines, skipping up-to-date partitions. Returns runs launched."""
     import dagster as dg
 
+    from jpslm_assets import run_recovery
     from jpslm_assets.definitions import defs
+    from jpslm_assets.store import default_store
 
     instance = dg.DagsterInstance.get()
     job = defs.resolve_implicit_global_asset_job_def()
+    graph = defs.resolve_asset_graph()
     freshness = UpToDate(instance, defs)
+    run_recovery.reap_dead_runs(instance, log)
+    default_store().check_integrity()  # a damaged store is named before any run starts
     launched = 0
     started = time.monotonic()
     for batch in plan_batches(defs):
@@ -157,6 +162,9 @@ def run_demo(force: bool = False, log: Callable[[str], None] = print) -> int:
                 log(f"up to date{where}: {names}")
                 continue
             log(f"materializing{where}: " + ", ".join(f"{k.to_user_string()} ({why})" for k, why in todo))
+            pools = set().union(*(graph.get(key).pools or set() for key, _ in todo))
+            if pools:
+                run_recovery.wait_for_pools(instance, pools, log)
             result = job.execute_in_process(
                 instance=instance,
                 partition_key=partition_key,
@@ -253,7 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     if args.command == "demo":
-        run_demo(force=args.force)
+        from jpslm_assets.store import StoreError
+
+        try:
+            run_demo(force=args.force)
+        except StoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print_summary()
         return 0
     if args.command == "ui":
@@ -268,6 +282,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
+        import dagster as dg
+
+        from jpslm_assets import run_recovery
+
+        with dg.DagsterInstance.get() as instance:
+            run_recovery.reap_dead_runs(instance)
         workspace = Path.cwd() / "workspace.yaml"
         target = ["-w", str(workspace)] if workspace.exists() else ["-m", "jpslm_assets.definitions"]
         # This interpreter's own Dagster: `.venv/bin/jpslm ui` works without the venv on PATH.

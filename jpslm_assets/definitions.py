@@ -10,7 +10,18 @@ import warnings
 
 import dagster as dg
 
-from jpslm_assets import automation, execution, export, judging, kg, marts, qa, reports, training
+from jpslm_assets import (
+    automation,
+    execution,
+    export,
+    judging,
+    kg,
+    marts,
+    qa,
+    reports,
+    run_recovery,
+    training,
+)
 from jpslm_assets.settings import current_profile
 from jpslm_assets.store import DuckDBTableIOManager, default_store
 
@@ -33,7 +44,10 @@ def build_definitions() -> dg.Definitions:
     shared = dg.Definitions(
         resources={"store": store, "io_manager": DuckDBTableIOManager(store=store)},
         executor=execution.default_executor(),
-        sensors=automation.sensors(training_on=current_profile().automation.training),
+        sensors=[
+            *automation.sensors(training_on=current_profile().automation.training),
+            run_recovery.reaper_sensor(),
+        ],
     )
     stages = [kg.defs, qa.defs, training.defs, export.defs, judging.defs, marts.defs, reports.defs]
     return with_automation(dg.Definitions.merge(shared, *stages))

@@ -794,7 +794,11 @@ def generation_resource() -> GenerationBackend:
     """The profile's generation backend (``generation.backend``) with its context size."""
     generation_settings = current_profile().generation
     return backend_for(
-        generation_settings.backend, generation_settings.num_ctx, fallback=generation_settings.fallback
+        generation_settings.backend,
+        generation_settings.num_ctx,
+        fallback=generation_settings.fallback,
+        first_byte_timeout_s=generation_settings.first_byte_timeout_s,
+        request_timeout_s=generation_settings.request_timeout_s,
     )
 
 

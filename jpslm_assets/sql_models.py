@@ -22,6 +22,7 @@ Command line (``jpslm-sql``)::
     jpslm-sql run  [--db FILE] [--select NAME|+NAME ...]   # build models in dependency order, atomically
     jpslm-sql test [--db FILE]                             # run SQL tests; exit 1 when one fails
     jpslm-sql list                                         # models, kinds and dependencies in build order
+    jpslm-sql load-scores FILE.csv [--db FILE]             # another judge's scores into eval.judge_scores
 """
 
 from __future__ import annotations
@@ -592,6 +593,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     test_parser.add_argument("--db", default=None, help="DuckDB file (default: the project's)")
     commands.add_parser("list", help="models in build order with their kind and dependencies")
+    load_parser = commands.add_parser(
+        "load-scores", help="load a CSV of judge scores (the documented columns) into eval.judge_scores"
+    )
+    load_parser.add_argument("csv", type=Path, help="CSV with a header row holding the contract's columns")
+    load_parser.add_argument("--db", default=None, help="DuckDB file (default: the project's)")
     args = parser.parse_args(argv)
 
     try:
@@ -620,6 +626,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: cannot open DuckDB file {db}: {exc}", file=sys.stderr)
         return 2
     try:
+        if args.command == "load-scores":
+            from jpslm_assets.score_import import TABLE, ScoreImportError, load_scores
+
+            try:
+                loaded = load_scores(conn, args.csv, project.sources[TABLE])
+            except (ScoreImportError, duckdb.Error) as exc:
+                print(f"error: {exc}\nnothing was changed in {db}", file=sys.stderr)
+                return 2
+            print(f"loaded {loaded} rows from {args.csv} into {TABLE} in {db}; now `jpslm-sql run --db {db}`")
+            return 0
         if args.command == "run":
             try:
                 summaries = run_models(conn, project, args.select)

@@ -14,11 +14,14 @@ Lineage contract (README, "Lineage"):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import random
+import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -130,7 +133,13 @@ def _is_corrupt_error(exc: Exception) -> bool:
     text = str(exc).lower()
     return any(
         marker in text
-        for marker in ("not a valid duckdb database", "corrupt", "invalid database", "checksum", "magic bytes")
+        for marker in (
+            "not a valid duckdb database",
+            "corrupt",
+            "invalid database",
+            "checksum",
+            "magic bytes",
+        )
     )
 
 
@@ -151,6 +160,32 @@ def open_duckdb(file: Path | str, read_only: bool = False) -> duckdb.DuckDBPyCon
         conn.close()
         raise
     return conn
+
+
+def _is_space_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(
+        marker in text for marker in ("No space left on device", "File too large", "Disk quota exceeded")
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+# Files whose every table was read without a checksum error, by (path, size, mtime_ns): checked once per
+# process and content, so a damaged file is found before the first write instead of by a later reader.
+_VERIFIED: set[tuple[str, int, int]] = set()
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _identity(file: Path) -> tuple[str, int, int] | None:
+    try:
+        stat = file.stat()
+    except FileNotFoundError:
+        return None
+    return (str(file), stat.st_size, stat.st_mtime_ns)
 
 
 def _damaged(file: Path, what: str, exc: Exception) -> StoreError:
@@ -231,6 +266,36 @@ class DuckDBStore(dg.ConfigurableResource):
                     raise
                 raise _damaged(self.file, "is damaged", exc) from exc
 
+    def check_integrity(self, force: bool = False) -> None:
+        """Read every row of every table once; DuckDB verifies each block's checksum as it reads it.
+
+        Raises ``StoreError`` naming the first damaged table and the way out. Cheap (a 12 MB file takes
+        about 30 ms) and done once per process for each content of the file (size and modification time),
+        before this process first writes to it, so writes stop at the first sign of damage.
+        """
+        identity = _identity(self.file)
+        if identity is None:
+            return
+        with _VERIFIED_LOCK:
+            if identity in _VERIFIED and not force:
+                return
+        with self.connect(read_only=True) as conn:
+            tables = conn.execute(
+                "SELECT table_schema, table_name FROM information_schema.tables "
+                "WHERE table_type = 'BASE TABLE' AND table_catalog = current_database() ORDER BY 1, 2"
+            ).fetchall()
+            for schema, name in tables:
+                try:
+                    conn.execute(f'SELECT count(*), sum(hash(t)) FROM "{schema}"."{name}" AS t').fetchone()
+                except duckdb.Error as exc:
+                    raise _damaged(
+                        self.file,
+                        f"is damaged: table {schema}.{name} cannot be read; nothing more was written to it",
+                        exc,
+                    ) from exc
+        with _VERIFIED_LOCK:
+            _VERIFIED.add(identity)
+
     def table_exists(self, table: str) -> bool:
         schema, name = split_table(table)
         if not self.file.exists():
@@ -256,6 +321,7 @@ class DuckDBStore(dg.ConfigurableResource):
                 f"frame for {table} lacks partition column(s) {missing}; the asset must include them."
             )
         schema, name = split_table(table)
+        self.check_integrity()
         with self.connect() as conn:
             conn.execute("BEGIN TRANSACTION")
             try:
@@ -272,11 +338,26 @@ class DuckDBStore(dg.ConfigurableResource):
                 if lineage is not None:
                     lineage.insert(conn, table, frame)
                 conn.execute("COMMIT")
-            except Exception:
-                conn.execute("ROLLBACK")
+            except Exception as exc:
+                with contextlib.suppress(duckdb.Error):  # a failed COMMIT has already ended the transaction
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, duckdb.Error | OSError) and _is_space_error(exc):
+                    free = shutil.disk_usage(self.file.parent).free
+                    raise StoreError(
+                        f"DuckDB file {self.file}: the disk is full while writing table {table} "
+                        f"({_first_line(exc)}; {free / 2**20:.0f} MiB free now). Nothing was written: the "
+                        f"transaction was rolled back and the earlier rows of {table} are intact. Free space on "
+                        f"that disk or set {settings.DUCKDB_PATH_ENV} to a file on a larger one, then re-materialize."
+                    ) from exc
+                if isinstance(exc, duckdb.Error) and _is_corrupt_error(exc):
+                    raise _damaged(self.file, f"is damaged (found writing table {table})", exc) from exc
                 raise
             finally:
                 conn.unregister("incoming_frame")
+        identity = _identity(self.file)
+        if identity is not None:
+            with _VERIFIED_LOCK:
+                _VERIFIED.add(identity)  # what this process just wrote it has not damaged
 
     def read_slices(
         self, table: str, slices: Sequence[Mapping[str, Any]], allow_missing: bool = False
@@ -303,7 +384,12 @@ class DuckDBStore(dg.ConfigurableResource):
                 clauses.append(f"({where})")
                 params.extend(slice_params)
             where_sql = " OR ".join(clauses) if clauses else "FALSE"
-            return conn.execute(f'SELECT * FROM "{schema}"."{name}" WHERE {where_sql}', params).pl()
+            try:
+                return conn.execute(f'SELECT * FROM "{schema}"."{name}" WHERE {where_sql}', params).pl()
+            except duckdb.Error as exc:
+                if not _is_corrupt_error(exc):
+                    raise
+                raise _damaged(self.file, f"is damaged: table {table} cannot be read", exc) from exc
 
     def latest_materialization(
         self, conn: duckdb.DuckDBPyConnection, asset_key: str, partition_key: str | None
@@ -448,7 +534,9 @@ def _partition_slices(
         if isinstance(expr, Mapping):
             by_dimension = getattr(key, "keys_by_dimension", None)
             if by_dimension is None:
-                raise StoreError(f"partition key {key!r} is not multi-dimensional but partition_expr is {expr}")
+                raise StoreError(
+                    f"partition key {key!r} is not multi-dimensional but partition_expr is {expr}"
+                )
             for dimension, column in expr.items():
                 values[column] = by_dimension[dimension]
         else:
@@ -525,9 +613,7 @@ class DuckDBTableIOManager(dg.ConfigurableIOManager):
         read_keys: list[str | None] = list(partition_keys) if partition_keys else [None]
         with self.store.connect(read_only=True) as conn:
             for key in read_keys:
-                mat_id, version = self.store.latest_materialization(
-                    conn, _key_string(context.asset_key), key
-                )
+                mat_id, version = self.store.latest_materialization(conn, _key_string(context.asset_key), key)
                 reads.append(UpstreamRead(_key_string(context.asset_key), key, version, mat_id))
         return frame
 

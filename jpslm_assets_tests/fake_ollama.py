@@ -11,7 +11,9 @@ stored parameters are overridden by request options (``num_predict``, ``seed``, 
 ``num_ctx``). ``format`` (a JSON schema) becomes a llama.cpp grammar.
 
 Faults for tests: ``fail_next(status, message)`` answers the next request(s) with an error, ``delay_s`` holds
-every answer back (timeouts), ``requests`` records what clients sent.
+every answer back (a server that accepts and stays silent), ``chunk_delay_s`` pauses between the streamed
+chunks of a reply (a slow or stalling generation), ``requests`` records what clients sent. A streamed reply
+comes as one chunk per few characters, written and flushed one by one, then the final chunk.
 """
 
 from __future__ import annotations
@@ -179,6 +181,8 @@ class FakeOllama:
         self.models: dict[str, FakeModel] = {}
         self.requests: list[RecordedRequest] = []
         self.delay_s = 0.0
+        self.chunk_delay_s = 0.0
+        self.chunk_chars = 4
         self.last_prompt: str | None = None  # the text the last generation saw, after template rendering
         self._failures: list[tuple[int, str, str | None]] = []
         self._lock = threading.Lock()
@@ -292,6 +296,22 @@ class FakeOllama:
                         self.rfile.readline()
                 length = int(self.headers.get("Content-Length") or 0)
                 return self.rfile.read(length) if length else b""
+
+            def _stream(self, chunks: Sequence[Any]) -> None:
+                """ndjson chunks written one by one; the body ends when the connection closes."""
+                self.close_connection = True
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/x-ndjson")
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    for index, item in enumerate(chunks):
+                        if index and fake.chunk_delay_s:
+                            time.sleep(fake.chunk_delay_s)
+                        self.wfile.write(json.dumps(item).encode() + b"\n")
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout tests)
 
             def _send(self, status: int, payload: Any = None, ndjson: Sequence[Any] | None = None) -> None:
                 if ndjson is not None:
@@ -437,9 +457,15 @@ class FakeOllama:
                     "response": result["text"]
                 }
                 if body.get("stream", True):
+                    text, size = result["text"], fake.chunk_chars
+                    pieces = [text[i : i + size] for i in range(0, len(text), size)] or [""]
+                    chunks = [
+                        {"model": model.name, "created_at": final["created_at"], "done": False,
+                         **({"message": {"role": "assistant", "content": piece}} if chat else {"response": piece})}
+                        for piece in pieces
+                    ]  # fmt: skip
                     empty = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
-                    chunk = {"model": model.name, "created_at": final["created_at"], "done": False, **content}
-                    self._send(200, ndjson=[chunk, {**final, **empty}])
+                    self._stream([*chunks, {**final, **empty}])
                 else:
                     self._send(200, {**final, **content})
 

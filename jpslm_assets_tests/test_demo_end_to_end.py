@@ -1,11 +1,12 @@
-"""The README's demo, end to end: every stage of the paper materialized, an unchanged re-run that launches
-nothing, then the UI (webserver + daemon) on the finished demo's DAGSTER_HOME, which requests nothing;
+"""The README's demo, end to end: a first demo killed with ``kill -9`` during training, then a demo that
+recovers by itself and materializes every stage of the paper, an unchanged re-run that launches nothing, then the UI (webserver + daemon) on the finished demo's DAGSTER_HOME, which requests nothing;
 when n* changes, Dagster's automation evaluator requests stage 2 with its reason.
 
 Slow (several minutes on 2 cores): it trains, exports, answers and judges with the real demo models.
 """
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import duckdb
 import polars as pl
 import pytest
 
+from jpslm_assets.domain import judge_controls as controls_lib
 from jpslm_assets.export import GGUF_FORMATS
 from jpslm_assets.resources.models import choose_cpu_precision, cpu_bf16_flags
 from jpslm_assets.settings import load_profile
@@ -49,6 +51,41 @@ def _environment(data_dir: Path, **extra: str) -> dict[str, str]:
     for name in ("DAGSTER_HOME", "JPSLM_PROFILE", "JPSLM_DUCKDB_PATH"):
         env.pop(name, None)
     return env
+
+
+def _kill_demo_during_training(data_dir: Path) -> str:
+    """Start ``jpslm demo``, ``kill -9`` its whole process group once stage-1 training holds the gpu slot.
+
+    Returns the id of the run it leaves behind (STARTED, holding the slot: what a crash or OOM kill leaves).
+    """
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "jpslm_assets.cli", "demo"], cwd=ROOT, env=_environment(data_dir),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        home = data_dir / "dagster_home"
+        _wait(lambda: (home / "dagster.yaml").exists(), 300, "the demo's DAGSTER_HOME")
+        os.environ["DAGSTER_HOME"] = str(home)
+        with dg.DagsterInstance.get() as instance:
+
+            def training() -> list:
+                if demo.poll() is not None:
+                    raise AssertionError(f"the demo ended (rc {demo.returncode}) before stage-1 training started")
+                claimed = instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
+                return [slot for slot in claimed if slot.step_key == "stage1_lora_adapter"]
+
+            _wait(training, 900, "stage-1 training to claim the gpu slot")
+            time.sleep(3)
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
+            (record,) = instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+            slots = instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
+            assert [slot.run_id for slot in slots] == [record.dagster_run.run_id]
+            return record.dagster_run.run_id
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
 
 
 def _demo(data_dir: Path) -> subprocess.CompletedProcess[str]:
@@ -114,6 +151,23 @@ def _check_tables(data_dir: Path) -> None:
         scale = con.sql("SELECT n, delta_nll, nll_above_optimum FROM marts.scale_curve ORDER BY n").pl()
         assert scale["delta_nll"][0] is None and scale["nll_above_optimum"].min() == 0.0
 
+        # Every judge has a validity verdict, and it is what its controls measured.
+        judges = {row[0] for row in con.sql("SELECT DISTINCT judge FROM eval.judge_scores").fetchall()}
+        validity = con.sql("SELECT * FROM marts.judge_validity ORDER BY judge").pl()
+        assert set(validity["judge"]) == judges and validity.height == len(judges)
+        controls = con.sql("SELECT judge, question_id, control, score FROM eval.judge_controls").pl()
+        assert controls.height == 2 * profile.eval_questions * len(judges)
+        assert validity["verdict"].to_list() == controls_lib.validity(controls)["verdict"].to_list()
+        summary_verdicts = con.sql("SELECT DISTINCT judge, judge_verdict FROM marts.score_summary").fetchall()
+        assert dict(summary_verdicts) == dict(zip(validity["judge"], validity["verdict"], strict=True))
+        (report_path,) = con.sql(
+            "SELECT artifact_path FROM reports.report_history ORDER BY created_at DESC LIMIT 1"
+        ).fetchone()
+        body = Path(report_path).read_text("utf-8").split("<body>\n", 1)[1]
+        verdict = validity["verdict"][0]
+        expected_start = "警告 (warning): no signal" if verdict == "no signal" else "判定者の妥当性 (judge validity)"
+        assert body.startswith(f'<p class="lead"><strong>{expected_start}'), body[:300]
+
         reached = dict(con.execute(LINEAGE_TO_GRAPH, [reference]).fetchall())
         graph_version = con.sql(
             "SELECT data_version FROM lineage.materializations WHERE asset_key = 'kg_relations' "
@@ -125,8 +179,14 @@ def _check_tables(data_dir: Path) -> None:
 
 def test_demo_runs_every_stage_then_the_ui_starts_nothing_until_n_star_changes(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
+    previous = {name: os.environ.get(name) for name in ("DAGSTER_HOME", "JPSLM_DATA_DIR")}
+    try:
+        crashed_run = _kill_demo_during_training(data_dir)
+    finally:
+        _restore(previous)
     first = _demo(data_dir)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    assert f"run {crashed_run} (__ASSET_JOB) was STARTED" in first.stdout and "marked it failed" in first.stdout
     _check_tables(data_dir)
 
     second = _demo(data_dir)
@@ -138,11 +198,15 @@ def test_demo_runs_every_stage_then_the_ui_starts_nothing_until_n_star_changes(t
     try:
         _check_ui_automation(data_dir, tmp_path)
     finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _restore(previous)
+
+
+def _restore(previous: dict[str, str | None]) -> None:
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def _check_ui_automation(data_dir: Path, tmp_path: Path) -> None:

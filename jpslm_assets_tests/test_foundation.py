@@ -348,3 +348,24 @@ def test_readme_commands_and_ci_build_the_same_lean_llama_cpp() -> None:
     assert include.is_file()
     statements = [line.strip() for line in include.read_text().splitlines() if not line.strip().startswith("#")]
     assert "set(LLAMA_BUILD_COMMON OFF)" in statements
+
+
+def test_cli_demo_on_a_damaged_store_stops_before_any_run_with_one_error_line(data_dir: Path, tmp_path: Path) -> None:
+    import duckdb
+
+    database = tmp_path / "store.duckdb"
+    with duckdb.connect(str(database)) as conn:
+        conn.execute("CREATE SCHEMA qa")
+        conn.execute("CREATE TABLE qa.pool AS SELECT range AS x, md5(range::VARCHAR) AS y FROM range(300000)")
+    from jpslm_assets_tests.test_store import _damage_data_blocks
+
+    _damage_data_blocks(database)
+    env = {**os.environ, "JPSLM_DATA_DIR": str(data_dir), "JPSLM_DUCKDB_PATH": str(database)}
+    env.pop("DAGSTER_HOME", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "jpslm_assets.cli", "demo"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: DuckDB file {database} is damaged: table qa.pool"), result.stderr
+    assert "materializing" not in result.stdout

@@ -2,6 +2,7 @@
 server that speaks Ollama's documented HTTP API (``fake_ollama.py``)."""
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from jpslm_assets.resources.generation import (
     release_loaded_models,
     serving_backend,
 )
-from jpslm_assets.resources.generation_api import GenerationError, GenerationRequest
+from jpslm_assets.resources.generation_api import BackendUnavailable, GenerationError, GenerationRequest
 from jpslm_assets.resources.llama_cpp_tools import LlamaCppTools
 from jpslm_assets_tests.export_fixtures import (
     CHATML,
@@ -384,7 +385,7 @@ def test_ollama_generation_matches_embedded_llama_cpp(models: Models, fake: Fake
     chat = next(r for r in fake.requests if r.path == "/api/chat")
     assert chat.body["options"] == {"seed": 42, "temperature": 0.0, "num_ctx": 512, "num_predict": 10,
                                     "stop": ["<|im_end|>"]}  # fmt: skip
-    assert chat.body["stream"] is False
+    assert chat.body["stream"] is True  # streamed: the first-byte timeout bounds the wait for a token
     assert via_ollama.prompt_tokens == embedded.prompt_tokens
     # The Modelfile's Go template lays the conversation out exactly as the model's own Jinja template.
     assert fake.last_prompt == render_chat_template(CHATML, conversation, True)
@@ -415,7 +416,7 @@ def test_ollama_errors_are_named(models: Models, fake: FakeOllama) -> None:
         backend.generate("jpslm-tiny-n60:f16", _request())
     fake.delay_s = 2.0
     with pytest.raises(GenerationError, match="did not answer within timeout_s=1"):
-        backend.generate("jpslm-tiny-n60:f16", _request())
+        _deploy(models, backend, name="slow:f16")  # uploads wait timeout_s per read
     fake.delay_s = 0.0
     fake.fail_next(400, "invalid template", path="/api/create")
     with pytest.raises(GenerationError, match="HTTP 400: invalid template"):
@@ -467,3 +468,39 @@ def test_backend_choice_follows_the_recorded_deployment() -> None:
 def test_chat_turns_of_the_fixture_template_have_a_system_role() -> None:
     turns = chat_turns(CHATML)
     assert turns.system_prefix == "<|im_start|>system\n" and turns.generation_prompt == "<|im_start|>assistant\n"
+
+
+def test_ollama_timeouts_fit_the_call(models: Models, fake: FakeOllama) -> None:
+    """Silent server: unavailable after the first-byte timeout, not the total one. Stalling mid-reply: cut
+    after the same pause. A reply that keeps coming: cut at the total limit or the caller's deadline."""
+    backend = OllamaBackend(host=fake.url, num_ctx=512, first_byte_timeout_s=1.0, timeout_s=30.0)
+    _deploy(models, backend)
+    normal = backend.generate("jpslm-tiny-n60:f16", _request(max_tokens=24, stop=()))
+    assert normal.text and normal.extra["first_byte_s"] is not None
+
+    fake.delay_s = 3.0  # accepts, says nothing
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable, match=r"sent nothing within first_byte_timeout_s=1 s"):
+        backend.generate("jpslm-tiny-n60:f16", _request())
+    assert time.monotonic() - started < 3.0, "gave up after the first-byte timeout"
+    fake.delay_s = 0.0
+
+    fake.chunk_delay_s = 2.0  # starts, then stalls longer than the first-byte timeout between chunks
+    with pytest.raises(GenerationError, match=r"stopped sending tokens for 1 s") as caught:
+        backend.generate("jpslm-tiny-n60:f16", _request(max_tokens=24, stop=()))
+    assert not isinstance(caught.value, BackendUnavailable)
+
+    fake.chunk_delay_s = 0.4  # keeps coming, slowly
+    slow = backend.model_copy(update={"timeout_s": 1.0})
+    with pytest.raises(GenerationError, match=r"still generating after 1 s \(timeout_s=1\)"):
+        slow.generate("jpslm-tiny-n60:f16", _request(max_tokens=24, stop=()))
+    with pytest.raises(GenerationError, match=r"still generating after 0.5 s .*caller's deadline 0.5 s"):
+        backend.generate("jpslm-tiny-n60:f16", _request(max_tokens=24, stop=(), deadline_s=0.5))
+    fake.chunk_delay_s = 0.0
+    assert backend.generate("jpslm-tiny-n60:f16", _request(max_tokens=24, stop=())).text == normal.text
+
+
+def test_ollama_down_is_unavailable_within_the_connect_timeout() -> None:
+    backend = OllamaBackend(host="http://127.0.0.1:9", num_ctx=512, connect_timeout_s=1.0)
+    with pytest.raises(BackendUnavailable, match=r"127\.0\.0\.1:9 is unreachable"):
+        backend.generate("any:latest", _request())

@@ -17,7 +17,12 @@ from jpslm_assets.domain import judging as judge_lib
 from jpslm_assets.export import stage3_metadata
 from jpslm_assets.partitions import stage3_partitions
 from jpslm_assets.resources.generation import GenerationBackend
-from jpslm_assets.resources.generation_api import GenerationError, GenerationRequest, GenerationResult
+from jpslm_assets.resources.generation_api import (
+    BackendUnavailable,
+    GenerationError,
+    GenerationRequest,
+    GenerationResult,
+)
 from jpslm_assets.resources.judge import JudgeModelError, JudgeResource, reencode_gguf
 from jpslm_assets.settings import load_profile
 from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager, table_metadata
@@ -262,6 +267,42 @@ def test_backend_failing_every_attempt_stops_instead_of_storing_scores() -> None
     generate = ScriptedGenerate([GenerationError("Ollama at http://x is unreachable")])
     with pytest.raises(judge_lib.JudgeBackendError, match=r"TS-001 in all 3 attempts.*unreachable"):
         judge_lib.judge_one(ITEM, generate, RUBRIC, settings())
+
+
+def test_an_unavailable_backend_stops_at_the_first_attempt() -> None:
+    """Down, or silent past its first-byte timeout: a retry would wait as long again, so none is made."""
+    generate = ScriptedGenerate([BackendUnavailable("Ollama at http://x sent nothing within first_byte_timeout_s=45 s")])
+    with pytest.raises(judge_lib.JudgeBackendError, match=r"TS-001 \(attempt 1\).*first_byte_timeout_s=45 s"):
+        judge_lib.judge_one(ITEM, generate, RUBRIC, settings(retries=3))
+    assert len(generate.requests) == 1
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_each_attempt_gets_what_is_left_of_the_question_deadline() -> None:
+    clock = FakeClock()
+
+    def slow_unparseable(request: GenerationRequest) -> GenerationResult:
+        seen.append(request.deadline_s)
+        clock.now += 40.0
+        return result("no idea")
+
+    seen: list[float | None] = []
+    verdict = judge_lib.judge_one(ITEM, slow_unparseable, RUBRIC, settings(retries=5), deadline_s=100.0, clock=clock)
+    assert seen == [100.0, 60.0, 20.0], "three attempts fit; the fourth would start after the deadline"
+    assert verdict.attempts == 3 and not verdict.parse_ok and verdict.score is None
+    assert verdict.seconds == 120.0
+    assert "unparseable after 3 attempt(s): the per-question deadline of 100 s passed" in (verdict.parse_error or "")
+    # Without a deadline the requests carry none, and retries run to their bound.
+    plain = ScriptedGenerate(["no idea"])
+    assert judge_lib.judge_one(ITEM, plain, RUBRIC, settings(retries=2)).attempts == 3
+    assert {request.deadline_s for request in plain.requests} == {None}
 
 
 def test_empty_answer_scores_zero_by_rule_without_calling_the_judge() -> None:

@@ -4,6 +4,7 @@ the Ollama path (JSON-schema ``format``) against the local Ollama stand-in servi
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,6 +91,26 @@ def test_ollama_judge_sends_the_json_schema_and_parses_replies(fake_ollama_judge
         not row["parse_ok"] and row["score"] is None
     )
     assert row["judge"] == "qwen2.5:14b/ollama/ja"
+
+
+def test_a_judge_server_that_accepts_and_never_answers_fails_within_a_minute(
+    fake_ollama_judge: FakeOllama, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The paper profile's judge against a server that accepts every request and stays silent: the asset's
+    error comes after one first-byte timeout (45 s by default), not after retries x the total timeout."""
+    monkeypatch.setenv("JPSLM_GENERATION__FIRST_BYTE_TIMEOUT_S", "2")
+    judge = judging.judge_resource_for(load_profile("paper"))
+    assert judge.generation.first_byte_timeout_s == 2.0  # type: ignore[attr-defined]
+    assert load_profile("paper").generation.first_byte_timeout_s == 2.0
+    monkeypatch.delenv("JPSLM_GENERATION__FIRST_BYTE_TIMEOUT_S")
+    assert load_profile("paper").generation.first_byte_timeout_s == 45.0, "the default detects it within a minute"
+    settings = judge.settings(RUBRIC, max_answer_chars=200)
+    fake_ollama_judge.delay_s = 6.0
+    started = time.monotonic()
+    with pytest.raises(judge_lib.JudgeBackendError, match=r"\(attempt 1\).*sent nothing within first_byte_timeout_s=2 s"):
+        judge_lib.judge_answers(ITEMS[:2], lambda request: judge.generate("qwen2.5:14b", request), RUBRIC, settings)
+    assert time.monotonic() - started < 6.0
+    assert len([r for r in fake_ollama_judge.requests if r.path == "/api/chat"]) == 1
 
 
 def test_ollama_judge_without_the_model_fails_with_the_fix(

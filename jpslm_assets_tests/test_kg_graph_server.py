@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -16,7 +17,9 @@ import pytest
 
 from jpslm_assets import kg, settings
 from jpslm_assets.domain import knowledge_graph as graph_lib
+from jpslm_assets.resources import graph_store as graph_store_module
 from jpslm_assets.resources.graph_store import (
+    GraphStoreError,
     GraphStoreTimeout,
     Neo4jGraphStore,
     SeedGraphStore,
@@ -241,3 +244,115 @@ def test_server_that_stops_answering_mid_session(falkordb: FalkorDBServer, graph
     finally:
         os.kill(falkordb.pid, signal.SIGCONT)
     graph_store.close()
+
+
+# Values that FalkorDB's Bolt endpoint mangled or ran as Cypher before escaping: quotes, backslashes,
+# control characters, and the injection strings that emptied the graph.
+HOSTILE_VALUES = [
+    "o'neil",
+    "x' MATCH (m) DETACH DELETE m //",
+    "x\\' MATCH (m) DETACH DELETE m //",
+    'say "hi" \\" and \\\\',
+    "a\\b",
+    "ends with a backslash \\",
+    "C:\\new\\table\\u0041",
+    "tab\there, newline\nthere, return\rthere",
+    "bell\x07 escape\x1b delete\x7f line-separator\u2028here",
+    "堤防の'高さ'は\\3m\\",
+]
+
+
+def _graph_with(values: dict[str, list[str]]) -> graph_lib.KnowledgeGraph:
+    """The seed graph with the given values put into the names and descriptions of its Concept nodes (the
+    names of Volume, Chapter and Section nodes are structure) and into relation descriptions."""
+    seed = graph_lib.load_seed()
+    names, node_texts, relation_texts = (iter(values.get(k, [])) for k in ("name", "description", "relation"))
+    nodes = [
+        graph_lib.NodeRecord.model_validate(
+            {**node.model_dump(), "name": next(names, node.name), "description": next(node_texts, node.description)}
+        )
+        if node.label == "Concept"
+        else node
+        for node in seed.nodes
+    ]
+    relations = [
+        graph_lib.RelationRecord.model_validate(
+            {**relation.model_dump(), "description": next(relation_texts, relation.description)}
+        )
+        for relation in seed.relations
+    ]
+    return dataclasses.replace(seed, nodes=tuple(nodes), relations=tuple(relations))
+
+
+def _server_records(store: Neo4jGraphStore) -> tuple[dict[str, dict], dict[str, dict]]:
+    graph = store.read_graph()
+    return (
+        {node.node_id: node.model_dump() for node in graph.nodes},
+        {relation.relation_id: relation.model_dump() for relation in graph.relations},
+    )
+
+
+def test_hostile_values_round_trip_byte_for_byte(server_store: Neo4jGraphStore) -> None:
+    assert server_store.splices_parameters(), "FalkorDB splices parameters into the query text"
+    graph = _graph_with({"name": HOSTILE_VALUES, "description": HOSTILE_VALUES[::-1], "relation": HOSTILE_VALUES})
+    report = server_store.publish(graph)
+    assert (report.nodes, report.relations) == (200, 268)
+    nodes, relations = _server_records(server_store)
+    assert nodes == {node.node_id: node.model_dump() for node in graph.nodes}
+    assert relations == {relation.relation_id: relation.model_dump() for relation in graph.relations}
+    concepts = [node for node in graph.nodes if node.label == "Concept"][: len(HOSTILE_VALUES)]
+    assert [node.name for node in concepts] == HOSTILE_VALUES
+    assert [nodes[node.node_id]["name"] for node in concepts] == HOSTILE_VALUES
+    # Publishing the same graph again changes nothing.
+    again = server_store.publish(graph)
+    assert again.nodes_created == again.nodes_deleted == again.relationships_created == 0
+
+
+def test_a_value_the_server_cannot_carry_is_refused_before_writing(server_store: Neo4jGraphStore) -> None:
+    server_store.publish(graph_lib.load_seed())
+    before = _server_records(server_store)
+    graph = _graph_with({"description": ["ok", "cut\x00here"]})
+    second = [node for node in graph.nodes if node.label == "Concept"][1].node_id
+    with pytest.raises(GraphStoreError) as caught:
+        server_store.publish(graph)
+    assert str(caught.value) == (
+        f"not publishing to {server_store.describe()}: node {second} property description holds U+0000 (NUL) at "
+        "character 3, which this server cannot store (its Bolt endpoint cuts the string there); remove the "
+        "character from the graph's source. Nothing was written."
+    )
+    assert _server_records(server_store) == before
+
+
+def test_the_check_after_publishing_names_the_changed_value(
+    server_store: Neo4jGraphStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without escaping (the old behaviour) the server turns a backslash sequence into a control character;
+    the read-back check names the record, the property and both values instead of blaming another writer."""
+    monkeypatch.setattr(graph_store_module, "escape_spliced", lambda value: value)
+    graph = _graph_with({"name": ["a\\b"]})
+    first = next(node for node in graph.nodes if node.label == "Concept").node_id
+    with pytest.raises(GraphStoreError) as caught:
+        server_store.publish(graph)
+    message = str(caught.value)
+    assert f"node {first} property name: sent 'a\\\\b', the server holds 'a\\x08'" in message
+    assert "another writer" not in message
+
+
+def test_a_node_deleted_by_another_writer_is_named(
+    falkordb: FalkorDBServer, server_store: Neo4jGraphStore, graph_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed = graph_lib.load_seed()
+    server_store.publish(seed)
+    victim = seed.nodes[5].node_id
+    original = Neo4jGraphStore._read_records
+
+    def read_after_a_concurrent_delete(self: Neo4jGraphStore, vocabulary: Any) -> Any:
+        run_cypher(falkordb, graph_name, "MATCH (n {node_id: $id}) DETACH DELETE n", id=victim)
+        return original(self, vocabulary)
+
+    monkeypatch.setattr(Neo4jGraphStore, "_read_records", read_after_a_concurrent_delete)
+    with pytest.raises(GraphStoreError) as caught:
+        server_store.publish(seed)
+    assert f"1 node(s) missing ({victim}): another writer deleted them, or the server dropped writes" in str(
+        caught.value
+    )

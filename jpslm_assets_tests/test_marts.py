@@ -463,7 +463,7 @@ def test_mart_deps_follow_parsed_sql_and_source_writers() -> None:
     specs = {spec.key.path[-1]: spec for spec in marts.model_specs(load_project(), writers)}
     deps = {name: {dep.asset_key.to_user_string() for dep in spec.deps} for name, spec in specs.items()}
     assert deps["judged_answers"] == {"judge_scores_f16", "judge_scores_q4_k_m"}
-    assert deps["score_summary"] == {"marts/judged_answers", "marts/score_intervals", "gguf_f16"}
+    assert deps["score_summary"] == {"marts/judged_answers", "marts/score_intervals", "marts/judge_validity", "gguf_f16"}
     assert deps["quantization_effect"] == {"marts/score_summary", "marts/quantization_tests"}
     for spec in specs.values():
         assert spec.group_name == "marts" and spec.code_version and spec.description and spec.kinds

@@ -117,3 +117,32 @@ def test_unwritable_report_folder_is_a_clear_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(doc.ReportError, match="not-a-folder.*JPSLM_DATA_DIR"):
         doc.write_report(_document(), blocker / "reports")
+
+
+def _validity(verdicts: dict[str, str]) -> pl.DataFrame:
+    from jpslm_assets.domain.judge_controls import VALIDITY_SCHEMA, VERDICT_RULES
+
+    rows = [
+        {"judge": judge, "questions": 8, "positive_mean": 2.0, "negative_mean": 1.9, "positive_pass_rate": 0.5,
+         "negative_pass_rate": 0.1, "unparsed": 0, "separation": 0.12, "separation_ci_low": -0.5,
+         "separation_ci_high": 0.75, "verdict": verdict, "verdict_rule": VERDICT_RULES}
+        for judge, verdict in verdicts.items()
+    ]  # fmt: skip
+    return pl.DataFrame(rows, schema=VALIDITY_SCHEMA)
+
+
+def test_the_first_line_of_the_report_states_the_judge_verdict() -> None:
+    from jpslm_assets.reports import validity_lead
+
+    silent = validity_lead(_validity({"a/llama_cpp/en": "valid", "smollm2-135m/llama_cpp/en": "no signal"}))
+    assert silent == (
+        "警告 (warning): no signal from judge smollm2-135m/llama_cpp/en (separation 0.12 [-0.50, 0.75]): it scores "
+        "an unrelated reference about as high as the right one, so its scores below say nothing about the answers."
+    )
+    assert validity_lead(_validity({"qwen2.5:14b/ollama/ja": "valid"})).startswith(
+        "判定者の妥当性 (judge validity): qwen2.5:14b/ollama/ja: valid (separation 0.12 [-0.50, 0.75])"
+    )
+    assert "not measured" in validity_lead(None) and "not measured" in validity_lead(_validity({}))
+    text = doc.render_html(_document(lead=silent))
+    body = text.split("<body>\n", 1)[1]
+    assert body.startswith('<p class="lead"><strong>警告 (warning): no signal from judge smollm2-135m'), body[:200]

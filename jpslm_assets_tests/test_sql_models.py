@@ -235,3 +235,67 @@ def test_console_script_module_runs_against_any_duckdb_file(tmp_path: Path) -> N
                                                  "WHERE table_schema = 'marts'").fetchall()}  # fmt: skip
     assert {"score_summary", "score_distribution", "category_scores", "quantization_effect", "scale_curve",
             "judge_reliability", "citation_summary"} <= tables  # fmt: skip
+
+
+DOCUMENTED = ["model", "n", "format", "question_id", "category", "judge", "score", "reason", "parse_ok", "raw_output"]
+
+
+def _score_csv(path: Path, rows: list[list[object]], header: list[str] = DOCUMENTED) -> Path:
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+SCORES = [
+    ["tiny-llama", 60, "f16", "TS-001", "Survey", "other-tool/gpt/ja", 3, "正確", "true", '{"score": 3}'],
+    ["tiny-llama", 60, "f16", "TS-002", "Design", "other-tool/gpt/ja", 1, "一部", "true", '{"score": 1}'],
+    ["tiny-llama", 60, "q4_k_m", "TS-001", "Survey", "other-tool/gpt/ja", 2, "ほぼ", "true", '{"score": 2}'],
+    ["tiny-llama", 60, "q4_k_m", "TS-002", "Design", "other-tool/gpt/ja", "", "", "false", "garbled"],
+]
+
+
+def test_scores_from_a_csv_with_only_the_documented_columns_build_every_mart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "other.duckdb"
+    csv_file = _score_csv(tmp_path / "scores.csv", SCORES)
+    assert main(["load-scores", str(csv_file), "--db", str(db)]) == 0
+    assert "loaded 4 rows" in capsys.readouterr().out
+    assert main(["load-scores", str(csv_file), "--db", str(db)]) == 0, "loading again replaces, not appends"
+    assert main(["run", "--db", str(db)]) == 0
+    project = load_project()
+    with duckdb.connect(str(db), read_only=True) as conn:
+        assert conn.sql("SELECT count(*) FROM eval.judge_scores").fetchone() == (4,)
+        marts = {row[0] for row in conn.sql("SELECT table_name FROM information_schema.tables WHERE table_schema = 'marts'").fetchall()}
+        assert marts == set(project.models)
+        summary = conn.sql(
+            "SELECT format, questions, scored, unparsed, avg_score, judge_verdict FROM marts.score_summary ORDER BY format"
+        ).fetchall()
+    assert summary == [("f16", 2, 2, 0, 2.0, None), ("q4_k_m", 2, 1, 1, 2.0, None)]
+    assert main(["test", "--db", str(db)]) == 0
+
+
+def test_a_score_csv_missing_a_column_or_with_a_bad_value_is_named_and_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "other.duckdb"
+    assert main(["load-scores", str(_score_csv(tmp_path / "good.csv", SCORES)), "--db", str(db)]) == 0
+    capsys.readouterr()
+    no_judge = _score_csv(tmp_path / "no_judge.csv", [row[:5] + row[6:] for row in SCORES], DOCUMENTED[:5] + DOCUMENTED[6:])
+    assert main(["load-scores", str(no_judge), "--db", str(db)]) == 2
+    error = capsys.readouterr().err
+    assert f"score file {no_judge} lacks required column(s) ['judge'] of eval.judge_scores" in error
+    assert "The DuckDB contract" in error and "nothing was changed" in error
+    bad = [*SCORES[:2], ["tiny-llama", "sixty", "f16", "TS-003", "Hazard", "other-tool/gpt/ja", 2, "x", "true", "{}"]]
+    bad_file = _score_csv(tmp_path / "bad.csv", bad)
+    assert main(["load-scores", str(bad_file), "--db", str(db)]) == 2
+    assert f"score file {bad_file} line 4: column n = 'sixty' is not a BIGINT" in capsys.readouterr().err
+    extra = _score_csv(tmp_path / "extra.csv", [[*row, 0.5] for row in SCORES], [*DOCUMENTED, "confidence"])
+    assert main(["load-scores", str(extra), "--db", str(db)]) == 2
+    assert "column(s) ['confidence'] that eval.judge_scores does not define" in capsys.readouterr().err
+    with duckdb.connect(str(db), read_only=True) as conn:
+        assert conn.sql("SELECT count(*) FROM eval.judge_scores").fetchone() == (4,)

@@ -219,3 +219,97 @@ def test_any_file_name_works_even_a_schema_name(tmp_path: Path, stem: str) -> No
         assert conn.execute("SELECT current_database()").fetchone() == ("jpslm_store",)
     with store.connect(read_only=True) as conn, pytest.raises(duckdb.Error, match="read-only"):
         conn.execute("CREATE TABLE kg.other AS SELECT 1")
+
+
+def _damage_data_blocks(path: Path, size: int = 256 * 1024) -> None:
+    """Overwrite ``size`` bytes with (seeded) random bytes where the file still opens: data blocks, not the
+    catalog (the kind of damage a reader only meets later)."""
+    import random
+
+    original = path.read_bytes()
+    noise = random.Random(7).randbytes(size)
+    for offset in range(len(original) // 4, len(original) - size, 64 * 1024):
+        path.write_bytes(original[:offset] + noise + original[offset + size :])
+        try:
+            duckdb.connect(str(path), read_only=True).close()
+            return
+        except duckdb.Error:
+            continue
+    raise AssertionError("no stretch of the file could be damaged without damaging the catalog")
+
+
+def test_damaged_blocks_are_found_before_the_next_write_and_name_the_table(tmp_path: Path) -> None:
+    path = tmp_path / "jpslm.duckdb"
+    store = DuckDBStore(path=str(path), lock_timeout_s=1)
+    big = pl.DataFrame({"x": list(range(300_000)), "y": [f"row {i:06d} of the pool" for i in range(300_000)]})
+    store.write_slice("qa.pool", big, {})
+    store.write_slice("eval.judge_scores", big.rename({"y": "reason"}), {})
+    _damage_data_blocks(path)
+    # The defect: the file still opens, and only a read of the damaged table fails.
+    with duckdb.connect(str(path), read_only=True) as conn:
+        conn.execute("SELECT 1").fetchone()
+    damaged = DuckDBStore(path=str(path), lock_timeout_s=1)
+    before = path.read_bytes()
+    with pytest.raises(StoreError) as caught:
+        damaged.write_slice("kg.items", pl.DataFrame({"v": [1]}), {})
+    message = str(caught.value)
+    assert message.startswith(f"DuckDB file {path} is damaged: table ")
+    assert "nothing more was written to it" in message and "move it aside and re-materialize" in message
+    assert path.read_bytes() == before, "the damaged file is left as it was"
+    table = message.split("table ", 1)[1].split(" ", 1)[0]
+    assert table in {"qa.pool", "eval.judge_scores"}
+    with pytest.raises(StoreError, match=rf"is damaged: table {table} cannot be read"):
+        damaged.read_slices(table, [{}])
+
+
+FULL_DISK_WRITER = textwrap.dedent(
+    """
+    import resource, signal, sys
+    import polars as pl
+    from jpslm_assets.store import DuckDBStore, StoreError
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    path, limit = sys.argv[1], int(sys.argv[2])
+    store = DuckDBStore(path=path, lock_timeout_s=1)
+    store.check_integrity()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    frame = pl.DataFrame({"v": list(range(2_000_000)), "text": [f"value {i}" for i in range(2_000_000)]})
+    try:
+        store.write_slice("kg.items", frame, {})
+    except StoreError as exc:
+        print(exc)
+    """
+)
+
+
+def test_a_full_disk_is_named_with_the_fix_and_loses_nothing(store: DuckDBStore) -> None:
+    """The file may not grow (RLIMIT_FSIZE: what a full disk looks like to the writer) while a large frame
+    replaces a table: the error names the file, the table and the fix; the earlier rows stay."""
+    store.write_slice("kg.items", pl.DataFrame({"v": [1, 2], "text": ["a", "b"]}), {})
+    limit = store.file.stat().st_size + 256 * 1024
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_WRITER, str(store.file), str(limit)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    message = done.stdout.strip()
+    assert message.startswith(f"DuckDB file {store.file}: the disk is full while writing table kg.items ("), message
+    assert "Nothing was written: the transaction was rolled back" in message and "JPSLM_DUCKDB_PATH" in message
+    assert sorted(store.query("SELECT v FROM kg.items")["v"].to_list()) == [1, 2]
+
+
+def test_a_full_tmpfs_is_named_with_the_fix(tmp_path: Path) -> None:
+    """The same on a real full file system, where this machine may mount a small tmpfs."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        store = DuckDBStore(path=str(mount / "jpslm.duckdb"), lock_timeout_s=1)
+        store.write_slice("kg.items", pl.DataFrame({"v": [1, 2]}), {})
+        frame = pl.DataFrame({"v": list(range(2_000_000)), "text": [f"value {i}" for i in range(2_000_000)]})
+        with pytest.raises(StoreError, match=r"the disk is full while writing table kg\.items \(.*No space left"):
+            store.write_slice("kg.items", frame, {})
+        assert sorted(store.query("SELECT v FROM kg.items")["v"].to_list()) == [1, 2]
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

@@ -715,8 +715,21 @@ def render_model_comparison(
                     axes.set_title(label + "  (誤差棒 = 信頼区間)")
             axes.margins(y=0.15)
         grid.flat[0].legend(title="format")
-        stats = {"series": summary.height, "confidence_intervals": has_ci}
+        stats: dict[str, Any] = {"series": summary.height, "confidence_intervals": has_ci}
+        verdicts = judge_verdicts(summary)
+        if verdicts:
+            # The judge's validity beside its averages: a judge without signal makes every bar meaningless.
+            figure.suptitle("判定者の妥当性 (judge validity): " + verdicts, fontsize=9)
+            stats["judge_verdicts"] = verdicts
         return _finish(spec, figure, settings, rows, stats)
+
+
+def judge_verdicts(summary: pl.DataFrame) -> str:
+    """``judge: verdict`` for each judge of a score table with a ``judge_verdict`` column ("" without one)."""
+    if "judge_verdict" not in summary.columns or "judge" not in summary.columns:
+        return ""
+    pairs = summary.select("judge", "judge_verdict").unique().sort("judge").iter_rows()
+    return "; ".join(f"{judge}: {verdict or 'not measured'}" for judge, verdict in pairs)
 
 
 def render_score_distribution(

@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from jpslm_assets.resources.generation_api import (
+    BackendUnavailable,
     ChatMessage,
     GenerationError,
     GenerationRequest,
@@ -423,14 +424,24 @@ class Verdict:
     seconds: float
 
 
-def judge_one(item: JudgeItem, generate: GenerateFn, rubric: Rubric, settings: JudgeSettings) -> Verdict:
-    """Judge one answer with up to ``1 + settings.retries`` attempts.
+def judge_one(
+    item: JudgeItem,
+    generate: GenerateFn,
+    rubric: Rubric,
+    settings: JudgeSettings,
+    deadline_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Verdict:
+    """Judge one answer with up to ``1 + settings.retries`` attempts, within ``deadline_s`` in all.
 
     An empty answer is 0 by the rubric itself, so the model is not asked. A retry samples at the rubric's
     retry temperature with a new seed: at temperature 0 the same prompt would return the same reply. If no
-    attempt reached the backend at all, the backend is broken and ``JudgeBackendError`` stops the asset.
+    attempt reached the backend at all, the backend is broken and ``JudgeBackendError`` stops the asset; so
+    does the first attempt that finds the backend unavailable (down, or silent past its first-byte timeout),
+    without retrying. Each request gets what is left of the deadline; once it has passed, no attempt
+    starts and the verdict is stored unparseable, naming the deadline.
     """
-    started = time.monotonic()
+    started = clock()
     if not item.answer or not item.answer.strip():
         return Verdict(item.question_id, 0, EMPTY_ANSWER_REASON, True, None, 0, None, 0.0)
     messages = build_judge_messages(item, rubric, settings.language, settings.max_answer_chars)
@@ -449,6 +460,10 @@ def judge_one(item: JudgeItem, generate: GenerateFn, rubric: Rubric, settings: J
     backend_errors: list[str] = []
     attempts = 0
     for attempt in range(settings.retries + 1):
+        remaining = None if deadline_s is None else deadline_s - (clock() - started)
+        if remaining is not None and remaining <= 0:
+            last_error = f"the per-question deadline of {deadline_s:g} s passed ({last_error})"
+            break
         attempts = attempt + 1
         request = GenerationRequest(
             messages=messages,
@@ -460,9 +475,15 @@ def judge_one(item: JudgeItem, generate: GenerateFn, rubric: Rubric, settings: J
             shared_prefix_messages=1,  # the system message (role and rubric) is the same for every item
             # and the user message up to the candidate answer is the same for every answer to this question
             shared_last_message_chars=shared_chars,
+            deadline_s=remaining,
         )
         try:
             result = generate(request)
+        except BackendUnavailable as exc:
+            raise JudgeBackendError(
+                f"judge {settings.name} could not reach its backend on question {item.question_id} "
+                f"(attempt {attempts}): {exc}. No scores were written."
+            ) from exc
         except GenerationError as exc:
             backend_errors.append(str(exc))
             last_error = f"generation failed: {exc}"
@@ -478,11 +499,11 @@ def judge_one(item: JudgeItem, generate: GenerateFn, rubric: Rubric, settings: J
                 result.text,
                 attempts,
                 None,
-                time.monotonic() - started,
+                clock() - started,
             )
         truncated = " (reply cut at max_tokens)" if result.finish_reason == "length" else ""
         last_error = f"{parsed.error}{truncated}"
-    if len(backend_errors) == attempts:
+    if attempts and len(backend_errors) == attempts:
         raise JudgeBackendError(
             f"judge {settings.name} failed on question {item.question_id} in all {attempts} attempts: "
             f"{backend_errors[-1]}. Check that the judge backend is running and the model "
@@ -496,7 +517,7 @@ def judge_one(item: JudgeItem, generate: GenerateFn, rubric: Rubric, settings: J
         last_text,
         attempts,
         f"unparseable after {attempts} attempt(s): {last_error}",
-        time.monotonic() - started,
+        clock() - started,
     )
 
 
@@ -622,12 +643,14 @@ def judge_answers(
     rubric: Rubric,
     settings: JudgeSettings,
     on_verdict: Callable[[Verdict], object] | None = None,
+    deadline_s: float | None = None,
 ) -> pl.DataFrame:
-    """Judge every item; one row per item in ``JUDGE_SCORE_SCHEMA`` (partition columns added by the asset)."""
+    """Judge every item, each within ``deadline_s``; one row per item in ``JUDGE_SCORE_SCHEMA`` (partition
+    columns added by the asset)."""
     rows = []
     settings_json = settings.as_json()
     for item in items:
-        verdict = judge_one(item, generate, rubric, settings)
+        verdict = judge_one(item, generate, rubric, settings, deadline_s)
         if on_verdict is not None:
             on_verdict(verdict)
         rows.append(

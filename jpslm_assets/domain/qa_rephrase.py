@@ -55,6 +55,7 @@ def build_request(
 def prompt_hash(model_ref: str, request: GenerationRequest) -> str:
     """A stable hash of everything that determines the output: model, messages and sampling settings."""
     payload = {"model": model_ref, **asdict(request)}
+    payload.pop("deadline_s", None)  # a time budget, not an input of the output
     encoded = json.dumps(payload, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
 

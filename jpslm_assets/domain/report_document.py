@@ -56,6 +56,8 @@ class ReportDocument:
     # A TrueType font to embed (subset to the characters used), so Japanese text renders on machines
     # without Japanese fonts; None leaves it to the reader's system fonts.
     font_path: Path | None = None
+    # The report's first line: the judges' validity verdicts (a judge without signal is said here first).
+    lead: str | None = None
 
     @property
     def placeholders(self) -> int:
@@ -213,8 +215,10 @@ def render_html(document: ReportDocument) -> str:
             '<h2>出典 (provenance)</h2><table class="meta"><thead><tr><th>table</th>'
             f"<th>latest materialization</th></tr></thead><tbody>{rows}</tbody></table>"
         )
+    lead = f'<p class="lead"><strong>{html.escape(document.lead)}</strong></p>\n' if document.lead else ""
     body = (
-        f"<h1>{html.escape(document.title)}</h1>\n"
+        lead
+        + f"<h1>{html.escape(document.title)}</h1>\n"
         f'<table class="meta">{meta}</table>\n<ul>{contents}</ul>\n'
         + "\n".join(sections)
         + f"\n{provenance}\n"

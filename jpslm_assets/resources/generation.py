@@ -41,7 +41,12 @@ from pydantic import Field
 from jpslm_assets.domain.fidelity import ScoringSequence, SequenceNll, answer_token_nll
 from jpslm_assets.domain.modelfile import ChatTemplateError, ModelfileSpec, chat_turns
 from jpslm_assets.resources import prompt_states
-from jpslm_assets.resources.generation_api import GenerationError, GenerationRequest, GenerationResult
+from jpslm_assets.resources.generation_api import (
+    BackendUnavailable,
+    GenerationError,
+    GenerationRequest,
+    GenerationResult,
+)
 from jpslm_assets.resources.grammar_decoding import GrammarSampler, greedy_tokens
 from jpslm_assets.resources.llama_cpp_tools import LlamaCppToolError, check_gguf_file, file_identity
 from jpslm_assets.resources.models import llama_cpp_thread_count
@@ -526,8 +531,18 @@ class OllamaBackend(GenerationBackend):
     backend_name: ClassVar[str] = "ollama"
 
     host: str | None = Field(default=None, description="Server URL; default $OLLAMA_HOST or 127.0.0.1:11434")
-    timeout_s: float = Field(default=600.0, gt=0, description="Per-request read timeout")
-    connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Three limits, each for what it bounds: a server that is down fails after connect_timeout_s; one that
+    # accepts and never answers after first_byte_timeout_s (also the longest pause between streamed tokens);
+    # a reply that keeps coming is cut after timeout_s in all. Uploads (ollama create) use timeout_s per read.
+    timeout_s: float = Field(
+        default=600.0, gt=0, description="Total time for one generation request, first byte to last"
+    )
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="Opening the connection")
+    first_byte_timeout_s: float = Field(
+        default=45.0,
+        gt=0,
+        description="Until the first streamed token (model load and prompt), and the longest pause between tokens",
+    )
     num_ctx: int = Field(default=4096, gt=0)
     keep_alive: str | None = Field(default=None, description="How long Ollama keeps the model loaded")
     parallel: int = Field(
@@ -568,16 +583,16 @@ class OllamaBackend(GenerationBackend):
                     "deployment asset (ollama create) or `ollama pull` it.",
                 )
             return self._error(model_ref, f"Ollama at {host} answered HTTP {exc.status_code}: {exc.error}")
-        if isinstance(exc, ConnectionError | httpx.ConnectError):
-            return self._error(
-                model_ref,
-                f"Ollama at {host} is unreachable; start `ollama serve` there or set {OLLAMA_HOST_ENV} "
-                "to a server that runs.",
+        if isinstance(exc, ConnectionError | httpx.ConnectError | httpx.ConnectTimeout):
+            return BackendUnavailable(
+                f"{self.backend_name} backend, model {model_ref}: Ollama at {host} is unreachable; start "
+                f"`ollama serve` there or set {OLLAMA_HOST_ENV} to a server that runs ({exc!r}; "
+                f"connect_timeout_s={self.connect_timeout_s:g} s)."
             )
         if isinstance(exc, httpx.TimeoutException):
             return self._error(
                 model_ref,
-                f"Ollama at {host} did not answer within timeout_s={self.timeout_s:.0f} s ({exc!r})",
+                f"Ollama at {host} did not answer within timeout_s={self.timeout_s:g} s ({exc!r})",
             )
         return self._error(model_ref, f"Ollama at {host} failed: {exc!r}")
 
@@ -614,29 +629,71 @@ class OllamaBackend(GenerationBackend):
         }
         if request.stop:
             options["stop"] = list(request.stop)
+        import httpx
+
+        limit = self.timeout_s if request.deadline_s is None else min(self.timeout_s, request.deadline_s)
         started = time.perf_counter()
+        parts: list[str] = []
+        first_byte: float | None = None
+        final: Any = None
         try:
-            with self.client() as client:
-                response = client.chat(
+            # Streamed, so that the read timeout bounds the wait for the first token and each pause after it,
+            # and the total limit is checked as tokens arrive.
+            with self.client(timeout_s=self.first_byte_timeout_s) as client:
+                for chunk in client.chat(
                     model=model_ref,
                     messages=list(request.messages),
                     format=request.json_schema,
                     options=options,
-                    stream=False,
+                    stream=True,
                     keep_alive=self.keep_alive,
-                )
+                ):
+                    if first_byte is None:
+                        first_byte = time.perf_counter() - started
+                    parts.append(chunk.message.content or "")
+                    if chunk.done:
+                        final = chunk
+                        break
+                    if time.perf_counter() - started > limit:
+                        raise self._error(
+                            model_ref,
+                            f"Ollama at {self.resolved_host()} was still generating after {limit:g} s "
+                            f"(timeout_s={self.timeout_s:g}"
+                            + ("" if request.deadline_s is None else f", caller's deadline {request.deadline_s:g} s")
+                            + f"); {len(parts)} chunks so far",
+                        )
+        except GenerationError:
+            raise
+        except httpx.TimeoutException as exc:
+            if isinstance(exc, httpx.ConnectTimeout):
+                raise self._translate(model_ref, exc) from exc
+            host = self.resolved_host()
+            if first_byte is None:
+                raise BackendUnavailable(
+                    f"{self.backend_name} backend, model {model_ref}: Ollama at {host} accepted the request but "
+                    f"sent nothing within first_byte_timeout_s={self.first_byte_timeout_s:g} s; the server is "
+                    "stuck or overloaded (check `ollama ps` and its log), or the model takes longer to load "
+                    "(raise first_byte_timeout_s)."
+                ) from exc
+            raise self._error(
+                model_ref,
+                f"Ollama at {host} stopped sending tokens for {self.first_byte_timeout_s:g} s "
+                f"(first_byte_timeout_s) after {len(parts)} chunks",
+            ) from exc
         except Exception as exc:
             raise self._translate(model_ref, exc) from exc
+        if final is None:
+            raise self._error(model_ref, f"Ollama at {self.resolved_host()} ended the stream without a final chunk")
         seconds = time.perf_counter() - started
         return GenerationResult(
-            text=response.message.content or "",
-            prompt_tokens=int(response.prompt_eval_count or 0),
-            completion_tokens=int(response.eval_count or 0),
+            text="".join(parts),
+            prompt_tokens=int(final.prompt_eval_count or 0),
+            completion_tokens=int(final.eval_count or 0),
             seconds=seconds,
-            finish_reason="length" if response.done_reason == "length" else "stop",
+            finish_reason="length" if final.done_reason == "length" else "stop",
             backend=self.backend_name,
             model=model_ref,
-            extra={"total_duration_s": (response.total_duration or 0) / 1e9},
+            extra={"total_duration_s": (final.total_duration or 0) / 1e9, "first_byte_s": first_byte},
         )
 
     def create_model(self, name: str, gguf_path: Path, spec: ModelfileSpec) -> dict[str, Any]:
@@ -1178,15 +1235,25 @@ class TransformersBackend(GenerationBackend):
 
 
 def backend_for(
-    kind: str, num_ctx: int, quantization: str = "none", fallback: Literal["none", "llama_cpp"] = "none"
+    kind: str,
+    num_ctx: int,
+    quantization: str = "none",
+    fallback: Literal["none", "llama_cpp"] = "none",
+    first_byte_timeout_s: float = 45.0,
+    request_timeout_s: float = 600.0,
 ) -> GenerationBackend:
-    """A backend of the named kind with the profile's context size (and, for Ollama, its fallback)."""
+    """A backend of the named kind with the profile's context size (and, for Ollama, its fallback and limits)."""
     if kind == "llama_cpp":
         return LlamaCppBackend(n_ctx=num_ctx)
     if kind == "llama_server":
-        return LlamaServerBackend(n_ctx=num_ctx)
+        return LlamaServerBackend(n_ctx=num_ctx, timeout_s=request_timeout_s)
     if kind == "ollama":
-        return OllamaBackend(num_ctx=num_ctx, fallback=fallback)
+        return OllamaBackend(
+            num_ctx=num_ctx,
+            fallback=fallback,
+            first_byte_timeout_s=first_byte_timeout_s,
+            timeout_s=request_timeout_s,
+        )
     if kind == "transformers":
         return TransformersBackend(quantization="nf4" if quantization == "nf4" else "none")
     raise GenerationError(

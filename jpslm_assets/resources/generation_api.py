@@ -16,6 +16,12 @@ class GenerationError(RuntimeError):
     """A backend failed to generate; the message names the backend, the model and the cause."""
 
 
+class BackendUnavailable(GenerationError):
+    """The backend cannot be reached, or accepted the request and sent nothing within its first-byte timeout.
+
+    Retrying the same request at once would wait as long again, so callers stop instead of retrying."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     messages: list[ChatMessage]
@@ -32,6 +38,10 @@ class GenerationRequest:
     # How many leading characters of the last message other requests share too (a judgement's question,
     # reference and location, before the candidate answer): a second stored state, computed from the first.
     shared_last_message_chars: int = 0
+    # Seconds this request may take at most, end to end (a caller's remaining budget, e.g. the judge's per-
+    # question deadline); None: the backend's own limit. Network backends stop generating when it passes.
+    # Not part of what determines the output.
+    deadline_s: float | None = None
 
 
 @dataclass(frozen=True)

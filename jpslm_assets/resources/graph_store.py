@@ -14,6 +14,14 @@ Works against Neo4j 5 and FalkorDB's Bolt endpoint (FalkorDB picks the graph fro
 explicit transaction, so every query runs inside a managed transaction). Neo4j runs a publish as one
 transaction; FalkorDB applies statements one by one, so an interrupted publish can leave part of the
 change behind, and publishing again completes it.
+
+Values: Neo4j binds parameters as values. FalkorDB's Bolt endpoint writes them into the query text, where a
+``'`` ends the string (and lets the rest run as Cypher), ``\\b`` becomes a backspace and NUL cuts the string
+short. The store finds out which kind of server it talks to with one harmless probe (a parameter holding
+two backslashes comes back as one when the server splices), and on a splicing server escapes ``\\`` and
+``'`` in every string parameter, which FalkorDB's parser undoes exactly. A value such a server cannot carry
+at all (NUL) is refused before anything is written, naming the record, the property and the character.
+After a publish, the graph is read back and compared value by value with what was sent.
 """
 
 from __future__ import annotations
@@ -59,6 +67,38 @@ class GraphStoreError(RuntimeError):
 
 class GraphStoreTimeout(GraphStoreError):
     """A call to the graph server did not finish within its deadline."""
+
+
+# Probe for servers that splice parameters into the query text: two backslashes, no quote (harmless either way).
+_SPLICE_PROBE = "jpslm\\\\probe"
+# Characters a splicing server cannot carry in a string even when escaped (FalkorDB ends the string at NUL).
+_UNCARRIABLE = {"\x00": "NUL"}
+
+
+def escape_spliced(value: Any) -> Any:
+    """``value`` with every string escaped for a server that splices parameters into single-quoted text."""
+    if isinstance(value, str):
+        return value.replace("\\", "\\\\").replace("'", "\\'")
+    if isinstance(value, dict):
+        return {key: escape_spliced(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [escape_spliced(item) for item in value]
+    return value
+
+
+def uncarriable(record: str, fields: dict[str, Any]) -> str | None:
+    """Why a splicing server cannot store ``fields`` of ``record`` unchanged, or None when it can."""
+    for name, value in fields.items():
+        if not isinstance(value, str):
+            continue
+        for position, character in enumerate(value):
+            if character in _UNCARRIABLE:
+                return (
+                    f"{record} property {name} holds U+{ord(character):04X} ({_UNCARRIABLE[character]}) at "
+                    f"character {position}, which this server cannot store (its Bolt endpoint cuts the string "
+                    "there); remove the character from the graph's source"
+                )
+    return None
 
 
 class GraphStore(dg.ConfigurableResource):
@@ -177,6 +217,7 @@ class Neo4jGraphStore(GraphStore):
     # Dagster closes it after the step (teardown_after_execution); direct callers call close().
     _driver_instance: Any = PrivateAttr(default=None)
     _driver_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _splices: bool | None = PrivateAttr(default=None)
 
     def _driver(self) -> neo4j.Driver:
         import neo4j
@@ -265,6 +306,31 @@ class Neo4jGraphStore(GraphStore):
             self.close()  # the next call starts with a fresh connection
             raise
 
+    def splices_parameters(self) -> bool:
+        """Whether the server writes parameters into the query text instead of binding them (FalkorDB)."""
+        if self._splices is None:
+
+            def probe(tx: neo4j.ManagedTransaction) -> Any:
+                return tx.run("RETURN $probe AS probe", {"probe": _SPLICE_PROBE}).single(strict=True)["probe"]
+
+            echoed = self._call(
+                "probing parameter binding", lambda session: self._transaction(session, probe, False)
+            )
+            if echoed == _SPLICE_PROBE:
+                self._splices = False
+            elif echoed == _SPLICE_PROBE.replace("\\\\", "\\"):
+                self._splices = True
+            else:
+                raise GraphStoreError(
+                    f"{self.describe()} returned the parameter {_SPLICE_PROBE!r} as {echoed!r}; it neither binds "
+                    "nor splices parameters in a known way, so values cannot be published safely."
+                )
+        return self._splices
+
+    def _parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        """Parameters as this server needs them so that values arrive unchanged."""
+        return escape_spliced(parameters) if self.splices_parameters() else parameters
+
     def _transaction(
         self, session: neo4j.Session, work: Callable[[neo4j.ManagedTransaction], T], write: bool
     ) -> T:
@@ -276,8 +342,8 @@ class Neo4jGraphStore(GraphStore):
 
     # ------------------------------------------------------------------------------------------- reading
 
-    def read_graph(self, vocabulary: Vocabulary | None = None) -> KnowledgeGraph:
-        vocabulary = vocabulary or load_vocabulary()
+    def _read_records(self, vocabulary: Vocabulary) -> tuple[list[Located], list[Located]]:
+        """Every node of a vocabulary label and relation of a vocabulary type, as raw records."""
 
         def read(tx: neo4j.ManagedTransaction) -> tuple[list[Located], list[Located]]:
             nodes: list[Located] = []
@@ -305,9 +371,11 @@ class Neo4jGraphStore(GraphStore):
                     )
             return nodes, relations
 
-        nodes, relations = self._call(
-            "reading the graph", lambda session: self._transaction(session, read, False)
-        )
+        return self._call("reading the graph", lambda session: self._transaction(session, read, False))
+
+    def read_graph(self, vocabulary: Vocabulary | None = None) -> KnowledgeGraph:
+        vocabulary = vocabulary or load_vocabulary()
+        nodes, relations = self._read_records(vocabulary)
         return build_graph(nodes, relations, vocabulary, self.describe())
 
     def counts(self, vocabulary: Vocabulary | None = None) -> dict[str, int]:
@@ -339,6 +407,14 @@ class Neo4jGraphStore(GraphStore):
         """
         vocabulary = vocabulary or load_vocabulary()
         version = graph_version(graph)
+        expected_nodes, expected_relations = _expected_records(graph)
+        if self.splices_parameters():
+            for key, fields in [*expected_nodes.items(), *expected_relations.items()]:
+                problem = uncarriable(_record_name(key), fields)
+                if problem:
+                    raise GraphStoreError(
+                        f"not publishing to {self.describe()}: {problem}. Nothing was written."
+                    )
         labels = graph.node_by_id()
         nodes_by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for node in graph.nodes:
@@ -398,20 +474,20 @@ class Neo4jGraphStore(GraphStore):
         def write(tx: neo4j.ManagedTransaction) -> None:
             totals.clear()  # a retried transaction starts its tally afresh
             for query, parameters in statements:
-                counters = tx.run(query, parameters).consume().counters
+                counters = tx.run(query, self._parameters(parameters)).consume().counters
                 for name in PUBLISH_COUNTERS:
                     totals[name] += getattr(counters, name)
 
         self._call("publishing the graph", lambda session: self._transaction(session, write, True))
-        after = self.counts(vocabulary)
-        nodes_after = sum(after[label] for label in vocabulary.node_labels)
-        relations_after = sum(after[relation_type] for relation_type in vocabulary.relation_types)
-        if (nodes_after, relations_after) != (len(graph.nodes), len(graph.relations)):
+        nodes_back, relations_back = self._read_records(vocabulary)
+        problems = _differences(expected_nodes, expected_relations, nodes_back, relations_back)
+        if problems:
             raise GraphStoreError(
-                f"after publishing, {self.describe()} holds {nodes_after} nodes and {relations_after} relations "
-                f"instead of {len(graph.nodes)} and {len(graph.relations)}; another writer may be changing the "
-                "graph. Publish again when it is idle."
+                f"after publishing, {self.describe()} does not hold the graph that was sent: "
+                + "; ".join(problems)
+                + ". Publish again; if the same values differ, the server changes them on the way in."
             )
+        nodes_after, relations_after = len(nodes_back), len(relations_back)
         return PublishReport(
             server=self.describe(),
             kg_version=version,
@@ -434,6 +510,86 @@ class Neo4jGraphStore(GraphStore):
             size += row_bytes
         if batch:
             yield batch
+
+
+RecordKey = tuple[str, str]  # ("node", node_id) or ("relation", relation_id)
+
+
+def _record_name(key: RecordKey) -> str:
+    return f"{key[0]} {key[1]}"
+
+
+def _expected_records(
+    graph: KnowledgeGraph,
+) -> tuple[dict[RecordKey, dict[str, Any]], dict[RecordKey, dict[str, Any]]]:
+    """What the server must hold after a publish, keyed like ``_differences`` reads it back (nulls left out)."""
+    nodes = {
+        ("node", node.node_id): {
+            name: value
+            for name, value in {"label": node.label, **{p: getattr(node, p) for p in NODE_PROPERTIES}}.items()
+            if value is not None
+        }
+        for node in graph.nodes
+    }
+    relations = {
+        ("relation", relation.relation_id): {
+            "relation_type": relation.relation_type,
+            "source_id": relation.source_id,
+            "target_id": relation.target_id,
+            **{p: getattr(relation, p) for p in RELATION_PROPERTIES if getattr(relation, p) is not None},
+        }
+        for relation in graph.relations
+    }
+    return nodes, relations
+
+
+def _differences(
+    expected_nodes: dict[RecordKey, dict[str, Any]],
+    expected_relations: dict[RecordKey, dict[str, Any]],
+    nodes: list[Located],
+    relations: list[Located],
+    limit: int = 5,
+) -> list[str]:
+    """How the records read back differ from those sent: missing, unexpected, duplicated, changed values."""
+    problems: list[str] = []
+    for kind, expected, found, id_field in (
+        ("node", expected_nodes, nodes, "node_id"),
+        ("relation", expected_relations, relations, "relation_id"),
+    ):
+        seen: dict[RecordKey, dict[str, Any]] = {}
+        for record in found:
+            key = (kind, str(record.fields.get(id_field)))
+            if key in seen:
+                problems.append(f"{_record_name(key)} is on the server twice")
+            seen[key] = {name: value for name, value in record.fields.items() if name != id_field}
+        missing = sorted(set(expected) - set(seen))
+        unexpected = sorted(set(seen) - set(expected))
+        if missing:
+            problems.append(
+                f"{len(missing)} {kind}(s) missing ({', '.join(key[1] for key in missing[:limit])}"
+                + (", ..." if len(missing) > limit else "")
+                + "): another writer deleted them, or the server dropped writes"
+            )
+        if unexpected:
+            problems.append(
+                f"{len(unexpected)} unexpected {kind}(s) ({', '.join(key[1] for key in unexpected[:limit])}"
+                + (", ..." if len(unexpected) > limit else "")
+                + "): another writer added them"
+            )
+        changed = 0
+        for key in sorted(set(expected) & set(seen)):
+            sent = {name: value for name, value in expected[key].items() if name != id_field}
+            for name in sorted(set(sent) | set(seen[key])):
+                if sent.get(name) != seen[key].get(name):
+                    changed += 1
+                    if changed <= limit:
+                        problems.append(
+                            f"{_record_name(key)} property {name}: sent {sent.get(name)!r}, "
+                            f"the server holds {seen[key].get(name)!r}"
+                        )
+        if changed > limit:
+            problems.append(f"{changed - limit} more changed {kind} value(s)")
+    return problems
 
 
 def neo4j_store_from_env() -> Neo4jGraphStore:

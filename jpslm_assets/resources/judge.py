@@ -117,6 +117,9 @@ class JudgeResource(dg.ConfigurableResource):
     )
     max_answer_chars: int = Field(gt=0, description="Answers and references are cut to this many characters")
     retries: int = Field(ge=0, le=10, description="Extra attempts after an unparseable reply")
+    question_deadline_s: float | None = Field(
+        default=300.0, gt=0, description="Most seconds one judgement may take, retries included; None: no limit"
+    )
     reason_max_chars: int | None = Field(
         default=None, gt=0, le=2000, description="Longest reason a reply may carry; None: the rubric's"
     )
