@@ -2,13 +2,14 @@
 adapter (r=32, dropout 0.05), both trained at n*, judged on the same questions per format and judge.
 delta = stage-2 average - stage-1 average over the questions both adapters answered and the judge scored;
 a Wilcoxon signed-rank test of the per-question differences (p_value, significant at 0.05) and a bootstrap
-95% interval of their mean, as in quantization_tests. The LoRA shapes come from serve.merged_models."""
+95% interval of their mean, as in quantization_tests (with Holm's adjustment across a judge's rows and the
+p-value's method). The LoRA shapes come from serve.merged_models."""
 
 from __future__ import annotations
 
 import polars as pl
 
-from jpslm_assets.domain.statistics import paired_difference_test
+from jpslm_assets.domain.statistics import paired_difference_test, with_holm
 
 SOURCE = """
 select
@@ -45,9 +46,14 @@ SCHEMA = {
     "p_value": pl.Float64,
     "significant": pl.Boolean,
     "test": pl.Utf8,
+    "p_method": pl.Utf8,
+    "sign_flips": pl.Int64,
 }
 
 KEYS = ["model", "n", "format", "judge", "question_id"]
+
+# The tests read together, and so adjusted together (Holm): every row of one judge.
+FAMILY = ["judge"]
 
 
 def model(frame: pl.DataFrame) -> pl.DataFrame:
@@ -84,6 +90,8 @@ def model(frame: pl.DataFrame) -> pl.DataFrame:
                 "p_value": test.p_value,
                 "significant": test.significant,
                 "test": test.test,
+                "p_method": test.p_method,
+                "sign_flips": test.sign_flips,
             }
         )
-    return pl.DataFrame(rows, schema=SCHEMA).sort("model", "n", "format", "judge")
+    return with_holm(pl.DataFrame(rows, schema=SCHEMA).sort("model", "n", "format", "judge"), FAMILY)

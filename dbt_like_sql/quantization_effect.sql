@@ -1,6 +1,7 @@
 -- F16 versus Q4_K_M per model, n and judge: the paper's averages and delta, plus a paired Wilcoxon
 -- signed-rank test over the questions both formats answered (p_value, significant at 0.05) and a paired
--- bootstrap interval of the delta; speedup = F16 s/question over Q4 s/question; size_ratio = Q4 bytes
+-- bootstrap interval of the delta, the p-value Holm-adjusted across the judge's rows (p_value_holm) and
+-- whether it is exact or Monte Carlo (p_method); speedup = F16 s/question over Q4 s/question; size_ratio = Q4 bytes
 -- over F16 bytes.
 with summary as (
     select * from marts.score_summary
@@ -22,6 +23,11 @@ select
     q.avg_score - f.avg_score as delta,
     t.p_value,
     t.significant,
+    t.p_value_holm,
+    t.significant_holm,
+    t.family_size,
+    t.p_method,
+    t.sign_flips,
     f.sec_per_question / nullif(q.sec_per_question, 0) as speedup,
     q.size_gb / nullif(f.size_gb, 0) as size_ratio,
     f.judge,

@@ -1,12 +1,13 @@
 """Paired F16 vs Q4_K_M comparison per model, n and judge over the questions both formats answered and
 the judge scored: Wilcoxon signed-rank test (scipy) of the per-question differences and a bootstrap 95%
-interval of their mean. significant = p < 0.05."""
+interval of their mean. significant = p < 0.05 for the one test; p_value_holm / significant_holm adjust
+across every row of a judge (Holm). p_method says whether the p-value is exact or Monte Carlo."""
 
 from __future__ import annotations
 
 import polars as pl
 
-from jpslm_assets.domain.statistics import paired_difference_test
+from jpslm_assets.domain.statistics import paired_difference_test, with_holm
 
 SOURCE = """
 select model, n, format, judge, question_id, score
@@ -27,7 +28,12 @@ SCHEMA = {
     "p_value": pl.Float64,
     "significant": pl.Boolean,
     "test": pl.Utf8,
+    "p_method": pl.Utf8,
+    "sign_flips": pl.Int64,
 }
+
+# The tests read together, and so adjusted together (Holm): every row of one judge.
+FAMILY = ["judge"]
 
 
 def model(frame: pl.DataFrame) -> pl.DataFrame:
@@ -51,6 +57,8 @@ def model(frame: pl.DataFrame) -> pl.DataFrame:
                 "p_value": test.p_value,
                 "significant": test.significant,
                 "test": test.test,
+                "p_method": test.p_method,
+                "sign_flips": test.sign_flips,
             }
         )
-    return pl.DataFrame(rows, schema=SCHEMA)
+    return with_holm(pl.DataFrame(rows, schema=SCHEMA), FAMILY)

@@ -857,6 +857,57 @@ def test_set_has_no_lexical_overlap(
     )
 
 
+@dg.asset_check(
+    asset=test_set,
+    blocking=False,
+    additional_ins={"rebalanced_pool": dg.AssetIn("rebalanced_pool")},
+    description="Reports reference answers that repeat a clause of a training answer verbatim (citations masked)",
+)
+def reference_answers_overlap_training(
+    test_set: pl.DataFrame, rebalanced_pool: pl.DataFrame, qa_files: QADataFiles, store: DuckDBStore
+) -> dg.AssetCheckResult:
+    """A report, not a filter: every question stays in the evaluation and ``qa.reference_overlap`` holds, per
+    question and per training set (the pool and each materialized subset), the longest verbatim run, so a
+    score can be read with and without the overlapping references. It warns when a human-written
+    (evaluated) reference reaches the limit; the rule is in ``domain/qa_test_set.py`` and docs/judging.md."""
+    limit = qa_files.catalogue().test_set.reference_run_chars
+    targets: list[tuple[str, pl.DataFrame]] = [("rebalanced_pool", rebalanced_pool)]
+    if store.table_exists("qa.training_subset"):
+        subsets = _stored_subsets(store)
+        for n in sorted(subsets["n"].unique().to_list()):
+            targets.append((f"training_subset n={n}", subsets.filter(pl.col("n") == n)))
+    checked_at = datetime.now(timezone.utc)
+    reports = []
+    for against, training in targets:
+        report = qa_test_set.reference_overlap(test_set, training, limit).with_columns(
+            pl.lit(against).alias("against"), pl.lit(checked_at).alias("checked_at")
+        )
+        store.write_slice("qa.reference_overlap", report, {"against": against})
+        reports.append(report)
+    evaluated = reports[0].filter(pl.col("human_written"))  # the pool: every subset is drawn from it
+    flagged = evaluated.filter(pl.col("repeats_training")).sort("longest_run_chars", descending=True)
+    worst = evaluated.sort("longest_run_chars", descending=True).head(1)
+    return dg.AssetCheckResult(
+        passed=flagged.height == 0,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "rule": f"citations masked, a run of {limit}+ characters shared with a training answer (NFKC)",
+            "evaluated_references": evaluated.height,
+            "overlapping_references": flagged.height,
+            "overlapping_ids": dg.MetadataValue.json(flagged["question_id"].to_list()),
+            "longest_run_chars": int(_number(worst["longest_run_chars"].max())) if worst.height else 0,
+            "longest_run_text": worst["longest_run_text"][0] if worst.height else "",
+            "longest_run_chars_unmasked": int(_number(evaluated["longest_run_chars_unmasked"].max()))
+            if evaluated.height
+            else 0,
+            "mean_shared_8gram_share": float(_number(evaluated["shared_8gram_share"].mean()))
+            if evaluated.height
+            else 0.0,
+            "table": "qa.reference_overlap",
+        },
+    )
+
+
 # ----------------------------------------------------------------------------------------- definitions
 
 
@@ -876,6 +927,7 @@ defs = dg.Definitions(
         category_coverage_stable_across_n,
         test_set_composition,
         test_set_has_no_lexical_overlap,
+        reference_answers_overlap_training,
     ],
     resources={"qa_files": QADataFiles(), "rephraser": _default_rephraser()},
 )

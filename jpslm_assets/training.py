@@ -111,6 +111,8 @@ NULLABLE_TYPES: dict[str, Any] = {
     "resumed_from_step": pl.Int64,
     "chat_template": pl.Utf8,
     "end_of_turn": pl.Utf8,
+    "question_nll": pl.List(pl.Float64),
+    "question_answer_tokens": pl.List(pl.Int64),
 }
 
 
@@ -587,6 +589,9 @@ def _score_test_nll(
         "answer_tokens": adapted.answer_tokens,
         "questions": adapted.questions,
         "question_ids": ",".join(questions["question_id"].cast(pl.Utf8).to_list()),
+        # Per question, in question_ids order: what the scale curve's paired intervals resample.
+        "question_nll": [None if math.isnan(value) else value for value in adapted.per_question_nll],
+        "question_answer_tokens": adapted.per_question_tokens,
         "truncated_answers": truncated,
         "max_tokens": max_tokens,
         "device": scorer.device,
@@ -630,7 +635,7 @@ _NLL_DESCRIPTION = (
 @dg.asset(
     group_name=EVALUATION_GROUP,
     kinds={"pytorch", "duckdb"},
-    code_version="2",
+    code_version="3",
     partitions_def=n_partitions(),
     pool=GPU_POOL,
     metadata=table_metadata(TEST_NLL_TABLES[1], partition_expr="n", fixed={"model": current_profile().stage1_model}),
@@ -650,7 +655,7 @@ def stage1_test_nll(
 @dg.asset(
     group_name=EVALUATION_GROUP,
     kinds={"pytorch", "duckdb"},
-    code_version="2",
+    code_version="3",
     partitions_def=model_partitions(),
     pool=GPU_POOL,
     metadata=table_metadata(TEST_NLL_TABLES[2], partition_expr="model"),
@@ -700,7 +705,7 @@ def _nll_finite_check(nll_asset: dg.AssetsDefinition, stage: int) -> dg.AssetChe
 @dg.asset(
     group_name=EVALUATION_GROUP,
     kinds={"duckdb", "polars"},
-    code_version="2",
+    code_version="3",
     metadata=table_metadata(SCALE_CURVE_TABLE),
 )
 def stage1_scale_curve(
@@ -710,9 +715,10 @@ def stage1_scale_curve(
     store: DuckDBStore,
 ) -> dg.Output[pl.DataFrame]:
     """Stage 1's result, the paper's Table 2 for the reference model: test NLL, perplexity, the change
-    from the previous n (``delta_nll``), the distance to the optimum and the status (underfit / improving /
-    optimal / overfitting) for every n of the grid. Plots the U-curve (Figure 6) and the training-loss
-    curves per n (Figure 5)."""
+    from the previous n (``delta_nll``), the distance to the optimum with its paired bootstrap interval over
+    the evaluation questions, and the status (optimal / indistinguishable from optimal / underfit /
+    overfitting, by whether that interval excludes zero) for every n of the grid. Plots the U-curve with the
+    intervals (Figure 6) and the training-loss curves per n (Figure 5)."""
     model = current_profile().stage1_model
     grid = current_profile().n_grid
     nll = stage1_test_nll.filter(pl.col("model") == model).select(
@@ -727,8 +733,14 @@ def stage1_scale_curve(
         context.log.warning(
             f"{model}: no stage-1 test NLL yet for n={missing}; the curve covers {points['n'].to_list()}"
         )
+    questions = _question_nll(stage1_test_nll.filter(pl.col("model") == model))
+    if questions is None:
+        context.log.warning(
+            f"{model}: eval.stage1_test_nll has no per-question NLLs (written before they were kept); the "
+            "statuses follow the means alone. Re-materialize stage1_test_nll for intervals."
+        )
     try:
-        curve = scaling.scale_curve(points)
+        curve = scaling.scale_curve(points, questions, seed=current_profile().generation.seed)
     except scaling.ScaleCurveError as exc:
         raise dg.Failure(str(exc)) from exc
     best = scaling.optimal_n(curve)
@@ -739,6 +751,7 @@ def stage1_scale_curve(
         "optimal_nll": float(curve.filter(pl.col("is_optimal"))["test_nll"][0]),
         "points": curve.height,
         "missing_n": dg.MetadataValue.json(missing),
+        "statuses": dg.MetadataValue.json(dict(zip(map(str, curve["n"]), curve["status"], strict=True))),
         "table": dg.MetadataValue.md(_markdown(curve)),
         **_png_metadata(
             f"scale_curve_{model}", plot_scale_curve(curve, f"{model}: n とテストNLL"), "U-curve", plots
@@ -759,6 +772,30 @@ def stage1_scale_curve(
             )
     context.log.info(f"{model}: lowest test NLL at n = {best} over {curve['n'].to_list()}")
     return _output(curve, **metadata)
+
+
+def _question_nll(nll: pl.DataFrame) -> pl.DataFrame | None:
+    """One row per (n, question) from the per-question lists of the test-NLL rows; None if any row lacks them."""
+    if "question_nll" not in nll.columns or nll.is_empty():
+        return None
+    if nll["question_nll"].null_count() or nll["question_answer_tokens"].null_count():
+        return None
+    frame = nll.select(
+        pl.col("n").cast(pl.Int64),
+        pl.col("question_ids").str.split(",").alias("question_id"),
+        pl.col("question_nll").alias("nll"),
+        pl.col("question_answer_tokens").alias("answer_tokens"),
+    )
+    lengths = frame.select(
+        "n", pl.col("question_id").list.len().alias("ids"), pl.col("nll").list.len().alias("values")
+    ).filter(pl.col("ids") != pl.col("values"))
+    if lengths.height:
+        n, ids, values = lengths.row(0)
+        raise dg.Failure(
+            f"eval.stage1_test_nll n={n}: {ids} question ids but {values} per-question NLLs; "
+            f"re-materialize stage1_test_nll[{n}]."
+        )
+    return frame.explode("question_id", "nll", "answer_tokens")
 
 
 @dg.asset(

@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 
 from jpslm_assets.domain import judge_controls as controls_lib
+from jpslm_assets.domain.scaling import INDISTINGUISHABLE, STATUSES
 from jpslm_assets.export import GGUF_FORMATS
 from jpslm_assets.resources.models import choose_cpu_precision, cpu_bf16_flags
 from jpslm_assets.settings import load_profile
@@ -148,8 +149,23 @@ def _check_tables(data_dir: Path) -> None:
         assert (lesson4["pairs"] == profile.eval_questions).all() and lesson4["p_value"].is_not_null().all()
         categories = con.sql("SELECT count(DISTINCT category) FROM eval.answers").fetchone()
         assert categories == (8,), "one evaluation question per category"
-        scale = con.sql("SELECT n, delta_nll, nll_above_optimum FROM marts.scale_curve ORDER BY n").pl()
+        scale = con.sql("SELECT * FROM marts.scale_curve ORDER BY n").pl()
         assert scale["delta_nll"][0] is None and scale["nll_above_optimum"].min() == 0.0
+        # Each n's distance to n* carries a paired interval over the test questions, and the status follows it.
+        assert scale["status"].is_in(list(STATUSES)).all() and scale["status"].to_list().count("optimal") == 1
+        others = scale.filter(pl.col("n") != n_star)
+        assert others["diff_ci_low"].is_not_null().all() and (others["paired_questions"] > 1).all()
+        for row in others.iter_rows(named=True):
+            excludes_zero = row["diff_ci_low"] > 0 or row["diff_ci_high"] < 0
+            assert (row["status"] != INDISTINGUISHABLE) == excludes_zero, row
+        # The model-free reference metric beside the judge, and the references that repeat training text.
+        chrf = con.sql("SELECT * FROM marts.chrf_summary").pl()
+        assert {(r["model"], r["format"]) for r in chrf.iter_rows(named=True)} >= {
+            (m, f) for m in profile.models for f in GGUF_FORMATS
+        }
+        assert (chrf["answers"] == profile.eval_questions).all() and chrf["mean_chrf"].is_between(0, 100).all()
+        overlap = con.sql("SELECT * FROM qa.reference_overlap WHERE against = 'rebalanced_pool'").pl()
+        assert overlap.height == 200 and overlap["repeats_training"].any()
 
         # Every judge has a validity verdict, and it is what its controls measured.
         judges = {row[0] for row in con.sql("SELECT DISTINCT judge FROM eval.judge_scores").fetchall()}

@@ -650,6 +650,7 @@ def test_judging_defs_follow_the_profile_formats() -> None:
         "citation_grounding_q4_k_m",
         "judge_scores_nf4",  # the HF + NF4 fallback of a model llama.cpp cannot convert
         "citation_grounding_nf4",
+        "judge_controls",  # the positive and negative controls, once per judge (not per format)
     }
     for assets in defs.assets or []:
         assert assets.group_names_by_key and set(assets.group_names_by_key.values()) == {"judging"}  # type: ignore[union-attr]

@@ -190,6 +190,14 @@ def test_quantization_effect_reproduces_deltas_and_adds_significance(
     assert rows["swallow-8b"]["speedup"] == pytest.approx(54.3 / 8.9)
     assert rows["qwen2.5-7b"]["size_ratio"] == pytest.approx(4.68 / 15.24)
     assert rows["swallow-8b"]["pairs"] == 100
+    # Three deltas read together: Holm over the judge's rows, raw p-values kept. Up to 13 changed answers
+    # every sign assignment is enumerated (exact); beyond, 9999 seeded ones are sampled.
+    assert {row["family_size"] for row in rows.values()} == {3}
+    for row in rows.values():
+        assert row["p_value_holm"] >= row["p_value"]
+        assert row["p_method"] == ("exact" if row["nonzero_pairs"] <= 13 else "monte carlo"), row
+    assert {row["p_method"] for row in rows.values()} == {"exact", "monte carlo"}
+    assert rows["qwen2.5-7b"]["significant_holm"] and not rows["swallow-8b"]["significant_holm"]
 
 
 def test_paired_p_value_is_the_statistics_module_on_the_same_pairs(paper: duckdb.DuckDBPyConnection) -> None:
@@ -405,6 +413,80 @@ def test_citation_summary_rates(tmp_path: Path) -> None:
         assert swallow["citation_accuracy"] == pytest.approx(2 / 3)
         assert swallow["section_matches"] == 1 and swallow["volume_matches"] == 1
         assert rows["qwen2.5-7b"]["verifiable"] == 1 and rows["qwen2.5-7b"]["citation_accuracy"] == 0.0
+
+
+def test_chrf_scores_answers_against_references_with_intervals_and_a_rank_correlation(tmp_path: Path) -> None:
+    from sacrebleu.metrics import CHRF
+
+    tables = paper_tables()
+    references = [f"第{i}条により河川の{CATEGORIES[i % 8]}を行う。基準値は{i * 7}メートルとする。" for i in range(100)]
+    tables["qa.test_set"] = tables["qa.test_set"].with_columns(pl.Series("reference_answer", references))
+    # An answer's closeness to its reference follows its judge score: 3 repeats the reference, 2 keeps its
+    # first half, 1 a few characters, 0 shares nothing.
+    def answer(index: int, score: int) -> str:
+        reference = references[index]
+        return {3: reference, 2: reference[: len(reference) // 2], 1: reference[:4], 0: "わかりません"}[score]
+
+    scores = tables["eval.judge_scores"]
+    tables["eval.answers"] = tables["eval.answers"].join(
+        scores.select("model", "n", "format", "question_id", "score"), on=["model", "n", "format", "question_id"]
+    ).with_columns(
+        pl.struct("question_id", "score")
+        .map_elements(lambda row: answer(int(row["question_id"][3:]) - 1, row["score"]), return_dtype=pl.Utf8)
+        .alias("answer")
+    ).drop("score")
+    with build(tmp_path / "chrf.duckdb", tables) as conn:
+        per_answer = mart(conn, "SELECT * FROM marts.answer_chrf")
+        assert per_answer.height == 700 and per_answer["chrf"].null_count() == 0
+        row = per_answer.filter((pl.col("model") == "qwen2.5-7b") & (pl.col("format") == "f16")).sort("question_id")
+        first_answer = answer(0, 3)
+        assert row["chrf"][0] == pytest.approx(CHRF().sentence_score(first_answer, [references[0]]).score)
+        assert per_answer.filter(pl.col("answer_chars") == pl.col("reference_chars"))["chrf"].min() == 100.0
+        summary = mart(conn, "SELECT * FROM marts.chrf_summary ORDER BY model, format")
+        assert summary.height == 7
+        for record in summary.iter_rows(named=True):
+            assert record["answers"] == 100 and record["ci_low"] <= record["mean_chrf"] <= record["ci_high"]
+        # swallow (84 threes) sits above qwen (49 threes) at F16 and their intervals do not overlap.
+        by_model = {(r["model"], r["format"]): r for r in summary.iter_rows(named=True)}
+        assert by_model[("swallow-8b", "f16")]["ci_low"] > by_model[("qwen2.5-7b", "f16")]["ci_high"]
+        correlation = mart(conn, "SELECT * FROM marts.chrf_judge_correlation").row(0, named=True)
+        assert correlation["judge"] == JUDGE and correlation["pairs"] == 700
+        assert correlation["spearman_rho"] > 0.9 and correlation["p_value"] < 1e-6
+        # No overlap report yet: nothing is known to overlap, so the two means agree.
+        assert per_answer["reference_overlaps"].null_count() == 700
+        assert summary["mean_chrf_without_overlap"].to_list() == pytest.approx(summary["mean_chrf"].to_list())
+
+    # With the overlap report, the references that repeat a training clause are set apart, not dropped.
+    flagged = {f"TS-{i:03d}" for i in range(1, 11)}
+    tables["qa.reference_overlap"] = pl.DataFrame(
+        {
+            "question_id": [f"TS-{i:03d}" for i in range(1, 101)] * 2,
+            "against": ["rebalanced_pool"] * 100 + ["training_subset n=100"] * 100,
+            "longest_run_chars": [40 if f"TS-{i:03d}" in flagged else 12 for i in range(1, 101)] * 2,
+            "repeats_training": [f"TS-{i:03d}" in flagged for i in range(1, 101)] * 2,
+        }
+    )
+    with build(tmp_path / "overlap.duckdb", tables) as conn:
+        per_answer = mart(conn, "SELECT * FROM marts.answer_chrf")
+        assert per_answer.height == 700 and per_answer["reference_overlaps"].sum() == 70
+        assert set(per_answer.filter("reference_overlaps")["question_id"]) == flagged
+        summary = mart(conn, "SELECT * FROM marts.chrf_summary")
+        assert (summary["answers"] == 100).all() and (summary["answers_without_overlap"] == 90).all()
+        for record in summary.iter_rows(named=True):
+            kept = per_answer.filter(
+                (pl.col("model") == record["model"])
+                & (pl.col("format") == record["format"])
+                & ~pl.col("reference_overlaps")
+            )
+            assert record["mean_chrf_without_overlap"] == pytest.approx(kept["chrf"].mean())
+    del tables["qa.reference_overlap"]
+
+    # Without reference answers in the test set there is no chrF, and the marts say so with NULL / no rows.
+    tables["qa.test_set"] = tables["qa.test_set"].drop("reference_answer")
+    with build(tmp_path / "noref.duckdb", tables) as conn:
+        assert mart(conn, "SELECT count(*) AS c, count(chrf) AS k FROM marts.answer_chrf").row(0) == (700, 0)
+        assert mart(conn, "SELECT count(*) FROM marts.chrf_summary").item() == 0
+        assert mart(conn, "SELECT count(*) FROM marts.chrf_judge_correlation").item() == 0
 
 
 # ------------------------------------------------------------------------------ Dagster

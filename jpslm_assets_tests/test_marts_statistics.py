@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import polars as pl
 import pytest
 
 from jpslm_assets.domain import statistics
@@ -65,6 +66,38 @@ def test_paired_test_with_one_or_two_changed_answers() -> None:
     assert one.nonzero_pairs == 1 and one.p_value == 1.0 and not one.significant
     two = statistics.paired_difference_test([1, 1], [2, 3])
     assert two.p_value == pytest.approx(0.5)  # 2 of 4 sign patterns are as extreme
+
+
+def test_paired_test_says_whether_its_p_value_is_exact_or_monte_carlo() -> None:
+    rng = np.random.default_rng(3)
+    small_a, small_b = rng.integers(0, 4, 13), rng.integers(0, 4, 13)
+    small_b[small_a == small_b] = (small_a[small_a == small_b] + 1) % 4  # 13 non-zero pairs: 8192 flips
+    exact = statistics.paired_difference_test(small_a, small_b)
+    assert exact.nonzero_pairs == 13 and exact.p_method == "exact" and exact.sign_flips == 2**13
+    # Exact means the seed does not matter.
+    assert statistics.paired_difference_test(small_a, small_b, seed=7).p_value == exact.p_value
+    large_a, large_b = np.tile(small_a, 2), np.tile(small_b, 2)  # 26 pairs: 2^26 > 9999, sampled
+    sampled = statistics.paired_difference_test(large_a, large_b)
+    assert sampled.p_method == "monte carlo" and sampled.sign_flips == statistics.RESAMPLES
+    assert statistics.paired_difference_test(large_a, large_b, seed=0).p_value == sampled.p_value
+    assert statistics.paired_difference_test([3, 2], [3, 3]).p_method == "exact"
+    assert statistics.paired_difference_test([3], [3]).p_method == "exact"
+
+
+def test_holm_adjustment_matches_the_step_down_worked_by_hand() -> None:
+    # Sorted p: 0.01, 0.02, 0.03, 0.5 -> 4*0.01, max(that, 3*0.02), max(that, 2*0.03), max(that, 0.5).
+    raw = [0.03, 0.01, 0.5, 0.02, math.nan]
+    adjusted = statistics.holm_adjust(raw)
+    assert adjusted[:4] == pytest.approx([0.06, 0.04, 0.5, 0.06]) and math.isnan(adjusted[4])
+    frame = pl.DataFrame({"judge": ["a", "a", "a", "a", "b"], "p_value": [0.03, 0.01, 0.5, 0.02, 0.03]})
+    tested = statistics.with_holm(frame, ["judge"])
+    assert tested["p_value"].to_list() == frame["p_value"].to_list()  # raw kept beside the adjusted
+    assert tested["p_value_holm"].to_list() == pytest.approx([0.06, 0.04, 0.5, 0.06, 0.03])
+    assert tested["family_size"].to_list() == [4, 4, 4, 4, 1]
+    # 0.03 alone is significant; in a family of four it is not.
+    assert tested["significant_holm"].to_list() == [False, True, False, False, True]
+    empty = statistics.with_holm(frame.head(0), ["judge"])
+    assert {"p_value_holm", "significant_holm", "family_size"} <= set(empty.columns)
 
 
 def test_paired_test_rejects_unpaired_samples() -> None:

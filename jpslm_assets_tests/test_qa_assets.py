@@ -113,13 +113,22 @@ def test_dataset_stage_end_to_end(store: DuckDBStore, tmp_path: Path, data_dir: 
             qa.qa_pool_matches_paper_shape,
             qa.test_set_composition,
             qa.test_set_has_no_lexical_overlap,
+            qa.reference_answers_overlap_training,
         ],
         resources=res,
     )
     assert first.success
     checks = checks_by_name(first)
+    overlap = checks.pop("reference_answers_overlap_training")
     assert all(checks[name].passed for name in checks), {n: c.passed for n, c in checks.items()}
     assert len(checks) == 4
+    # The shipped references restate graph facts; those repeating a 30-character clause are reported, as a
+    # warning, and stay in the evaluation.
+    assert not overlap.passed and overlap.severity == dg.AssetCheckSeverity.WARN
+    assert overlap.metadata["evaluated_references"].value == 100
+    assert 0 < overlap.metadata["overlapping_references"].value < 100
+    assert overlap.metadata["longest_run_chars"].value >= 30
+    assert overlap.metadata["longest_run_chars_unmasked"].value >= overlap.metadata["longest_run_chars"].value
 
     pool_meta = materialization_metadata(first, "qa_pool")
     assert pool_meta["paper_pool_size"] == 5578
@@ -184,6 +193,8 @@ def test_dataset_stage_end_to_end(store: DuckDBStore, tmp_path: Path, data_dir: 
     assert verdicts["passed"].all() and (verdicts["leaking_questions"] == 0).all()
     test_set = store.query("SELECT * FROM qa.test_set")
     assert test_set.height == 200 and test_set["human_written"].sum() == 100
+    overlap_rows = store.query("SELECT against, count(*) AS questions FROM qa.reference_overlap GROUP BY 1")
+    assert overlap_rows.height == 1 and overlap_rows["questions"].to_list() == [200]  # the pool, first run
 
     # Re-materializing the pool from the same graph and templates gives the same data version.
     dg.materialize(UNPARTITIONED, selection=["qa_pool"], resources=res)

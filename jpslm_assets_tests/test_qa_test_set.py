@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from jpslm_assets.domain import qa_generation, qa_test_set
-from jpslm_assets.domain.qa_test_set import TestSetError, lexical_leakage, parse_test_set
+from jpslm_assets.domain.qa_test_set import TestSetError, lexical_leakage, parse_test_set, reference_overlap
 from jpslm_assets_tests.test_qa_generation import DATA, seed_graph, shipped_catalogue
 
 TEST_SET = DATA / "test_set_200.jsonl"
@@ -123,3 +123,55 @@ def test_shipped_test_set_shares_no_8gram_with_any_template_question() -> None:
     assert report.passed, report.leaking_questions
     assert report.longest_common_chars < catalogue.test_set.ngram_chars
     assert report.training_questions == raw.height
+
+
+def test_reference_overlap_masks_citations_and_finds_the_longest_verbatim_run() -> None:
+    clause = "堤防の点検は出水期の前と後に行い、損傷の位置と程度を記録して補修の優先順位を決める"  # 40 characters
+    cite = "「維持管理編 第3章 河川管理施設 第1節 堤防」"
+    test = pl.DataFrame(
+        {
+            "question_id": ["COPY", "CITE", "OWN"],
+            "human_written": [True, True, False],
+            "reference_answer": [
+                f"要点として、{clause}。出典：{cite}。",
+                f"点検の結果は台帳にまとめます。出典：{cite}。",
+                "砂防堰堤の水抜き暗渠は土砂で塞がれやすいため定期的に清掃する。",
+            ],
+            "citation": [cite, cite, "「砂防編 第2章」"],
+        }
+    )
+    training = pl.DataFrame(
+        {
+            "qa_id": ["T1", "T2"],
+            "answer": [f"実務では{clause}ことが求められます。出典は{cite}です。", f"詳しくは{cite}を参照してください。"],
+            "citation": [cite, cite],
+        }
+    )
+    rows = {r["question_id"]: r for r in reference_overlap(test, training, run_chars=30).iter_rows(named=True)}
+    copied = rows["COPY"]
+    assert copied["repeats_training"] and copied["training_id"] == "T1"
+    assert copied["longest_run_chars"] == len(clause) and copied["longest_run_text"] == clause
+    # The citation alone is long, yet it is masked: quoting the location is what answers are asked to do.
+    cited = rows["CITE"]
+    assert not cited["repeats_training"] and cited["longest_run_chars"] < 8
+    assert cited["longest_run_chars_unmasked"] >= len("維持管理編第3章河川管理施設第1節堤防")
+    own = rows["OWN"]
+    assert own["longest_run_chars"] == 0 and own["training_id"] is None and own["shared_8gram_share"] == 0.0
+    assert rows["COPY"]["shared_8gram_share"] > 0.5
+    # A limit above the run reports it without flagging it.
+    assert not reference_overlap(test, training, run_chars=len(clause) + 1)["repeats_training"].any()
+    with pytest.raises(TestSetError, match="training answer"):
+        reference_overlap(test, training.drop("answer"), run_chars=30)
+
+
+def test_shipped_references_overlap_report_is_stable() -> None:
+    """The shipped test set against every expanded answer: the figures docs/judging.md quotes."""
+    catalogue = shipped_catalogue()
+    nodes, relations = seed_graph()
+    raw, _ = qa_generation.expand_templates(nodes, relations, catalogue)
+    frame = parse_test_set(TEST_SET.read_text(encoding="utf-8"), catalogue.categories)
+    report = reference_overlap(frame, raw, catalogue.test_set.reference_run_chars).filter("human_written")
+    assert report.height == 100
+    assert report["longest_run_chars_unmasked"].max() == 69  # a citation
+    assert report["longest_run_chars"].max() == 58
+    assert report["repeats_training"].sum() == 18

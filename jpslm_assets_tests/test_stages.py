@@ -54,7 +54,10 @@ def test_scale_curve_reproduces_every_row_of_the_papers_table_2() -> None:
     )
     curve = scale_curve(points.reverse())  # input order does not matter
     assert curve["n"].to_list() == [n for n, _, _ in TABLE_2]
-    assert curve["status"].to_list() == [status for *_, status in TABLE_2]
+    assert curve["paper_status"].to_list() == [status for *_, status in TABLE_2]
+    # Means alone carry no interval: the status is the position against n*, and no interval is claimed.
+    assert curve["status"].to_list() == ["underfit", "underfit", "underfit", "optimal", "overfitting"]
+    assert curve["diff_ci_low"].null_count() == 5
     for got, expected in zip(curve["delta_nll"].to_list(), PAPER_DELTA, strict=True):
         assert (got is None) if expected is None else math.isclose(got, expected, abs_tol=5e-5)
     for got, expected in zip(curve["nll_above_optimum"].to_list(), ABOVE_OPTIMUM, strict=True):

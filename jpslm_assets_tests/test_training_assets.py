@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 
 from jpslm_assets import settings, training
+from jpslm_assets.domain import scaling
 from jpslm_assets.settings import current_profile
 from jpslm_assets.store import DuckDBStore
 from jpslm_assets_tests.test_training_support import TINY_RUN, definitions, eval_questions_frame, qa_pairs
@@ -130,7 +131,10 @@ def test_stage1_then_stage2_with_n_star_as_data(pipeline: Pipeline, store: DuckD
     assert pipeline.materialize(["stage1_scale_curve", "optimal_scale"]).success
     curve = store.query("SELECT * FROM eval.scale_curve ORDER BY n")
     assert curve["n"].to_list() == profile.n_grid and curve["is_optimal"].sum() == 1
-    assert set(curve["status"]) <= {"underfit", "improving", "optimal", "overfitting"}
+    assert (
+        set(curve["status"]) <= set(scaling.STATUSES)
+        and curve["paired_questions"].to_list() == [profile.eval_questions] * 3
+    )
     assert curve["delta_nll"][0] is None and curve["delta_nll"][1] == pytest.approx(
         curve["test_nll"][1] - curve["test_nll"][0]
     )

@@ -25,6 +25,7 @@ class NllResult:
     answer_tokens: int
     questions: int
     per_question_nll: list[float] = field(default_factory=list)
+    per_question_tokens: list[int] = field(default_factory=list)
 
 
 def summarize(token_loss_sums: Sequence[float], token_counts: Sequence[int]) -> NllResult:
@@ -44,6 +45,7 @@ def summarize(token_loss_sums: Sequence[float], token_counts: Sequence[int]) -> 
         answer_tokens=total_tokens,
         questions=len(token_counts),
         per_question_nll=per_question,
+        per_question_tokens=[int(count) for count in token_counts],
     )
 
 

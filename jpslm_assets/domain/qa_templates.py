@@ -152,6 +152,7 @@ class TestSetSettings(BaseModel):
     questions: int = Field(default=200, gt=0)
     human_written: int = Field(default=100, ge=0)
     ngram_chars: int = Field(default=8, ge=3, le=50)
+    reference_run_chars: int = Field(default=30, ge=8, le=400)
 
 
 class PaperReference(BaseModel):

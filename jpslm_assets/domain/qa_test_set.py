@@ -4,11 +4,22 @@ Leakage is defined concretely: a test question leaks when it shares a character 
 any training question after ``normalize_text`` (NFKC, lower-cased, whitespace removed). Besides the
 verdict we report the longest common substring found between any test and any training question, so the
 margin to the threshold is visible.
+
+Reference answers are measured too, by a different rule, since they state the same graph facts the
+training answers state and share domain terms with them by design. What matters for scoring is verbatim
+text: a reference that repeats a whole clause of some training answer rewards a model that parrots its
+training data, under chrF and under a judge alike. So ``reference_overlap`` reports, per test question, the
+longest run of characters its reference shares with any training answer, with the citations masked on both
+sides (a citation 「...」 names a location of the standards; answers are asked to quote it, and whether
+they do is what ``citation_grounding`` measures), and flags a reference whose run reaches
+``reference_run_chars`` (default 30, a full clause). The unmasked run is kept beside it. Nothing is dropped:
+the evaluation keeps every question and the rows say which references overlap.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -190,3 +201,112 @@ def lexical_leakage(
         longest_test_id=test_id,
         longest_training_id=training_id,
     )
+
+
+REFERENCE_OVERLAP_SCHEMA: dict[str, Any] = {
+    "question_id": pl.String,
+    "human_written": pl.Boolean,
+    "reference_chars": pl.Int64,
+    "longest_run_chars": pl.Int64,  # citations masked on both sides
+    "longest_run_text": pl.String,
+    "training_id": pl.String,  # one training pair whose answer contains that run
+    "longest_run_chars_unmasked": pl.Int64,
+    "shared_8gram_share": pl.Float64,  # of the reference's character 8-grams (citations masked)
+    "run_chars_limit": pl.Int64,
+    "repeats_training": pl.Boolean,
+}
+
+_CITATION = re.compile(r"「[^「」]+」")
+
+
+def mask_citations(text: str, citation: str | None, mark: str) -> str:
+    """``text`` normalized, with each location quoted in ``citation`` (「...」) replaced by ``mark``.
+
+    Longer locations go first, so a section's citation is not half-masked by its chapter's. ``mark`` must
+    differ between the two sides compared, so no shared run can cross a mask.
+    """
+    for location in sorted(set(_CITATION.findall(citation or "")), key=len, reverse=True):
+        text = text.replace(location, mark)
+    return normalize_text(text)
+
+
+def _longest_shared_run(text: str, grams: set[str], corpus: str, width: int) -> str:
+    """The longest substring of ``text`` that occurs in ``corpus`` (at least ``width`` characters, else "").
+
+    ``grams`` (every ``width``-gram of the corpus) finds the stretches where a long run can be; inside each a
+    sliding window asks the corpus itself, which only grows the window past the best run found so far.
+    """
+    member = [text[k : k + width] in grams for k in range(max(len(text) - width + 1, 0))]
+    best = ""
+    k = 0
+    while k < len(member):
+        if not member[k]:
+            k += 1
+            continue
+        end = k
+        while end + 1 < len(member) and member[end + 1]:
+            end += 1
+        stretch = text[k : end + width]
+        start, stop = 0, max(width, len(best) + 1)
+        while stop <= len(stretch):
+            if stretch[start:stop] in corpus:
+                best = stretch[start:stop]
+                stop += 1
+            else:
+                start += 1
+                stop = start + max(width, len(best) + 1)
+        k = end + 1
+    return best
+
+
+def reference_overlap(
+    test_set: pl.DataFrame, training: pl.DataFrame, run_chars: int, id_column: str = "qa_id"
+) -> pl.DataFrame:
+    """Per test question, how much of its reference answer some training answer repeats verbatim.
+
+    Rows follow ``REFERENCE_OVERLAP_SCHEMA``; ``repeats_training`` is true when the citation-masked run reaches
+    ``run_chars``. The test set needs ``reference_answer`` and ``citation``; training, ``answer``, ``citation``
+    and ``id_column``.
+    """
+    missing = [c for c in ("question_id", "reference_answer", "citation") if c not in test_set.columns]
+    missing += [f"training {c}" for c in (id_column, "answer", "citation") if c not in training.columns]
+    if missing:
+        raise TestSetError(
+            f"the reference-answer overlap needs the columns {', '.join(missing)}; materialize test_set and the "
+            "training pool from the current code."
+        )
+    width = 8
+    training_ids = training[id_column].to_list()
+    masked = [
+        mask_citations(answer or "", citation, "\x01")
+        for answer, citation in zip(training["answer"].to_list(), training["citation"].to_list(), strict=True)
+    ]
+    plain = [normalize_text(answer or "") for answer in training["answer"].to_list()]
+    corpus, plain_corpus = "\x02".join(masked), "\x02".join(plain)
+    grams = {text[i : i + width] for text in masked for i in range(len(text) - width + 1)}
+    plain_grams = {text[i : i + width] for text in plain for i in range(len(text) - width + 1)}
+    human = test_set["human_written"].to_list() if "human_written" in test_set.columns else [None] * test_set.height
+    rows = []
+    for row, written in zip(test_set.iter_rows(named=True), human, strict=True):
+        reference = row["reference_answer"] or ""
+        text = mask_citations(reference, row["citation"], "\x00")
+        run = _longest_shared_run(text, grams, corpus, width)
+        unmasked = _longest_shared_run(normalize_text(reference), plain_grams, plain_corpus, width)
+        own = [text[i : i + width] for i in range(len(text) - width + 1) if "\x00" not in text[i : i + width]]
+        rows.append(
+            {
+                "question_id": row["question_id"],
+                "human_written": written,
+                "reference_chars": len(normalize_text(reference)),
+                "longest_run_chars": len(run),
+                "longest_run_text": run,
+                "training_id": next((tid for tid, t in zip(training_ids, masked, strict=True) if run in t), None)
+                if run
+                else None,
+                "longest_run_chars_unmasked": len(unmasked),
+                "shared_8gram_share": sum(g in grams for g in own) / len(own) if own else 0.0,
+                "run_chars_limit": run_chars,
+                "repeats_training": len(run) >= run_chars,
+            }
+        )
+    return pl.DataFrame(rows, schema=REFERENCE_OVERLAP_SCHEMA)

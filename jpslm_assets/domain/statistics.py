@@ -1,4 +1,4 @@
-"""Uncertainty for judge scores: bootstrap intervals, paired tests, rank correlation, weighted kappa.
+"""Uncertainty for scores: bootstrap intervals, paired tests, multiple-test correction, rank correlation, kappa.
 
 The paper reports 0-3 averages over 100 questions without uncertainty; these functions say how much of a
 difference such averages can support. Resampling and tests come from scipy; only Cohen's kappa, which scipy
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import polars as pl
 from scipy import stats
 
 CONFIDENCE = 0.95
@@ -39,6 +40,11 @@ class PairedTest:
     p_value: float
     nonzero_pairs: int
     test: str
+    # How the p-value was computed: "exact" (every one of the 2^k sign assignments of the k non-zero
+    # differences), "monte carlo" (``sign_flips`` seeded random assignments, when 2^k exceeds the resamples)
+    # or "none" (no pairs).
+    p_method: str = "none"
+    sign_flips: int = 0
 
     @property
     def significant(self) -> bool:
@@ -135,6 +141,8 @@ def paired_difference_test(
             1.0,
             0,
             "wilcoxon signed-rank (permutation)",
+            p_method="exact",  # every assignment of no signs gives the same statistic
+            sign_flips=1,
         )
     # Scores are 0-3, so differences are few distinct values with many ties: the normal approximation
     # scipy falls back to then is poor for small samples. The permutation distribution of the signed-rank
@@ -146,6 +154,8 @@ def paired_difference_test(
         else stats.PermutationMethod(n_resamples=resamples, rng=np.random.default_rng(seed))
     )
     result = stats.wilcoxon(delta[delta != 0], alternative="two-sided", method=method)
+    # scipy enumerates every sign assignment when there are no more of them than resamples, else samples.
+    exact = 2**nonzero <= resamples or nonzero == 1
     return PairedTest(
         pairs=int(delta.size),
         mean_delta=float(delta.mean()),
@@ -155,6 +165,8 @@ def paired_difference_test(
         p_value=float(result.pvalue),
         nonzero_pairs=nonzero,
         test="wilcoxon signed-rank (permutation)",
+        p_method="exact" if exact else "monte carlo",
+        sign_flips=2**nonzero if exact else resamples,
     )
 
 
@@ -226,4 +238,104 @@ def agreement(
         kappa=cohen_kappa(a, b, levels),
         kappa_linear=cohen_kappa(a, b, levels, "linear"),
         kappa_quadratic=cohen_kappa(a, b, levels, "quadratic"),
+    )
+
+
+def paired_ratio_difference_ci(
+    sums_a: Sequence[float] | np.ndarray,
+    counts_a: Sequence[float] | np.ndarray,
+    sums_b: Sequence[float] | np.ndarray,
+    counts_b: Sequence[float] | np.ndarray,
+    confidence: float = CONFIDENCE,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, Interval]:
+    """``sum(sums_a)/sum(counts_a) - sum(sums_b)/sum(counts_b)`` and its paired bootstrap interval.
+
+    The four arrays are aligned by item (one entry per question): each resample draws questions with
+    replacement and keeps each question's four values together, so both ratios see the same questions.
+    This is the interval of a difference of token-weighted mean NLLs between two models scored on the same
+    questions (sums: per-question loss sums, counts: answer tokens). BCa, percentile when BCa is undefined.
+    """
+    arrays = [_as_array(values) for values in (sums_a, counts_a, sums_b, counts_b)]
+    sizes = {array.size for array in arrays}
+    if len(sizes) != 1:
+        raise ValueError(f"paired arrays differ in length: {[array.size for array in arrays]}")
+    if arrays[0].size == 0:
+        return math.nan, Interval(math.nan, math.nan, "empty")
+    if (arrays[1] <= 0).any() or (arrays[3] <= 0).any():
+        raise ValueError("every paired item needs at least one counted token on both sides")
+
+    def difference(
+        la: np.ndarray, ca: np.ndarray, lb: np.ndarray, cb: np.ndarray, axis: int = -1
+    ) -> np.ndarray:
+        return la.sum(axis=axis) / ca.sum(axis=axis) - lb.sum(axis=axis) / cb.sum(axis=axis)
+
+    point = float(difference(arrays[0], arrays[1], arrays[2], arrays[3]))
+    if arrays[0].size == 1 or all(np.allclose(a, a[0]) for a in arrays):
+        return point, Interval(point, point, "degenerate")
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=stats.DegenerateDataWarning)
+            result = stats.bootstrap(
+                tuple(arrays),
+                difference,
+                paired=True,
+                vectorized=True,
+                confidence_level=confidence,
+                n_resamples=resamples,
+                method=method,
+                rng=np.random.default_rng(seed),
+            )
+        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+        if not (math.isnan(low) or math.isnan(high)):
+            return point, Interval(low, high, method)
+    return point, Interval(math.nan, math.nan, "undefined")
+
+
+def holm_adjust(p_values: Sequence[float] | np.ndarray) -> list[float]:
+    """Holm's step-down adjustment of p-values tested together (family-wise error rate); NaN stays NaN.
+
+    Reject where the adjusted p-value is below the level: this controls the chance of any false rejection in
+    the family at that level, under any dependence between the tests.
+    """
+    from statsmodels.stats.multitest import multipletests
+
+    array = np.asarray(p_values, dtype=float)
+    adjusted = np.full(array.shape, np.nan)
+    present = ~np.isnan(array)
+    if present.any():
+        adjusted[present] = multipletests(array[present], method="holm")[1]
+    return adjusted.tolist()
+
+
+def with_holm(frame: pl.DataFrame, family: Sequence[str], p_column: str = "p_value") -> pl.DataFrame:
+    """``frame`` with ``p_value_holm``, ``significant_holm`` and ``family_size`` added: Holm's adjustment over
+    the rows that share the ``family`` columns (the tests read together), raw p-values left as they are."""
+    if frame.is_empty():
+        return frame.with_columns(
+            pl.lit(None, pl.Float64).alias("p_value_holm"),
+            pl.lit(None, pl.Boolean).alias("significant_holm"),
+            pl.lit(None, pl.Int64).alias("family_size"),
+        )
+    parts = []
+    for _, group in frame.with_row_index("_row").group_by(list(family), maintain_order=True):
+        adjusted = holm_adjust(group.get_column(p_column).fill_null(math.nan).to_numpy())
+        tested = int(group.get_column(p_column).fill_nan(None).drop_nulls().len())
+        parts.append(
+            group.with_columns(
+                pl.Series("p_value_holm", adjusted, dtype=pl.Float64).fill_nan(None),
+                pl.lit(tested, pl.Int64).alias("family_size"),
+            )
+        )
+    return (
+        pl.concat(parts)
+        .sort("_row")
+        .drop("_row")
+        .with_columns(
+            pl.when(pl.col("p_value_holm").is_null())
+            .then(None)
+            .otherwise(pl.col("p_value_holm") < SIGNIFICANCE_LEVEL)
+            .alias("significant_holm")
+        )
     )

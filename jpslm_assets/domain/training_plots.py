@@ -47,7 +47,7 @@ def plot_loss_curves(loss_curve: pl.DataFrame, title: str) -> bytes:
 
 
 def plot_scale_curve(curve: pl.DataFrame, title: str) -> bytes:
-    """Test NLL against n with the optimum marked and train loss for comparison (the U-curve)."""
+    """Test NLL against n with the optimum marked, each n's interval against it, and train loss (the U-curve)."""
     figure, axes, font = _figure()
     ordered = curve.sort("n")
     ns = ordered["n"].to_list()
@@ -62,6 +62,25 @@ def plot_scale_curve(curve: pl.DataFrame, title: str) -> bytes:
             color="#7f7f7f",
         )
     best = ordered.filter(pl.col("is_optimal"))
+    if best.height and "diff_ci_low" in ordered.columns:
+        # Each n's NLL as n*'s NLL plus the paired interval of its difference: a bar that reaches the dashed
+        # line at n*'s NLL means these questions cannot tell that n from n*.
+        optimum = float(best["test_nll"][0])
+        known = ordered.filter(pl.col("diff_ci_low").is_not_null() & ~pl.col("is_optimal"))
+        if known.height:
+            nlls = known["test_nll"].to_numpy()
+            low = optimum + known["diff_ci_low"].to_numpy()
+            high = optimum + known["diff_ci_high"].to_numpy()
+            axes.errorbar(
+                known["n"].to_list(),
+                nlls,
+                yerr=[(nlls - low).clip(min=0), (high - nlls).clip(min=0)],
+                fmt="none",
+                ecolor="#1f77b4",
+                capsize=4,
+                label="n* との差の95%区間 (paired bootstrap)",
+            )
+            axes.axhline(optimum, color="#d62728", linestyle=":", linewidth=1)
     if best.height:
         axes.scatter(
             best["n"].to_list(),
