@@ -357,6 +357,10 @@ def run_project(
         compile_layers=False if variant == "project_eager" else None,
         packed_attention=False if variant == "project_sdpa" else None,
         dequantize_matmul=variant != "project_bnb_matmul",
+        # The trainer plans within the cap and caps its own process there (--memory-cap-gib).
+        memory_budget_gib=float(os.environ["JPSLM_BENCH_MEMORY_CAP_GIB"])
+        if os.environ.get("JPSLM_BENCH_MEMORY_CAP_GIB")
+        else None,
     )
     started = time.monotonic()
     result = trainer_lib.run_training(spec, log)
@@ -428,12 +432,24 @@ def main() -> None:
         type=Path,
         help="folder put first on the unsloth run's PYTHONPATH (unsloth and its pins)",
     )
+    parser.add_argument(
+        "--memory-cap-gib",
+        type=float,
+        help="cap every variant's process at this much GPU memory (torch.cuda.set_per_process_memory_fraction), "
+        "standing in for a smaller card; the project's trainer also plans its layout within it",
+    )
     parser.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)  # one variant, in this process
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     if args.only:
+        if args.memory_cap_gib:
+            import torch
+
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 1024**3 / total, 0)
+            os.environ["JPSLM_BENCH_MEMORY_CAP_GIB"] = str(args.memory_cap_gib)
         common = (args.work, args.steps, args.warmup, args.batch, args.max_seq_length, args.seed)
         if args.only == "baseline":
             row = run_baseline(*common, profile_steps=args.profile_steps)

@@ -272,6 +272,40 @@ def test_layout_keeps_the_effective_batch_and_checkpoints_only_when_memory_is_sh
     )
 
 
+def test_a_memory_budget_is_what_the_layout_plans_within(tiny_base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoConfig
+
+    gib = trainer_lib.GIB
+    # Without a budget the free memory is planned for; with one, the budget less what the process holds.
+    assert trainer_lib.planning_memory("p", 60 * gib, 6 * gib, None) == (60 * gib, "60.0 GiB free")
+    usable, note = trainer_lib.planning_memory("p", 60 * gib, 6 * gib, 16)
+    assert usable == 10 * gib and note == "10.0 GiB left of a 16 GiB budget"
+    assert trainer_lib.planning_memory("p", 4 * gib, 6 * gib, 16)[0] == 4 * gib, "never more than is free"
+    with pytest.raises(trainer_lib.TrainingError, match=r"partition p: the loaded model already holds 17.0 GiB "
+                       r"of the 16 GiB memory budget.*raise memory_budget_gib"):  # fmt: skip
+        trainer_lib.planning_memory("p", 60 * gib, 17 * gib, 16)
+    # The same run on a roomy card and inside a budget that leaves room for half the micro-batch.
+    config = AutoConfig.from_pretrained(tiny_base)
+    spec = make_spec(tiny_base, tiny_base.parent / "budget", 4, per_device_batch_size=2, gradient_accumulation_steps=4)
+    per_token = trainer_lib.activation_bytes_per_token(config, spec.plan.dropout)
+    roomy = trainer_lib.choose_layout(spec, config, 100, 10**12, fused_available=False)
+    budget_gib = (int(5 * 100 * per_token / 0.7) + 2 * gib) / gib
+    left, note = trainer_lib.planning_memory("p", 10**12, 2 * gib, budget_gib)
+    capped = trainer_lib.choose_layout(spec, config, 100, left, fused_available=False, memory_note=note)
+    assert roomy.per_device_batch_size == 8 and capped.per_device_batch_size == 4
+    assert capped.gradient_accumulation_steps == 2 and not capped.gradient_checkpointing
+    assert capped.reason.startswith(f"{note}; micro-batch 4")
+    # The resource hands its budget to every run's spec; a spec's own budget wins.
+    seen: list[trainer_lib.TrainingSpec] = []
+    resource = trainer_lib.LoraTrainer(backend="cpu_lora", memory_budget_gib=16)
+    monkeypatch.setattr(trainer_lib, "run_training", lambda spec, sink: seen.append(spec))
+    resource.train(spec, print)
+    resource.train(spec.model_copy(update={"memory_budget_gib": 12}), print)
+    assert [run.memory_budget_gib for run in seen] == [16, 12]
+    with pytest.raises(ValueError, match="memory_budget_gib"):
+        trainer_lib.LoraTrainer(memory_budget_gib=0)
+
+
 def test_training_writes_a_peft_adapter_and_a_loss_curve(tiny_base: Path, tmp_path: Path) -> None:
     messages: list[str] = []
     result = trainer_lib.run_training(make_spec(tiny_base, tmp_path, 8, max_steps=3), messages.append)

@@ -12,9 +12,12 @@ decoder layers were compiled, and the step was CPU-bound.
 - the double quantization's block statistics (``absmax``) never change while the base is frozen, so they are
   dequantized once, when the run starts, exactly as bitsandbytes dequantizes them on every call (0.5 GB of
   float32 for an 8B model);
-- each projection then calls bitsandbytes' own ``dequantize_4bit`` operator once and ``F.linear``, inside one
-  autograd function whose backward dequantizes again (nothing but the 4-bit weight is kept for the backward
-  pass, as with ``matmul_4bit``), so a compiled decoder layer sees two plain operators per projection.
+- each projection then calls one custom operator, ``jpslm::nf4_linear``, that runs bitsandbytes' own
+  ``dequantize_4bit`` and ``F.linear``; its backward is a second operator that dequantizes again. Only the
+  4-bit weight and its statistics are kept between forward and backward, as with ``matmul_4bit``, and that
+  holds under ``torch.compile`` too: the dequantized weight never appears in the traced graph, so the
+  partitioner cannot choose to keep it (with dequantize and matmul as two operators in the graph it did, and
+  held every projection's bf16 weight until backward: about 13 GiB on an 8B model).
 
 Inputs are cast to the layer's compute dtype and outputs back to the input's dtype, as ``Linear4bit`` does. The
 modules' parameters and state dict are untouched, so saving, merging and evaluation see the same model.
@@ -27,39 +30,88 @@ from typing import Any
 
 ABSMAX_ATTRIBUTE = "_jpslm_absmax"
 
-# The autograd function class, built by ``use_dequantize_matmul`` (torch is imported only inside training code).
-# A module-level name, so that a compiled layer reads it as a constant instead of tracing the class's creation.
+# The operator that applies a projection, built by ``use_dequantize_matmul`` (torch is imported only inside
+# training code). A module-level name, so that a compiled layer reads it as a constant.
 _DEQUANTIZE_LINEAR: Any = None
 
 
 def _build_dequantize_linear() -> Any:
+    """Two custom operators, ``jpslm::nf4_linear`` and its input gradient, with the autograd formula between them.
+
+    The dequantized weight exists only inside each operator's body. Were dequantize and matmul separate operators
+    in a compiled graph, AOTAutograd's partitioner would see the bf16 weight as an intermediate shared by forward
+    and backward and keep it alive between them (it prefers saving to re-running an operator it cannot
+    recompute): 2 bytes per parameter, about 13 GiB for an 8B model. As opaque operators whose forward saves
+    only the 4-bit weight and its statistics, the graph has no weight tensor to keep, eager or compiled.
+    """
     import torch
     import torch.nn.functional as F
 
-    def dequantize(packed: Any, absmax: Any, meta: tuple[int, str, tuple[int, ...]], dtype: Any) -> Any:
-        blocksize, quant_type, shape = meta
-        return torch.ops.bitsandbytes.dequantize_4bit.default(
-            packed, absmax, blocksize, quant_type, shape, dtype
-        )
+    try:  # registered already (the module was reloaded): operators are per process
+        return torch.ops.jpslm.nf4_linear.default
+    except (AttributeError, RuntimeError):
+        pass
 
-    class DequantizeLinear(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, x: Any, packed: Any, absmax: Any, meta: Any, bias: Any) -> Any:
-            ctx.meta = meta
-            ctx.save_for_backward(packed, absmax)
-            return F.linear(x, dequantize(packed, absmax, meta, x.dtype), bias)
+    def dequantize(packed: Any, absmax: Any, blocksize: int, quant_type: str, shape: list[int], dtype: Any) -> Any:
+        return torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, blocksize, quant_type, shape, dtype)
 
-        @staticmethod
-        def backward(ctx: Any, grad: Any) -> Any:
-            packed, absmax = ctx.saved_tensors
-            grad_x = grad_bias = None
-            if ctx.needs_input_grad[0]:
-                grad_x = grad @ dequantize(packed, absmax, ctx.meta, grad.dtype)
-            if ctx.needs_input_grad[4]:
-                grad_bias = grad.reshape(-1, grad.size(-1)).sum(0)
-            return grad_x, None, None, None, grad_bias
+    # Explicit schemas: this module's annotations are strings (``from __future__ import annotations``).
+    @torch.library.custom_op(
+        "jpslm::nf4_linear",
+        mutates_args=(),
+        schema="(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, int[] shape, Tensor? bias)"
+        " -> Tensor",
+    )
+    def nf4_linear(
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        blocksize: int,
+        quant_type: str,
+        shape: list[int],
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return F.linear(x, dequantize(packed, absmax, blocksize, quant_type, shape, x.dtype), bias)
 
-    return DequantizeLinear
+    @nf4_linear.register_fake
+    def _(x: Any, packed: Any, absmax: Any, blocksize: int, quant_type: str, shape: list[int], bias: Any) -> Any:
+        return x.new_empty((*x.shape[:-1], shape[0]))
+
+    @torch.library.custom_op(
+        "jpslm::nf4_linear_input_grad",
+        mutates_args=(),
+        schema="(Tensor grad, Tensor packed, Tensor absmax, int blocksize, str quant_type, int[] shape) -> Tensor",
+    )
+    def nf4_linear_input_grad(
+        grad: torch.Tensor,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        blocksize: int,
+        quant_type: str,
+        shape: list[int],
+    ) -> torch.Tensor:
+        return grad @ dequantize(packed, absmax, blocksize, quant_type, shape, grad.dtype)
+
+    @nf4_linear_input_grad.register_fake
+    def _(grad: Any, packed: Any, absmax: Any, blocksize: int, quant_type: str, shape: list[int]) -> Any:
+        return grad.new_empty((*grad.shape[:-1], shape[1]))
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        _, packed, absmax, blocksize, quant_type, shape, _bias = inputs
+        ctx.meta = (blocksize, quant_type, shape)
+        ctx.save_for_backward(packed, absmax)  # the 4-bit weight and its statistics, nothing else
+
+    def backward(ctx: Any, grad: Any) -> tuple[Any, ...]:
+        packed, absmax = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = nf4_linear_input_grad(grad, packed, absmax, *ctx.meta)
+        if ctx.needs_input_grad[6]:
+            grad_bias = grad.reshape(-1, grad.size(-1)).sum(0)
+        return grad_x, None, None, None, None, None, grad_bias
+
+    nf4_linear.register_autograd(backward, setup_context=setup_context)
+    return nf4_linear
 
 
 def _forward(self: Any, x: Any) -> Any:
@@ -69,8 +121,15 @@ def _forward(self: Any, x: Any) -> Any:
     if self.compute_dtype is not None:
         x = x.to(self.compute_dtype)
     bias = None if self.bias is None else self.bias.to(x.dtype)
-    meta = (state.blocksize, state.quant_type, tuple(state.shape))
-    out = _DEQUANTIZE_LINEAR.apply(x, self.weight, getattr(self, ABSMAX_ATTRIBUTE), meta, bias)
+    out = _DEQUANTIZE_LINEAR(
+        x,
+        self.weight,
+        getattr(self, ABSMAX_ATTRIBUTE),
+        state.blocksize,
+        state.quant_type,
+        list(state.shape),
+        bias,
+    )
     return out.to(input_dtype)
 
 

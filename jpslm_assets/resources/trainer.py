@@ -116,15 +116,23 @@ class TrainingSpec(BaseModel):
     )
     dequantize_matmul: bool = Field(
         default=True,
-        description="bnb_qlora: each frozen NF4 projection dequantizes with bitsandbytes' operator and multiplies "
-        "with F.linear in one autograd function, block statistics dequantized once (resources/nf4_linear.py), "
-        "instead of bitsandbytes' gemm_4bit dispatcher; the same values with less CPU time per layer",
+        description="bnb_qlora: each frozen NF4 projection runs one custom operator (bitsandbytes' dequantize, "
+        "then F.linear; block statistics dequantized once; resources/nf4_linear.py) instead of bitsandbytes' "
+        "gemm_4bit dispatcher: the same values with less CPU time per layer, and only the 4-bit weight kept "
+        "for the backward pass, compiled or not",
     )
     packed_attention: bool | None = Field(
         default=None,
         description="attention per example inside padding-free rows with variable-length flash attention "
         "(resources/packed_attention.py) instead of SDPA with a block-diagonal mask; None: on CUDA with "
         "padding-free rows when torch has it",
+    )
+    memory_budget_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="CUDA: the GPU memory this run plans within and may use, in GiB (e.g. 16 for the paper's "
+        "16 GB card); the process is capped there, so a run that would need more fails instead of using it. "
+        "None: what the device has free when the run starts",
     )
 
 
@@ -314,6 +322,45 @@ def activation_bytes_per_token(config: Any, dropout: float) -> int:
     return int(layers * per_layer * 1.5)
 
 
+def planning_memory(
+    partition: str, free_bytes: int, reserved_bytes: int, budget_gib: float | None
+) -> tuple[int, str]:
+    """(bytes the layout may plan for, how that was decided) once the model is loaded.
+
+    Without a budget: the device's free memory. With one: the budget less what this process already holds
+    (``reserved_bytes``: the loaded model and the allocator's cache), never more than is free. A budget the
+    loaded model already fills is an error that names both figures.
+    """
+    if budget_gib is None:
+        return free_bytes, f"{free_bytes / GIB:.1f} GiB free"
+    budget = int(budget_gib * GIB)
+    left = budget - reserved_bytes
+    if left <= 0:
+        raise TrainingError(
+            f"partition {partition}: the loaded model already holds {reserved_bytes / GIB:.1f} GiB of the "
+            f"{budget_gib:g} GiB memory budget, leaving nothing for activations; raise memory_budget_gib or "
+            "train a smaller model"
+        )
+    usable = min(left, free_bytes)
+    return usable, f"{usable / GIB:.1f} GiB left of a {budget_gib:g} GiB budget"
+
+
+def cap_process_memory(partition: str, budget_gib: float | None, device: int) -> None:
+    """Cap this process's CUDA allocations at the budget (``torch.cuda.set_per_process_memory_fraction``)."""
+    if budget_gib is None:
+        return
+    import torch
+
+    total = int(torch.cuda.get_device_properties(device).total_memory)
+    budget = int(budget_gib * GIB)
+    if budget > total:
+        raise TrainingError(
+            f"partition {partition}: memory_budget_gib={budget_gib:g} is more than GPU {device} has "
+            f"({total / GIB:.1f} GiB); lower it or leave it unset to plan within the free memory"
+        )
+    torch.cuda.set_per_process_memory_fraction(budget / total, device)
+
+
 def choose_layout(
     spec: TrainingSpec,
     config: Any,
@@ -322,10 +369,12 @@ def choose_layout(
     fused_available: bool,
     compile_available: bool = False,
     varlen_available: bool = False,
+    memory_note: str | None = None,
 ) -> RunLayout:
     """The micro-batch, checkpointing and kernels for a run, from the spec and the device's free memory.
 
-    ``free_bytes`` is the device memory free after the model is loaded, or None on CPU. On CUDA, candidates are
+    ``free_bytes`` is the device memory the run may use after the model is loaded (the free memory, or what a
+    memory budget leaves: ``planning_memory``; ``memory_note`` says which), or None on CPU. On CUDA, candidates are
     the divisors of the effective batch from the largest down; the first whose activations (micro-batch x the
     longest example, in tokens) fit in 70% of free memory runs without checkpointing. If none fits, gradient
     checkpointing is switched on and the largest micro-batch that fits with it is taken. Every candidate keeps
@@ -395,7 +444,7 @@ def choose_layout(
         else [plan.per_device_batch_size]
     )
 
-    free_text = f"{free_bytes / GIB:.1f} GiB free"
+    free_text = memory_note or f"{free_bytes / GIB:.1f} GiB free"
     if spec.gradient_checkpointing is not True:
         for size in sizes:
             need = size * longest_example * per_token
@@ -577,6 +626,9 @@ def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
         sink(f"{spec.partition}: CPU training with {threads} torch thread(s)")
     plan = spec.plan
     records = read_training_records(Path(spec.data_path))
+    device = int(os.environ.get("LOCAL_RANK", "0"))
+    if spec.backend != "cpu_lora":
+        cap_process_memory(spec.partition, spec.memory_budget_gib, device)
     model, tokenizer = _load_backend_model(spec)
     examples, skipped = encode_training_pairs(tokenizer, records, spec.end_of_turn, plan.max_seq_length)
     if not examples:
@@ -593,10 +645,15 @@ def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
         {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
     )
     on_cuda = spec.backend != "cpu_lora"
-    free_bytes = None
+    free_bytes, memory_note = None, None
     if on_cuda:
         torch.cuda.synchronize()
-        free_bytes = int(torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")))[0])
+        free_bytes, memory_note = planning_memory(
+            spec.partition,
+            int(torch.cuda.mem_get_info(device)[0]),
+            int(torch.cuda.memory_reserved(device)),
+            spec.memory_budget_gib,
+        )
     layout = choose_layout(
         spec,
         model.config,
@@ -606,6 +663,7 @@ def prepare_run(spec: TrainingSpec, sink: ProgressSink) -> PreparedRun:
         fused_available=spec.backend == "bnb_qlora" and importlib.util.find_spec("liger_kernel") is not None,
         compile_available=spec.backend == "bnb_qlora" and importlib.util.find_spec("triton") is not None,
         varlen_available=spec.backend == "bnb_qlora" and varlen_available(),
+        memory_note=memory_note,
     )
     sink(
         f"{spec.partition}: micro-batch {layout.per_device_batch_size} x {layout.gradient_accumulation_steps} "
@@ -888,6 +946,13 @@ class LoraTrainer(dg.ConfigurableResource):
         "checkpointing is off, off on CPU; false for a model whose layers do not compile",
     )
 
+    memory_budget_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="CUDA: GPU memory each training run plans within and is capped at, in GiB (16 stands in for "
+        "the paper's 16 GB card); None: the device's free memory",
+    )
+
     def resolved_backend(self) -> Backend:
         return select_backend(self.backend)
 
@@ -919,6 +984,8 @@ class LoraTrainer(dg.ConfigurableResource):
             spec = spec.model_copy(update={"cpu_bf16": True})
         if self.compile_layers is not None and spec.compile_layers is None:
             spec = spec.model_copy(update={"compile_layers": self.compile_layers})
+        if self.memory_budget_gib is not None and spec.memory_budget_gib is None:
+            spec = spec.model_copy(update={"memory_budget_gib": self.memory_budget_gib})
         if launcher == "in_process":
             return run_training(spec, sink)
         return self._train_in_workers(spec, sink, launcher, processes)
