@@ -16,7 +16,6 @@ NEO4J_DATABASE; publishing twice leaves the same graph.
 """
 
 import base64
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import polars as pl
 
 from jpslm_assets import settings
 from jpslm_assets.domain import knowledge_graph as kg
+from jpslm_assets.metadata import column_schema, counts_table
 from jpslm_assets.resources.graph_store import (
     GraphStore,
     Neo4jGraphStore,
@@ -38,17 +38,6 @@ TABLE_KINDS = {"duckdb", "polars"}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _markdown_counts(counts: Mapping[str, int], key: str) -> str:
-    total = sum(counts.values()) or 1
-    lines = [f"| {key} | count | share |", "|---|---:|---:|"]
-    lines += [f"| {name} | {count} | {count / total:.1%} |" for name, count in counts.items()]
-    return "\n".join(lines)
-
-
-def _column_schema(frame: pl.DataFrame) -> dg.TableSchema:
-    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()])
 
 
 def _read_graph(context: dg.AssetExecutionContext, graph_store: GraphStore) -> kg.KnowledgeGraph:
@@ -84,11 +73,11 @@ def kg_nodes(context: dg.AssetExecutionContext, graph_store: GraphStore) -> dg.O
         data_version=dg.DataVersion(frame_version(frame)),
         metadata={
             "dagster/row_count": frame.height,
-            "dagster/column_schema": _column_schema(frame),
+            "dagster/column_schema": column_schema(frame),
             "graph_source": graph_store.describe(),
             "kg_version": kg.graph_version(graph),
-            "nodes_by_label": dg.MetadataValue.md(_markdown_counts(by_label, "label")),
-            "nodes_by_category": dg.MetadataValue.md(_markdown_counts(by_category, "category")),
+            "nodes_by_label": counts_table(by_label, "label"),
+            "nodes_by_category": counts_table(by_category, "category"),
         },
     )
 
@@ -129,11 +118,11 @@ def kg_relations(
         data_version=dg.DataVersion(frame_version(frame)),
         metadata={
             "dagster/row_count": frame.height,
-            "dagster/column_schema": _column_schema(frame),
+            "dagster/column_schema": column_schema(frame),
             "graph_source": graph_store.describe(),
             "kg_version": kg.graph_version(graph),
             "relation_types": len([count for count in by_type.values() if count]),
-            "relations_by_type": dg.MetadataValue.md(_markdown_counts(by_type, "relation type")),
+            "relations_by_type": counts_table(by_type, "relation type"),
             "relation_type_chart": dg.MetadataValue.md(f"![relation types](data:image/png;base64,{encoded})"),
         },
     )

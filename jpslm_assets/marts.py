@@ -14,9 +14,9 @@ of erroring. The same models run outside Dagster with ``jpslm-sql run --db FILE`
 from collections.abc import Iterable, Iterator, Sequence
 
 import dagster as dg
-import polars as pl
 
 from jpslm_assets import export, judging, kg, qa, training
+from jpslm_assets.metadata import stored_table, table_value
 from jpslm_assets.sql_models import (
     TARGET_SCHEMA,
     Project,
@@ -24,7 +24,7 @@ from jpslm_assets.sql_models import (
     load_project,
     run_test,
 )
-from jpslm_assets.store import DuckDBStore, frame_version, table_metadata
+from jpslm_assets.store import DuckDBStore, frame_version, table_metadata, table_of
 
 GROUP = "marts"
 UPSTREAM_STAGES = (kg.defs, qa.defs, training.defs, export.defs, judging.defs)
@@ -47,8 +47,8 @@ def table_writers(definitions: Iterable[dg.Definitions]) -> dict[str, list[dg.As
                 else []
             )
             for spec in specs:
-                table = (spec.metadata or {}).get("table")
-                if isinstance(table, str):
+                table = table_of(spec.metadata)
+                if table is not None:
                     writers.setdefault(table, []).append(spec.key)
     return {table: sorted(keys, key=lambda k: k.to_user_string()) for table, keys in writers.items()}
 
@@ -119,12 +119,9 @@ def build_marts_assets(project: Project, writers: dict[str, list[dg.AssetKey]]) 
                 output_name=model_key(name).to_python_identifier(),
                 data_version=dg.DataVersion(frame_version(frame)),
                 metadata={
-                    "rows": frame.height,
+                    **stored_table(f"marts.{name}", frame),
                     "empty_sources": ", ".join(result.stubbed_sources) or "none",
-                    "dagster/column_schema": dg.TableSchema(
-                        columns=[dg.TableColumn(c, str(t)) for c, t in frame.schema.items()]
-                    ),
-                    "preview": dg.MetadataValue.md(_markdown_preview(frame)),
+                    "preview": table_value(frame, limit=10),
                 },
             )
         for check_key in context.selected_asset_check_keys:
@@ -145,22 +142,6 @@ def build_marts_assets(project: Project, writers: dict[str, list[dg.AssetKey]]) 
             )
 
     return dbt_like_sql_marts
-
-
-def _markdown_preview(frame: pl.DataFrame, rows: int = 10) -> str:
-    if frame.is_empty():
-        return "_no rows_"
-    head = frame.head(rows)
-    cells = [[_cell(v) for v in row] for row in head.iter_rows()]
-    lines = ["| " + " | ".join(head.columns) + " |", "|" + "---|" * len(head.columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join(lines)
-
-
-def _cell(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|")
 
 
 def build_defs(stages: Sequence[dg.Definitions] = UPSTREAM_STAGES) -> dg.Definitions:

@@ -30,6 +30,7 @@ from jpslm_assets import settings
 from jpslm_assets.catalogue import model_entry
 from jpslm_assets.domain import qa_generation, qa_plots, qa_rephrase, qa_subsets, qa_test_set
 from jpslm_assets.domain.qa_templates import VERSIONS, TemplateCatalogue, load_catalogue
+from jpslm_assets.metadata import column_schema, table_value
 from jpslm_assets.partitions import n_partitions
 from jpslm_assets.resources.generation import GenerationBackend, backend_for
 from jpslm_assets.resources.generation_api import GenerationError
@@ -99,34 +100,9 @@ def default_rephrase_model(rephraser: GenerationBackend) -> str:
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _markdown_table(frame: pl.DataFrame, percent: tuple[str, ...] = (), digits: int = 2) -> str:
-    def cell(column: str, value: Any) -> str:
-        if value is None:
-            return "—"
-        if column in percent:
-            return f"{100 * value:.1f}%"
-        if isinstance(value, float):
-            return f"{value:.{digits}f}"
-        if isinstance(value, list):
-            return ", ".join(map(str, value))
-        return str(value)
-
-    header = "| " + " | ".join(frame.columns) + " |"
-    rule = "|" + "---|" * len(frame.columns)
-    rows = [
-        "| " + " | ".join(cell(c, v) for c, v in zip(frame.columns, row, strict=True)) + " |"
-        for row in frame.rows()
-    ]
-    return "\n".join([header, rule, *rows])
-
-
 def _number(value: Any) -> float:
     """A polars aggregate (None for an empty column) as a float for metadata."""
     return float(value or 0.0)
-
-
-def _column_schema(frame: pl.DataFrame) -> dg.TableSchema:
-    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()])
 
 
 def _png_metadata(name: str, png: bytes, title: str) -> dict[str, Any]:
@@ -281,20 +257,18 @@ def qa_pool(
         "exact_duplicates_removed": dedup.exact_removed,
         "near_duplicates_removed": dedup.near_removed,
         "near_duplicate_examples": dg.MetadataValue.json(dedup.examples),
-        "relation_shares_vs_paper": dg.MetadataValue.md(
-            _markdown_table(
+        "relation_shares_vs_paper": table_value(
                 shares.select(
                     "relation_type", "templates", "count", "share", "paper_count", "paper_share", "delta_pp"
                 ),
                 percent=("share", "paper_share"),
-            )
-        ),
+            ),
         "max_share_delta_pp": _number(shares["delta_pp"].abs().max()),
         "avg_answer_chars": _number(pool["answer_chars"].mean()),
         "avg_question_chars": _number(pool["question_chars"].mean()),
         "paper_answer_chars": f"{paper.answer_chars[0]}-{paper.answer_chars[1]}",
-        "pairs_by_category": dg.MetadataValue.md(_markdown_table(categories)),
-        "dagster/column_schema": _column_schema(pool),
+        "pairs_by_category": table_value(categories),
+        "dagster/column_schema": column_schema(pool),
         **rephrase_metadata,
     }
     return dg.Output(pool, data_version=dg.DataVersion(frame_version(pool)), metadata=metadata)
@@ -417,14 +391,13 @@ def rebalanced_pool(
         "removed_by_type": dg.MetadataValue.json(result.removed_by_type),
         "keep_fraction": dg.MetadataValue.json(dict(keep)),
         "seed": seed,
-        "shares_before_after": dg.MetadataValue.md(
-            _markdown_table(
-                side_by_side, percent=("share_before", "share_after", "paper_after", "paper_stated_share")
-            )
-            + "\n\npaper_after: the paper's counts after rebalancing over their own total; paper_stated_share: "
-            "the share the paper states (17.1% for HAS_CHAPTER is 956 / 5,578, the pre-rebalancing size)."
+        "shares_before_after": table_value(
+            side_by_side, percent=("share_before", "share_after", "paper_after", "paper_stated_share")
         ),
-        "dagster/column_schema": _column_schema(frame),
+        "shares_before_after_note": "paper_after: the paper's counts after rebalancing over their own total; "
+        "paper_stated_share: the share the paper states (17.1% for HAS_CHAPTER is 956 / 5,578, the "
+        "pre-rebalancing size).",
+        "dagster/column_schema": column_schema(frame),
     }
     for relation_type in result.kept_by_type:
         share_before = before.filter(pl.col("relation_type") == relation_type)["share"][0]
@@ -475,21 +448,18 @@ def training_subset(
     summary = qa_subsets.subset_summary(subset, catalogue.categories).row(0, named=True)
     metadata: dict[str, Any] = {
         "n": n,
-        "rows": frame.height,
         "rebalanced_pool_size": rebalanced_pool.height,
         "avg_answer_chars": round(summary["avg_answer_chars"], 1),
         "avg_question_chars": round(summary["avg_question_chars"], 1),
         "categories_covered": f"{summary['categories_covered']} of {summary['categories_known']}",
-        "relation_shares": dg.MetadataValue.md(
-            _markdown_table(
+        "relation_shares": table_value(
                 shares.select("relation_type", "count", "share", "pool_share"),
                 percent=("share", "pool_share"),
-            )
-        ),
+            ),
         "chat_jsonl": dg.MetadataValue.path(record["artifact_path"]),
         "artifact_bytes": record["artifact_bytes"],
         "artifact_sha256": record["artifact_sha256"],
-        "dagster/column_schema": _column_schema(frame),
+        "dagster/column_schema": column_schema(frame),
     }
     return dg.Output(frame, data_version=dg.DataVersion(frame_version(frame)), metadata=metadata)
 
@@ -547,7 +517,7 @@ def training_subset_is_nested(training_subset: pl.DataFrame, store: DuckDBStore)
             "subsets_with_wrong_size": dg.MetadataValue.json(wrong_sizes["n"].to_list()),
             "pairs_checked": len(pairs),
             "pairs_nested": sum(pair.nested for pair in pairs),
-            "pairs": dg.MetadataValue.md(_markdown_table(table) if pairs else "only one subset materialized"),
+            "pairs": table_value(table) if pairs else "only one subset materialized",
         },
     )
 
@@ -591,8 +561,7 @@ def relation_shares_stable_across_n(
             "integer_limited_types": dg.MetadataValue.json(
                 stability.filter(pl.col("integer_limited"))["relation_type"].to_list()
             ),
-            "stability": dg.MetadataValue.md(
-                _markdown_table(
+            "stability": table_value(
                     stability.select(
                         "relation_type",
                         "subsets",
@@ -606,8 +575,7 @@ def relation_shares_stable_across_n(
                         "passed",
                     ),
                     percent=("pool_share", "mean_share", "cv", "rounding_floor_cv"),
-                )
-            ),
+                ),
             **_png_metadata(
                 "qa_relation_shares_by_n", qa_plots.relation_share_figure(shares, pool_shares), "Figure 2"
             ),
@@ -696,14 +664,12 @@ def category_coverage_stable_across_n(
                     for r in summary.iter_rows(named=True)
                 }
             ),
-            "category_stability": dg.MetadataValue.md(
-                _markdown_table(
+            "category_stability": table_value(
                     category_stability.select(
                         "category", "pool_share", "mean_share", "cv", "integer_limited", "passed"
                     ),
                     percent=("pool_share", "mean_share", "cv"),
-                )
-            ),
+                ),
             **_png_metadata("qa_quality_summary", figure, "Figure 4"),
         },
     )
@@ -734,10 +700,10 @@ def test_set(
         "questions": frame.height,
         "human_written": int(frame["human_written"].sum()),
         "categories": by_category.height,
-        "by_category": dg.MetadataValue.md(_markdown_table(by_category)),
+        "by_category": table_value(by_category),
         "source_file": dg.MetadataValue.path(str(path)),
         "source_sha256": artifact_record(path)["artifact_sha256"],
-        "dagster/column_schema": _column_schema(frame),
+        "dagster/column_schema": column_schema(frame),
     }
     return dg.Output(frame, data_version=dg.DataVersion(frame_version(frame)), metadata=metadata)
 
@@ -846,13 +812,11 @@ def test_set_has_no_lexical_overlap(
             "largest_overlap_chars": worst["longest_common_chars"],
             "largest_overlap_text": worst["longest_common_text"] or "",
             "largest_overlap_between": f"{worst['longest_test_id']} / {worst['longest_training_id']}",
-            "checked_against": dg.MetadataValue.md(
-                _markdown_table(
+            "checked_against": table_value(
                     results.select(
                         "against", "training_questions", "leaking_questions", "longest_common_chars", "passed"
                     )
-                )
-            ),
+                ),
         },
     )
 
@@ -903,7 +867,7 @@ def reference_answers_overlap_training(
             "mean_shared_8gram_share": float(_number(evaluated["shared_8gram_share"].mean()))
             if evaluated.height
             else 0.0,
-            "table": "qa.reference_overlap",
+            "results_table": "qa.reference_overlap",
         },
     )
 

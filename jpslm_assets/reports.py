@@ -32,7 +32,14 @@ from jpslm_assets.domain import figures as figure_lib
 from jpslm_assets.domain import report_document as report_lib
 from jpslm_assets.domain.progress import StepTimings
 from jpslm_assets.partitions import stage3_keys
-from jpslm_assets.store import DuckDBStore, StoreError, artifact_record, frame_version, table_metadata
+from jpslm_assets.store import (
+    DuckDBStore,
+    StoreError,
+    artifact_record,
+    frame_version,
+    table_metadata,
+    table_of,
+)
 
 GROUP = "reports"
 FIGURES_TABLE = "reports.figures"
@@ -73,7 +80,7 @@ def writers_of(
 ) -> list[dg.AssetKey]:
     """Keys of the assets that write ``table``: by their ``table`` metadata, by the secondary-table list
     in reports.yaml, else by a key named like the table."""
-    by_metadata = [spec.key for spec in specs if (spec.metadata or {}).get("table") == table]
+    by_metadata = [spec.key for spec in specs if table_of(spec.metadata) == table]
     if by_metadata:
         return by_metadata
     known = {spec.key for spec in specs}
@@ -427,11 +434,11 @@ def discover_reevaluation_targets(
     per_format: dict[str, list[dg.AssetKey]] = {}
     for spec in specs:
         metadata = spec.metadata or {}
-        if metadata.get("table") in config.per_format_tables:
+        if table_of(metadata) in config.per_format_tables:
             fmt = (metadata.get("fixed_columns") or {}).get("format")
             if fmt is None:
                 raise ValueError(
-                    f"asset {spec.key.to_user_string()} writes {metadata['table']} without a fixed format; "
+                    f"asset {spec.key.to_user_string()} writes {table_of(metadata)} without a fixed format; "
                     "pass table_metadata(..., fixed={'format': ...}) so the schedule can select it per format."
                 )
             per_format.setdefault(str(fmt), []).append(spec.key)

@@ -37,6 +37,7 @@ import polars as pl
 from pydantic import Field
 
 from jpslm_assets import settings
+from jpslm_assets.metadata import stored_table
 
 LINEAGE_DDL = """
 CREATE SCHEMA IF NOT EXISTS lineage;
@@ -498,6 +499,15 @@ class LineageRecord:
         return materialization_id
 
 
+TABLE_NAME = "dagster/table_name"  # the key Dagster's catalog reads a table's name from (TableMetadataSet)
+
+
+def table_of(metadata: Mapping[str, Any] | None) -> str | None:
+    """The DuckDB table an asset's definition metadata names (``table_metadata``), or None."""
+    value = (metadata or {}).get(TABLE_NAME)
+    return str(value) if value is not None else None
+
+
 def table_metadata(
     table: str,
     partition_expr: Mapping[str, str] | str | None = None,
@@ -509,7 +519,7 @@ def table_metadata(
     ``{dimension: column}`` for multi-partitions. ``fixed``: constant column values that also identify the
     slice, e.g. ``{"format": "f16"}`` when several per-format assets share one table.
     """
-    metadata: dict[str, Any] = {"table": table}
+    metadata: dict[str, Any] = {TABLE_NAME: table}
     if partition_expr is not None:
         metadata["partition_expr"] = partition_expr
     if fixed:
@@ -566,9 +576,10 @@ class DuckDBTableIOManager(dg.ConfigurableIOManager):
                 "table assets must return a polars DataFrame"
             )
         metadata = context.definition_metadata or {}
-        if "table" not in metadata:
+        table = table_of(metadata)
+        if table is None:
             raise StoreError(
-                f"asset {_key_string(context.asset_key)} has no 'table' metadata; use store.table_metadata()."
+                f"asset {_key_string(context.asset_key)} has no '{TABLE_NAME}' metadata; use store.table_metadata()."
             )
         partition_keys = context.asset_partition_keys if context.has_asset_partitions else None
         slices = _partition_slices(metadata, partition_keys)
@@ -592,23 +603,22 @@ class DuckDBTableIOManager(dg.ConfigurableIOManager):
         for column, value in slices[0].items():
             if column not in frame.columns:
                 frame = frame.with_columns(pl.lit(value).alias(column))
-        self.store.write_slice(metadata["table"], frame, slices[0], record)
-        context.add_output_metadata(
-            {"table": metadata["table"], "rows": frame.height, "data_version": frame_version(frame)}
-        )
+        self.store.write_slice(table, frame, slices[0], record)
+        context.add_output_metadata({**stored_table(table, frame), "data_version": frame_version(frame)})
 
     def load_input(self, context: dg.InputContext) -> pl.DataFrame:
         upstream = context.upstream_output
         metadata = (upstream.definition_metadata if upstream else None) or {}
-        if "table" not in metadata:
-            raise StoreError(f"upstream asset {_key_string(context.asset_key)} has no 'table' metadata")
+        table = table_of(metadata)
+        if table is None:
+            raise StoreError(f"upstream asset {_key_string(context.asset_key)} has no '{TABLE_NAME}' metadata")
         partition_keys = list(context.asset_partition_keys) if context.has_asset_partitions else None
         if partition_keys == []:
             # The partition mapping gives this partition nothing of that upstream (e.g. stage 3's stage-2
             # partitions read no stage-1 adapter): no rows, and no lineage row for a read that did not happen.
-            return self.store.read_slices(metadata["table"], [], allow_missing=True)
+            return self.store.read_slices(table, [], allow_missing=True)
         slices = _partition_slices(metadata, partition_keys)
-        frame = self.store.read_slices(metadata["table"], slices)
+        frame = self.store.read_slices(table, slices)
         reads = self._reads().setdefault(context.op_def.name, [])
         read_keys: list[str | None] = list(partition_keys) if partition_keys else [None]
         with self.store.connect(read_only=True) as conn:

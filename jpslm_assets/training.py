@@ -45,6 +45,7 @@ from jpslm_assets.domain.nll import NllResult, answer_token_nll
 from jpslm_assets.domain.training_plan import resolve_plan
 from jpslm_assets.domain.training_plots import plot_loss_curves, plot_scale_curve
 from jpslm_assets.execution import GPU_POOL
+from jpslm_assets.metadata import table_value
 from jpslm_assets.partitions import model_partitions, n_partitions
 from jpslm_assets.resources.models import ModelFactory
 from jpslm_assets.resources.trainer import LoraTrainer, TrainingSpec, write_training_records
@@ -752,7 +753,7 @@ def stage1_scale_curve(
         "points": curve.height,
         "missing_n": dg.MetadataValue.json(missing),
         "statuses": dg.MetadataValue.json(dict(zip(map(str, curve["n"]), curve["status"], strict=True))),
-        "table": dg.MetadataValue.md(_markdown(curve)),
+        "scale_curve": table_value(curve),
         **_png_metadata(
             f"scale_curve_{model}", plot_scale_curve(curve, f"{model}: n とテストNLL"), "U-curve", plots
         ),
@@ -825,15 +826,6 @@ def optimal_scale(
         test_nll=float(optimum["test_nll"]),
         grid=dg.MetadataValue.json(stage1_scale_curve["n"].to_list()),
     )
-
-
-def _markdown(frame: pl.DataFrame) -> str:
-    header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
-    body = "\n".join(
-        "| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |"
-        for row in frame.iter_rows()
-    )
-    return header + body
 
 
 # ------------------------------------------------------------------------------------------------ jobs

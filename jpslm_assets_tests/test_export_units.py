@@ -135,6 +135,30 @@ def test_a_template_without_generation_prompt_is_refused_with_the_fix() -> None:
         chat_turns("{% for m in messages %}{{ m['content'] }")
 
 
+def test_templates_render_as_transformers_renders_them_strftime_now_included() -> None:
+    """A template that stamps today's date (as Llama 3.1's does) renders here exactly as in the tokenizer."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    dated = (
+        "{{ bos_token }}{{ 'Today: ' + strftime_now('%Y-%m-%d') + '\\n' }}"
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+    )  # fmt: skip
+    tokenizer.chat_template = dated
+    messages = [{"role": "user", "content": " 河川の点検は？ "}]
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    mine = render_chat_template(dated, messages, True, bos_token="<s>", eos_token="</s>")
+    assert mine == expected and mine.startswith("<s>Today: 20") and mine.endswith("<|assistant|>")
+    refusing = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}x"
+    with pytest.raises(ChatTemplateError, match="does not render the conversation: no system role"):
+        render_chat_template(refusing, [{"role": "system", "content": "s"}], False)
+
+
 def test_go_delimiters_in_a_template_are_refused() -> None:
     turns = chat_turns(CHATML.replace("<|im_start|>", "{{"))
     with pytest.raises(ChatTemplateError, match="Go templates reserve"):

@@ -31,7 +31,7 @@ def graph_snapshot() -> dict[str, Any]:
             "upstream": sorted(parent.to_user_string() for parent in node.parent_keys),
             "checks": sorted(check.name for check in node.check_keys),
             "automation": condition.get_label() if condition else None,
-            "table": (node.metadata or {}).get("table"),
+            "table": (node.metadata or {}).get("dagster/table_name"),
         }
     jobs = {
         job.name: sorted(k.to_user_string() for k in job.asset_layer.executable_asset_keys)

@@ -659,5 +659,5 @@ def test_judging_defs_follow_the_profile_formats() -> None:
             spec.code_version
             and spec.description
             and spec.kinds
-            and spec.metadata["table"].startswith("eval.")
+            and spec.metadata["dagster/table_name"].startswith("eval.")
         )

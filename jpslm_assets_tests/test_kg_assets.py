@@ -17,6 +17,7 @@ import pytest
 
 from jpslm_assets import kg
 from jpslm_assets.domain import knowledge_graph as graph_lib
+from jpslm_assets.metadata import table_rows
 from jpslm_assets.resources.graph_store import (
     GraphStore,
     GraphStoreError,
@@ -110,9 +111,12 @@ def test_kg_assets_from_the_seed(store: DuckDBStore) -> None:
     metadata = result.asset_materializations_for_node("kg_relations")[0].metadata
     assert metadata["dagster/row_count"].value == 268
     assert metadata["relation_type_chart"].value.startswith("![relation types](data:image/png;base64,iVBOR")
-    assert "| HAS_CHAPTER | 40 | 14.9% |" in metadata["relations_by_type"].value
+    assert {"relation type": "HAS_CHAPTER", "count": 40, "share": "14.9%"} in table_rows(
+        metadata["relations_by_type"]
+    )
     node_metadata = result.asset_materializations_for_node("kg_nodes")[0].metadata
-    assert "| Concept | 84 |" in node_metadata["nodes_by_label"].value
+    by_label = {row["label"]: row["count"] for row in table_rows(node_metadata["nodes_by_label"])}
+    assert by_label["Concept"] == 84 and sum(by_label.values()) == node_metadata["dagster/row_count"].value
     assert node_metadata["graph_source"].value == "the shipped seed (jpslm_assets/data/kg)"
 
     lineage = store.query(

@@ -512,7 +512,13 @@ def test_marts_as_dagster_assets_write_tables_lineage_and_pass_checks(store: Duc
     )
     assert lineage["asset_key"].to_list() == ["marts/score_summary"]
     metadata = run.asset_materializations_for_node("dbt_like_sql_marts")[0].metadata
-    assert "rows" in metadata
+    # Where the rows are, in the keys Dagster's catalog reads, and the first rows as a table.
+    table = metadata["dagster/table_name"].value
+    assert isinstance(table, str) and table.startswith("marts.")
+    rows = store.query(f"SELECT count(*) AS n FROM {table}")["n"][0]
+    assert metadata["dagster/row_count"].value == rows
+    preview = metadata["preview"]
+    assert isinstance(preview, dg.TableMetadataValue) and len(preview.records) == min(rows, 10)
 
 
 def test_failing_sql_test_fails_its_asset_check(store: DuckDBStore) -> None:
@@ -549,7 +555,7 @@ def test_mart_deps_follow_parsed_sql_and_source_writers() -> None:
     assert deps["quantization_effect"] == {"marts/score_summary", "marts/quantization_tests"}
     for spec in specs.values():
         assert spec.group_name == "marts" and spec.code_version and spec.description and spec.kinds
-        assert spec.metadata["table"] == f"marts.{spec.key.path[-1]}"
+        assert spec.metadata["dagster/table_name"] == f"marts.{spec.key.path[-1]}"
 
 
 def test_marts_defs_in_the_code_location_point_at_upstream_writers() -> None:

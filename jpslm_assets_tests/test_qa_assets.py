@@ -18,6 +18,7 @@ import yaml
 from pydantic import Field
 
 from jpslm_assets import qa, store
+from jpslm_assets.metadata import table_rows
 from jpslm_assets.resources.generation import GenerationBackend
 from jpslm_assets.resources.generation_api import GenerationRequest, GenerationResult
 from jpslm_assets.settings import load_profile
@@ -133,11 +134,14 @@ def test_dataset_stage_end_to_end(store: DuckDBStore, tmp_path: Path, data_dir: 
     pool_meta = materialization_metadata(first, "qa_pool")
     assert pool_meta["paper_pool_size"] == 5578
     assert abs(pool_meta["pool_size"] - 5578) / 5578 < 0.01
-    assert "| HAS_CHAPTER | 34 |" in pool_meta["relation_shares_vs_paper"]
+    shares = {row["relation_type"]: row for row in table_rows(pool_meta["relation_shares_vs_paper"])}
+    assert shares["HAS_CHAPTER"]["templates"] == 34 and shares["HAS_CHAPTER"]["paper_count"] == 1365
     assert pool_meta["rephrase"] == "off"
     rebalanced_meta = materialization_metadata(first, "rebalanced_pool")
     assert rebalanced_meta["HAS_CHAPTER_share"].startswith("24.5% -> 18.")
-    assert "17.1%" in rebalanced_meta["shares_before_after"]
+    before_after = {row["relation_type"]: row for row in table_rows(rebalanced_meta["shares_before_after"])}
+    assert before_after["HAS_CHAPTER"]["paper_stated_share"] == "17.1%"
+    assert "956 / 5,578" in rebalanced_meta["shares_before_after_note"]
 
     for n in DEMO_GRID:
         run = dg.materialize(

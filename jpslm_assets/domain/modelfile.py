@@ -35,27 +35,23 @@ def render_chat_template(
     bos_token: str = "",
     eos_token: str = "",
 ) -> str:
-    """Render an HF chat template the way transformers does (sandboxed Jinja, ``raise_exception``)."""
+    """Render an HF chat template with transformers' own renderer (what ``apply_chat_template`` runs: its sandboxed
+    Jinja environment, filters and globals such as ``raise_exception`` and ``strftime_now``)."""
     from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from transformers.utils.chat_template_utils import render_jinja_template
 
-    def raise_exception(message: str) -> None:
-        raise ChatTemplateError(f"the chat template refused the conversation: {message}")
-
-    environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    environment.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-    environment.globals["raise_exception"] = raise_exception
     try:
-        return environment.from_string(template).render(
-            messages=list(messages),
+        rendered = render_jinja_template(
+            conversations=[[dict(message) for message in messages]],
+            chat_template=template,
             add_generation_prompt=add_generation_prompt,
             bos_token=bos_token,
             eos_token=eos_token,
-        )
+        )[0]  # (texts, generation indices)
     except TemplateError as exc:
-        raise ChatTemplateError(f"the chat template does not render: {exc}") from exc
+        # raise_exception() inside the template raises TemplateError with the template's own message.
+        raise ChatTemplateError(f"the chat template does not render the conversation: {exc}") from exc
+    return str(rendered[0])
 
 
 @dataclass(frozen=True)

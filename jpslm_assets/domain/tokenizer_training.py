@@ -17,8 +17,6 @@ import string
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 CHATML_MARKERS = ("<|im_start|>", "<|im_end|>")
 # SentencePiece ids 0-3 are the classic control symbols; the chat markers follow as ids 4 and 5.
@@ -30,15 +28,17 @@ class TokenizerTrainingError(ValueError):
 
 
 def render_conversations(pairs: Iterable[tuple[str, str]], chat_template: str) -> list[str]:
-    """Each (question, answer) rendered as a complete chat exchange with the given Jinja template."""
-    template = ImmutableSandboxedEnvironment().from_string(chat_template)
-    return [
-        template.render(
-            messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-            add_generation_prompt=False,
-        )
-        for q, a in pairs
-    ]
+    """Each (question, answer) rendered as a complete chat exchange with the given Jinja template (transformers'
+    own renderer, as the trained tokenizer's ``apply_chat_template`` will render it)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    conversations = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in pairs]
+    if not conversations:
+        return []
+    rendered = render_jinja_template(
+        conversations=conversations, chat_template=chat_template, add_generation_prompt=False
+    )[0]  # (texts, generation indices)
+    return [str(text) for text in rendered]
 
 
 def coverage_line() -> str:
