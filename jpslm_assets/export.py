@@ -29,6 +29,7 @@ import polars as pl
 
 from jpslm_assets import settings
 from jpslm_assets.catalogue import model_entry
+from jpslm_assets.code_versions import versioned
 from jpslm_assets.domain.answering import (
     AnsweringInputError,
     QuestionFailed,
@@ -148,10 +149,10 @@ def _adapter_run(
 # ---------------------------------------------------------------------------------------------- merged
 
 
+@versioned()
 @dg.asset(
     group_name=GROUP,
     kinds={"pytorch", "duckdb"},
-    code_version="2",
     partitions_def=stage3_partitions(),
     pool=GPU_POOL,
     ins={
@@ -491,7 +492,6 @@ def _gguf_asset_arguments(format_name: str, ins: dict[str, dg.AssetIn]) -> dict[
         "name": f"gguf_{format_name}",
         "group_name": GROUP,
         "kinds": {"gguf", "llama_cpp", "duckdb"},
-        "code_version": "2",
         "partitions_def": stage3_partitions(),
         "pool": GPU_POOL,
         "ins": ins,
@@ -509,6 +509,7 @@ def _gguf_asset_arguments(format_name: str, ins: dict[str, dg.AssetIn]) -> dict[
 _MERGED_AND_TESTS = {"merged_model": dg.AssetIn(key="merged_model"), "test_set": dg.AssetIn(key="test_set")}
 
 
+@versioned()
 @dg.asset(**_gguf_asset_arguments("f16", _MERGED_AND_TESTS))
 def gguf_f16(
     context: dg.AssetExecutionContext,
@@ -521,6 +522,7 @@ def gguf_f16(
     yield from _materialize_gguf(context, "f16", config, llama_cpp_tools, store, merged_model, test_set, None)
 
 
+@versioned()
 @dg.asset(**_gguf_asset_arguments("q4_k_m", {**_MERGED_AND_TESTS, "gguf_f16": dg.AssetIn(key="gguf_f16")}))
 def gguf_q4_k_m(
     context: dg.AssetExecutionContext,
@@ -564,10 +566,10 @@ def _write_modelfile(path: Path, text: str) -> Path:
     return path
 
 
+@versioned()
 @dg.asset(
     group_name=GROUP,
     kinds={"ollama", "llama_cpp", "duckdb"},
-    code_version="2",
     partitions_def=stage3_partitions(),
     ins={
         "merged_model": dg.AssetIn(key="merged_model"),
@@ -667,11 +669,11 @@ ANSWER_SCHEMA = {
 
 
 def build_answers_asset(format_name: str) -> dg.AssetsDefinition:
+    @versioned()
     @dg.asset(
         name=f"answers_{format_name}",
         group_name=GROUP,
         kinds={"llama_cpp", "ollama", "duckdb"},
-        code_version="2",
         partitions_def=stage3_partitions(),
         pool=GPU_POOL,
         ins={"deployment": dg.AssetIn(key="deployment"), "test_set": dg.AssetIn(key="test_set")},

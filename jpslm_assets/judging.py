@@ -25,6 +25,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field, field_validator
 
+from jpslm_assets.code_versions import versioned
 from jpslm_assets.domain import citations as citation_lib
 from jpslm_assets.domain import judge_controls as controls_lib
 from jpslm_assets.domain import judging as judge_lib
@@ -44,8 +45,8 @@ JUDGE_TABLE = "eval.judge_scores"
 GROUNDING_TABLE = "eval.citation_grounding"
 CONTROLS_TABLE = "eval.judge_controls"
 # The rubric's prompt version is part of the code version: a new rubric makes every score stale.
-CODE_VERSION = f"1+{judge_lib.load_rubric().prompt_version}"
-GROUNDING_CODE_VERSION = f"1+{judge_lib.load_rubric().prompt_version}"
+# The rubric file is data the judgement depends on: its prompt version joins the code in the code version.
+RUBRIC_VERSION = judge_lib.load_rubric().prompt_version
 
 
 def judge_resource_for(profile: Profile) -> JudgeResource:
@@ -120,11 +121,11 @@ def _judge_with(
 def build_judge_scores(fmt: str) -> dg.AssetsDefinition:
     """``judge_scores_<fmt>``: one asset per format, all writing ``eval.judge_scores``."""
 
+    @versioned(RUBRIC_VERSION)
     @dg.asset(
         name=f"judge_scores_{fmt}",
         group_name=GROUP,
         kinds={"duckdb", "polars", "llm"},
-        code_version=CODE_VERSION,
         partitions_def=stage3_partitions(),
         pool=GPU_POOL,
         ins={
@@ -221,11 +222,11 @@ def judge_metadata(frame: pl.DataFrame) -> dict[str, Any]:
 def build_citation_grounding(fmt: str) -> dg.AssetsDefinition:
     """``citation_grounding_<fmt>``: rule-based citation checks of the same answers, no model involved."""
 
+    @versioned(RUBRIC_VERSION)
     @dg.asset(
         name=f"citation_grounding_{fmt}",
         group_name=GROUP,
         kinds={"duckdb", "polars"},
-        code_version=GROUNDING_CODE_VERSION,
         partitions_def=stage3_partitions(),
         ins={
             "answers": dg.AssetIn(f"answers_{fmt}"),
@@ -338,10 +339,10 @@ def _panel(
     return panel
 
 
+@versioned(RUBRIC_VERSION)
 @dg.asset(
     group_name=GROUP,
     kinds={"duckdb", "polars", "llm"},
-    code_version=CODE_VERSION,
     pool=GPU_POOL,
     metadata=table_metadata(CONTROLS_TABLE),
     description=(

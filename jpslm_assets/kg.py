@@ -23,6 +23,7 @@ import dagster as dg
 import polars as pl
 
 from jpslm_assets import settings
+from jpslm_assets.code_versions import versioned
 from jpslm_assets.domain import knowledge_graph as kg
 from jpslm_assets.metadata import column_schema, counts_table
 from jpslm_assets.resources.graph_store import (
@@ -49,10 +50,10 @@ def _read_graph(context: dg.AssetExecutionContext, graph_store: GraphStore) -> k
 # ------------------------------------------------------------------------------------------------- assets
 
 
+@versioned()
 @dg.asset(
     group_name=GROUP,
     kinds=TABLE_KINDS,
-    code_version="1",
     metadata=table_metadata("kg.nodes"),
 )
 def kg_nodes(context: dg.AssetExecutionContext, graph_store: GraphStore) -> dg.Output[pl.DataFrame]:
@@ -82,10 +83,10 @@ def kg_nodes(context: dg.AssetExecutionContext, graph_store: GraphStore) -> dg.O
     )
 
 
+@versioned()
 @dg.asset(
     group_name=GROUP,
     kinds=TABLE_KINDS,
-    code_version="1",
     metadata=table_metadata("kg.relations"),
 )
 def kg_relations(

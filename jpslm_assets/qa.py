@@ -28,6 +28,7 @@ from pydantic import Field
 
 from jpslm_assets import settings
 from jpslm_assets.catalogue import model_entry
+from jpslm_assets.code_versions import versioned
 from jpslm_assets.domain import qa_generation, qa_plots, qa_rephrase, qa_subsets, qa_test_set
 from jpslm_assets.domain.qa_templates import VERSIONS, TemplateCatalogue, load_catalogue
 from jpslm_assets.metadata import column_schema, table_value
@@ -162,10 +163,10 @@ def _rephrase_cache(store: DuckDBStore, model_ref: str) -> pl.DataFrame:
     return cached.with_columns(pl.col("created_at").dt.convert_time_zone("UTC"))
 
 
+@versioned()
 @dg.asset(
     group_name=GROUP,
     kinds=TABLE_KINDS,
-    code_version="1",
     metadata=table_metadata("qa.pool"),
 )
 def qa_pool(
@@ -331,8 +332,9 @@ class RebalanceConfig(dg.Config):
     seed: int | None = None
 
 
+@versioned()
 @dg.asset(
-    group_name=GROUP, kinds=TABLE_KINDS, code_version="1", metadata=table_metadata("qa.rebalanced_pool")
+    group_name=GROUP, kinds=TABLE_KINDS, metadata=table_metadata("qa.rebalanced_pool")
 )
 def rebalanced_pool(
     context: dg.AssetExecutionContext,
@@ -410,10 +412,10 @@ def rebalanced_pool(
 # ------------------------------------------------------------------------------------------- subsets
 
 
+@versioned()
 @dg.asset(
     group_name=GROUP,
     kinds={"duckdb", "polars", "json"},
-    code_version="1",
     partitions_def=n_partitions(),
     metadata=table_metadata("qa.training_subset", partition_expr="n"),
 )
@@ -678,7 +680,8 @@ def category_coverage_stable_across_n(
 # ------------------------------------------------------------------------------------------ test set
 
 
-@dg.asset(group_name=GROUP, kinds=TABLE_KINDS, code_version="1", metadata=table_metadata("qa.test_set"))
+@versioned()
+@dg.asset(group_name=GROUP, kinds=TABLE_KINDS, metadata=table_metadata("qa.test_set"))
 def test_set(
     context: dg.AssetExecutionContext, kg_nodes: pl.DataFrame, qa_files: QADataFiles
 ) -> dg.Output[pl.DataFrame]:

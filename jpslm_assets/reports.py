@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, Field
 
 from jpslm_assets import export, judging, kg, marts, qa, settings, training
+from jpslm_assets.code_versions import versioned
 from jpslm_assets.domain import figures as figure_lib
 from jpslm_assets.domain import report_document as report_lib
 from jpslm_assets.domain.progress import StepTimings
@@ -45,7 +46,6 @@ GROUP = "reports"
 FIGURES_TABLE = "reports.figures"
 REPORTS_TABLE = "reports.evaluation_reports"
 REPORT_HISTORY_TABLE = "reports.report_history"
-CODE_VERSION = "1"
 
 
 class ReevaluationConfig(BaseModel):
@@ -109,9 +109,8 @@ def _stage_specs() -> list[dg.AssetSpec]:
 # ------------------------------------------------------------------------------------------ figure assets
 
 
-def _spec_version(payload: Any) -> str:
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-    return f"{CODE_VERSION}-{digest[:10]}"
+def _spec_digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:10]
 
 
 def figure_file(key: str, png: bytes) -> Path:
@@ -164,11 +163,11 @@ def figure_metadata(
 def build_figure_asset(spec: figure_lib.FigureSpec, upstream: Sequence[dg.AssetKey]) -> dg.AssetsDefinition:
     """One figure as an asset: read the spec's tables, render, store the PNG, attach it as metadata."""
 
+    @versioned(_spec_digest(spec.model_dump()))  # the code that draws it and the spec it draws
     @dg.asset(
         name=f"figure_{spec.key}",
         group_name=GROUP,
         kinds={"matplotlib", "duckdb"},
-        code_version=_spec_version(spec.model_dump()),
         deps=list(upstream),
         description=f"{spec.title}. {spec.caption} Source tables: {', '.join(spec.tables)}.",
         metadata=table_metadata(FIGURES_TABLE, fixed={"figure": spec.key}),
@@ -321,11 +320,11 @@ def build_report_asset(figure_keys: Sequence[str]) -> dg.AssetsDefinition:
     catalogue = figure_lib.load_figure_catalogue()
     ins = {f"figure_{key}": dg.AssetIn(key=dg.AssetKey(f"figure_{key}")) for key in figure_keys}
 
+    @versioned()
     @dg.asset(
         name="evaluation_report",
         group_name=GROUP,
         kinds={"html", "duckdb"},
-        code_version=CODE_VERSION,
         ins=ins,
         description=(
             "One self-contained HTML report per run (figures embedded as PNG, score tables, provenance of "

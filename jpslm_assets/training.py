@@ -37,6 +37,7 @@ import polars as pl
 
 from jpslm_assets import settings
 from jpslm_assets.catalogue import model_entry
+from jpslm_assets.code_versions import versioned
 from jpslm_assets.domain import scaling
 from jpslm_assets.domain.answering import select_eval_questions
 from jpslm_assets.domain.chat_format import encode_pairs
@@ -138,10 +139,10 @@ def chosen_n(store: DuckDBStore, profile: Profile | None = None) -> int | None:
 # ------------------------------------------------------------------------------------- model facts
 
 
+@versioned()
 @dg.asset(
     group_name=TRAINING_GROUP,
     kinds={"huggingface", "duckdb"},
-    code_version="1",
     partitions_def=model_partitions(),
     metadata=table_metadata("train.model_architecture", partition_expr="model"),
 )
@@ -177,10 +178,10 @@ def model_architecture(
     )
 
 
+@versioned()
 @dg.asset(
     group_name=TRAINING_GROUP,
     kinds={"huggingface", "pytorch", "duckdb"},
-    code_version="1",
     partitions_def=model_partitions(),
     metadata=table_metadata("train.base_models", partition_expr="model"),
 )
@@ -424,10 +425,10 @@ _PAPER_SETTINGS = (
 )
 
 
+@versioned()
 @dg.asset(
     group_name=TRAINING_GROUP,
     kinds={"pytorch", "huggingface", "duckdb"},
-    code_version="2",
     partitions_def=n_partitions(),
     pool=GPU_POOL,
     ins={
@@ -457,10 +458,10 @@ def stage1_lora_adapter(
     )
 
 
+@versioned()
 @dg.asset(
     group_name=TRAINING_GROUP,
     kinds={"pytorch", "huggingface", "duckdb"},
-    code_version="2",
     partitions_def=model_partitions(),
     pool=GPU_POOL,
     ins={
@@ -633,10 +634,10 @@ _NLL_DESCRIPTION = (
 )
 
 
+@versioned()
 @dg.asset(
     group_name=EVALUATION_GROUP,
     kinds={"pytorch", "duckdb"},
-    code_version="3",
     partitions_def=n_partitions(),
     pool=GPU_POOL,
     metadata=table_metadata(TEST_NLL_TABLES[1], partition_expr="n", fixed={"model": current_profile().stage1_model}),
@@ -653,10 +654,10 @@ def stage1_test_nll(
     return _score_test_nll(context, config, run, test_set, model_factory)
 
 
+@versioned()
 @dg.asset(
     group_name=EVALUATION_GROUP,
     kinds={"pytorch", "duckdb"},
-    code_version="3",
     partitions_def=model_partitions(),
     pool=GPU_POOL,
     metadata=table_metadata(TEST_NLL_TABLES[2], partition_expr="model"),
@@ -703,10 +704,10 @@ def _nll_finite_check(nll_asset: dg.AssetsDefinition, stage: int) -> dg.AssetChe
 # ----------------------------------------------------------------------------------------- scale curve
 
 
+@versioned()
 @dg.asset(
     group_name=EVALUATION_GROUP,
     kinds={"duckdb", "polars"},
-    code_version="3",
     metadata=table_metadata(SCALE_CURVE_TABLE),
 )
 def stage1_scale_curve(
@@ -799,10 +800,10 @@ def _question_nll(nll: pl.DataFrame) -> pl.DataFrame | None:
     return frame.explode("question_id", "nll", "answer_tokens")
 
 
+@versioned()
 @dg.asset(
     group_name=EVALUATION_GROUP,
     kinds={"duckdb", "polars"},
-    code_version="1",
     metadata=table_metadata(OPTIMAL_SCALE_TABLE),
 )
 def optimal_scale(
