@@ -46,6 +46,9 @@ class TrainSettings(BaseModel):
     # uses bf16 autocast only where the CPU computes bf16 natively (AVX512-BF16 or AMX), else fp32: on an
     # AVX2-only CPU a bf16 matmul runs about 40x slower than fp32.
     cpu_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # CUDA training only: the GPU memory a run plans its layout within and is capped at, in GiB (16 stands in
+    # for the paper's 16 GB card on a larger GPU); unset: whatever the device has free.
+    memory_budget_gib: float | None = Field(default=None, gt=0)
     stage1: LoraStage
     stage2: LoraStage
 

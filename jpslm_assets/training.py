@@ -860,7 +860,9 @@ defs = dg.Definitions(
     jobs=[stage1_job, stage2_job],
     resources={
         "trainer": LoraTrainer(
-            backend=current_profile().train.backend, cpu_precision=current_profile().train.cpu_precision
+            backend=current_profile().train.backend,
+            cpu_precision=current_profile().train.cpu_precision,
+            memory_budget_gib=current_profile().train.memory_budget_gib,
         ),
         "model_factory": ModelFactory(seed=current_profile().train.seed),
     },

@@ -304,6 +304,12 @@ def test_a_memory_budget_is_what_the_layout_plans_within(tiny_base: Path, monkey
     assert [run.memory_budget_gib for run in seen] == [16, 12]
     with pytest.raises(ValueError, match="memory_budget_gib"):
         trainer_lib.LoraTrainer(memory_budget_gib=0)
+    # The profile setting the trainer resource is built from.
+    from jpslm_assets.settings import load_profile
+
+    assert load_profile("demo").train.memory_budget_gib is None
+    monkeypatch.setenv("JPSLM_TRAIN__MEMORY_BUDGET_GIB", "16")
+    assert load_profile("demo").train.memory_budget_gib == 16
 
 
 def test_training_writes_a_peft_adapter_and_a_loss_curve(tiny_base: Path, tmp_path: Path) -> None:
