@@ -352,7 +352,7 @@ def _train_adapter(
         f"{model} n={n}: stage {plan.stage} on {backend}, r={plan.r} alpha={plan.alpha} dropout={plan.dropout}, "
         f"{plan.epochs} epoch(s), effective batch {plan.effective_batch_size}, lr {plan.learning_rate}"
     )
-    result = trainer.train(spec, context.log.info)
+    result = trainer.train(spec, context.log.info, context=context)
 
     curve = _loss_curve_frame(model, n, plan.stage, result.loss_curve)
     store.write_slice(LOSS_CURVE_TABLE, curve, {"stage": plan.stage, "model": model, "n": n})

@@ -256,5 +256,16 @@ def test_several_gpus_train_data_parallel_through_torchrun(base: tuple[str, Path
     model, folder = base
     resource = LoraTrainer(backend="bnb_qlora")
     assert resource.launcher_for("bnb_qlora") == ("torchrun", torch.cuda.device_count())
-    result = resource.train(qlora_spec(model, folder, tmp_path, max_steps=4), lambda message: None)
+    import dagster as dg
+
+    results = []
+
+    @dg.asset
+    def data_parallel_adapter(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        # Worker launchers run through Dagster Pipes, which needs the asset's context.
+        results.append(resource.train(qlora_spec(model, folder, tmp_path, max_steps=4), context.log.info, context=context))
+        return dg.MaterializeResult()
+
+    assert dg.materialize([data_parallel_adapter]).success
+    (result,) = results
     assert result.world_size == torch.cuda.device_count() and math.isfinite(result.train_loss_final)

@@ -364,16 +364,13 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_adapter(tiny_base: Pa
     spec = make_spec(tiny_base, tmp_path / "killed", 48, **settings)
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(spec.model_dump_json(), encoding="utf-8")
-    result_file = tmp_path / "result.json"
-    worker = subprocess.Popen(
+    worker = subprocess.Popen(  # a training process of its own, killed mid-run
         [
             sys.executable,
-            "-m",
-            "jpslm_assets.resources.trainer",
-            "--spec",
+            "-c",
+            "import sys; from jpslm_assets.resources import trainer as t; "
+            "t.run_training(t.TrainingSpec.model_validate_json(open(sys.argv[1]).read()), lambda m: None)",
             str(spec_file),
-            "--result",
-            str(result_file),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -390,7 +387,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_adapter(tiny_base: Pa
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
     assert worker.returncode == -signal.SIGKILL
-    assert not result_file.exists() and not Path(spec.output_dir).exists(), "the kill must land mid-training"
+    assert not Path(spec.output_dir).exists(), "the kill must land mid-training"
     killed_at = int(trainer_lib.resumable_checkpoint(checkpoints).name.split("-")[1])
     assert 4 <= killed_at < 24
 
@@ -424,3 +421,52 @@ def test_out_of_memory_names_the_partition_and_leaves_no_adapter(
     assert "halve per_device_batch_size" in message and "gradient_accumulation_steps" in message
     assert not Path(spec.output_dir).exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_worker_process_trains_through_dagster_pipes_and_reports_progress_result_and_errors(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    """launcher='subprocess': the worker is started by Dagster's PipesSubprocessClient; the spec goes as a Pipes
+    extra, progress arrives as Pipes log lines, the result and a training error as custom messages."""
+    import dagster as dg
+
+    spec = make_spec(tiny_base, tmp_path / "ok", 8, max_steps=2)
+    in_process = trainer_lib.run_training(make_spec(tiny_base, tmp_path / "same", 8, max_steps=2), lambda m: None)
+    broken = make_spec(tiny_base, tmp_path / "broken", 8, max_steps=2)
+    records = trainer_lib.read_training_records(Path(broken.data_path))
+    # Every prompt longer than max_seq_length: no answer token is left to train on.
+    trainer_lib.write_training_records(Path(broken.data_path), [(i, q * 40, a) for i, q, a in records])
+    resource = trainer_lib.LoraTrainer(backend="cpu_lora", launcher="subprocess", cpu_precision="fp32")
+    assert resource.launcher_for("cpu_lora") == ("subprocess", 1)
+    results: dict[str, trainer_lib.TrainingResult] = {}
+
+    @dg.asset
+    def pipes_adapter(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        results["ok"] = resource.train(spec, context.log.info, context=context)
+        return dg.MaterializeResult(metadata={"adapter": results["ok"].adapter_path})
+
+    @dg.asset
+    def failing_adapter(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        resource.train(broken, context.log.info, context=context)
+        return dg.MaterializeResult()
+
+    instance = dg.DagsterInstance.ephemeral()
+    run = dg.materialize([pipes_adapter], instance=instance)
+    assert run.success
+    result = results["ok"]
+    assert Path(result.adapter_path).is_dir() and result.backend == "cpu_lora" and result.tokens > 0
+    # Same spec, same numbers as training in the step's own process.
+    assert [p.loss for p in result.loss_curve] == pytest.approx([p.loss for p in in_process.loss_curve], rel=1e-5)
+    logs = [entry.user_message for entry in instance.all_logs(run.run_id)]
+    assert any("step 2/2" in line and "tokens/s" in line for line in logs), "progress arrives as Pipes log lines"
+    assert any("via subprocess (Dagster Pipes)" in line for line in logs)
+
+    failed = dg.materialize([failing_adapter], raise_on_error=False)
+    assert not failed.success
+    failure = next(e for e in failed.all_events if e.is_step_failure)
+    text = str(failure.step_failure_data.error)  # type: ignore[union-attr]
+    assert "TrainingError" in text and "every one of the 8 prompts" in text and "raise max_seq_length" in text
+
+    # The worker launcher without a context says what it needs.
+    with pytest.raises(trainer_lib.TrainingError, match="needs the asset's execution context"):
+        resource.train(spec, print)

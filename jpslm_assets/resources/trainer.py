@@ -20,10 +20,15 @@ of each is in docs/benchmarks/gpu.md.
 
 With more than one CUDA device visible, training runs data-parallel: the resource starts this module's
 command line under ``torchrun`` (or ``accelerate launch``), one process per GPU, and the Trainer handles
-gradient all-reduce. There is no hand-written distributed loop.
+gradient all-reduce. There is no hand-written distributed loop. ``launcher="subprocess"`` runs the same
+worker as one separate process on any device (the step's process stays small; CPU included).
 
-The command line (``python -m jpslm_assets.resources.trainer --spec spec.json --result result.json``) is
-also what a subprocess or an external scheduler runs; progress lines go to stdout.
+Workers talk to the asset through Dagster Pipes (``python -m jpslm_assets.resources.trainer``, started by a
+``PipesSubprocessClient`` or any other Pipes client, e.g. ``PipesK8sClient`` on a remote GPU host): the spec
+arrives as the Pipes extra ``jpslm_training_spec``; progress lines are Pipes log messages; the result (adapter
+path, loss curve, tokens/s, layout) comes back as a custom message, and so does a training error, so the
+asset raises the same ``TrainingError`` / ``TrainingOutOfMemoryError`` as in-process. Only rank 0 of a
+data-parallel run opens the Pipes message channel; the other ranks read the spec from the same context.
 """
 
 from __future__ import annotations
@@ -35,11 +40,10 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -56,7 +60,9 @@ Backend = Literal["unsloth", "bnb_qlora", "cpu_lora"]
 BackendChoice = Literal["auto", "unsloth", "bnb_qlora", "cpu_lora"]
 ProgressSink = Callable[[str], None]
 
-PROGRESS_PREFIX = "JPSLM_PROGRESS "
+SPEC_EXTRA = "jpslm_training_spec"  # the Pipes extra that carries the TrainingSpec
+RESULT_MESSAGE = "jpslm_training_result"  # custom-message kinds a worker reports
+ERROR_MESSAGE = "jpslm_training_error"
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -925,9 +931,10 @@ class LoraTrainer(dg.ConfigurableResource):
     """Trains LoRA adapters; picks the backend and, with several GPUs, the data-parallel launcher."""
 
     backend: BackendChoice = Field(default="auto", description="auto, unsloth, bnb_qlora or cpu_lora")
-    launcher: Literal["auto", "in_process", "torchrun", "accelerate"] = Field(
+    launcher: Literal["auto", "in_process", "subprocess", "torchrun", "accelerate"] = Field(
         default="auto",
-        description="auto: in-process on CPU or one GPU, torchrun across all GPUs when more than one is visible",
+        description="auto: in-process on CPU or one GPU, torchrun across all GPUs when more than one is visible; "
+        "subprocess: one worker process through Dagster Pipes on any device",
     )
     num_processes: int | None = Field(
         default=None, description="GPUs to use when data-parallel (default: all)"
@@ -969,6 +976,8 @@ class LoraTrainer(dg.ConfigurableResource):
         """
         gpus = cuda_device_count() if backend != "cpu_lora" else 0
         processes = min(self.num_processes or gpus, gpus) if gpus else 1
+        if self.launcher == "subprocess":
+            return ("single_gpu", 1) if gpus > 1 else ("subprocess", 1)
         if self.launcher == "in_process" and gpus <= 1:
             return "in_process", 1
         if backend == "unsloth" or processes <= 1 or self.launcher == "in_process":
@@ -976,7 +985,17 @@ class LoraTrainer(dg.ConfigurableResource):
             return ("single_gpu", 1) if gpus > 1 else ("in_process", 1)
         return ("torchrun" if self.launcher == "auto" else self.launcher), processes
 
-    def train(self, spec: TrainingSpec, sink: ProgressSink) -> TrainingResult:
+    def train(
+        self,
+        spec: TrainingSpec,
+        sink: ProgressSink,
+        context: dg.AssetExecutionContext | None = None,
+        pipes_client: dg.PipesSubprocessClient | None = None,
+    ) -> TrainingResult:
+        """Train one adapter. Worker launchers need the asset's ``context`` (Dagster Pipes) and use
+        ``pipes_client`` (default: a ``PipesSubprocessClient`` on this machine). Another Pipes client (a
+        Kubernetes pod on a GPU host) runs the same ``worker_command`` with the same extras and hands its
+        messages to ``worker_result``; the README shows how."""
         launcher, processes = self.launcher_for(spec.backend)
         if self.cpu_threads and spec.cpu_threads is None:
             spec = spec.model_copy(update={"cpu_threads": self.cpu_threads})
@@ -988,98 +1007,97 @@ class LoraTrainer(dg.ConfigurableResource):
             spec = spec.model_copy(update={"memory_budget_gib": self.memory_budget_gib})
         if launcher == "in_process":
             return run_training(spec, sink)
-        return self._train_in_workers(spec, sink, launcher, processes)
+        if context is None:
+            raise TrainingError(
+                f"partition {spec.partition}: the {launcher} launcher runs the worker through Dagster Pipes and "
+                "needs the asset's execution context; pass context= (or use launcher='in_process')"
+            )
+        return self._train_in_workers(spec, sink, launcher, processes, context, pipes_client)
 
     def _train_in_workers(
-        self, spec: TrainingSpec, sink: ProgressSink, launcher: str, processes: int
+        self,
+        spec: TrainingSpec,
+        sink: ProgressSink,
+        launcher: str,
+        processes: int,
+        context: dg.AssetExecutionContext,
+        pipes_client: dg.PipesSubprocessClient | None,
     ) -> TrainingResult:
-        work = Path(spec.checkpoint_dir)
-        work.mkdir(parents=True, exist_ok=True)
-        spec_path = work / "spec.json"
-        result_path = work.parent / f".{work.name}.result-{uuid.uuid4().hex[:8]}.json"
-        spec_path.write_text(spec.model_dump_json(indent=2), encoding="utf-8")
-        environment = dict(os.environ)
-        if launcher == "torchrun":
-            command = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc_per_node={processes}",
-            ]
-        elif launcher == "accelerate":
-            command = [
-                sys.executable,
-                "-m",
-                "accelerate.commands.launch",
-                "--multi_gpu",
-                f"--num_processes={processes}",
-            ]
-        else:
-            visible = environment.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+        environment: dict[str, str] = {}
+        if launcher == "single_gpu":
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
             environment["CUDA_VISIBLE_DEVICES"] = visible
-            command = [sys.executable]
-        command += [
-            "-m",
-            "jpslm_assets.resources.trainer",
-            "--spec",
-            str(spec_path),
-            "--result",
-            str(result_path),
-        ]
-        sink(f"{spec.partition}: training on {processes} GPU(s) via {launcher}")
-        tail: list[str] = []
-        with subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment
-        ) as process:
-            assert process.stdout is not None
-            for line in process.stdout:
-                line = line.rstrip()
-                if line.startswith(PROGRESS_PREFIX):
-                    sink(line.removeprefix(PROGRESS_PREFIX))
-                else:
-                    tail = [*tail[-40:], line]
-            code = process.wait()
+        command = worker_command(launcher, processes)
+        sink(f"{spec.partition}: training in {processes} worker process(es) via {launcher} (Dagster Pipes)")
+        client = pipes_client or dg.PipesSubprocessClient()
+        extras = {SPEC_EXTRA: spec.model_dump(mode="json")}
         try:
-            if code != 0 or not result_path.exists():
-                text = "\n".join(tail)
-                if "out of memory" in text.lower():
-                    raise TrainingOutOfMemoryError(
-                        f"partition {spec.partition}: out of memory in a training worker "
-                        f"(per_device_batch_size={spec.plan.per_device_batch_size}, max_seq_length="
-                        f"{spec.plan.max_seq_length}). Hint: halve per_device_batch_size and double "
-                        f"gradient_accumulation_steps.\n{text}"
-                    )
-                raise TrainingError(
-                    f"partition {spec.partition}: {launcher} worker exited with {code}:\n{text}"
-                )
-            return TrainingResult.model_validate_json(result_path.read_text("utf-8"))
-        finally:
-            result_path.unlink(missing_ok=True)
+            invocation = client.run(context=context, command=command, extras=extras, env=environment)
+        except dg.DagsterError as exc:
+            raise TrainingError(
+                f"partition {spec.partition}: the {launcher} training worker failed before reporting a result "
+                f"({exc}); its output is in the step's logs"
+            ) from exc
+        return worker_result(spec, invocation.get_custom_messages())
+
+
+def worker_command(launcher: str, processes: int) -> list[str]:
+    """The worker's command line for a launcher (what a Pipes client runs)."""
+    if launcher == "torchrun":
+        prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    elif launcher == "accelerate":
+        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={processes}"]
+    elif launcher in ("subprocess", "single_gpu"):
+        prefix = [sys.executable]
+    else:
+        raise TrainingError(f"unknown worker launcher {launcher!r}")
+    return [*prefix, "-m", "jpslm_assets.resources.trainer"]
+
+
+def worker_result(spec: TrainingSpec, messages: Sequence[Any]) -> TrainingResult:
+    """The worker's reported result, or the training error it reported, raised as in-process."""
+    for message in messages:
+        if not isinstance(message, Mapping):
+            continue
+        if message.get("kind") == ERROR_MESSAGE:
+            error = TrainingOutOfMemoryError if message.get("out_of_memory") else TrainingError
+            raise error(str(message.get("message")))
+        if message.get("kind") == RESULT_MESSAGE:
+            return TrainingResult.model_validate(message["result"])
+    raise TrainingError(
+        f"partition {spec.partition}: the training worker ended without reporting a result through Dagster "
+        "Pipes; its output is in the step's logs"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Worker entry point: train one spec, print progress, write the result JSON (main process only)."""
-    parser = argparse.ArgumentParser(description="Train one LoRA adapter from a TrainingSpec JSON file.")
-    parser.add_argument("--spec", required=True, type=Path)
-    parser.add_argument("--result", required=True, type=Path)
-    args = parser.parse_args(argv)
-    spec = TrainingSpec.model_validate_json(args.spec.read_text("utf-8"))
-    rank = int(os.environ.get("RANK", "0"))
+    """Worker entry point (Dagster Pipes): train the spec from the Pipes context, report progress and result."""
+    from dagster_pipes import PipesDefaultContextLoader, PipesEnvVarParamsLoader, open_dagster_pipes
 
-    def sink(message: str) -> None:
-        if rank == 0:
-            print(PROGRESS_PREFIX + message, flush=True)
-
-    try:
-        result = run_training(spec, sink)
-    except TrainingError as exc:
-        print(str(exc), file=sys.stderr, flush=True)
-        return 2
-    if rank == 0:
-        temporary = args.result.with_suffix(".tmp")
-        temporary.write_text(result.model_dump_json(indent=2), encoding="utf-8")
-        os.replace(temporary, args.result)
+    argparse.ArgumentParser(description="Train one LoRA adapter; started by a Dagster Pipes client.").parse_args(
+        argv
+    )
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Other data-parallel ranks read the spec and train; only rank 0 reports through the message channel.
+        params = PipesEnvVarParamsLoader().load_context_params()
+        with PipesDefaultContextLoader().load_context(params) as data:
+            spec = TrainingSpec.model_validate(data["extras"][SPEC_EXTRA])
+        run_training(spec, lambda message: None)
+        return 0
+    with open_dagster_pipes() as pipes:
+        spec = TrainingSpec.model_validate(pipes.get_extra(SPEC_EXTRA))
+        try:
+            result = run_training(spec, pipes.log.info)
+        except TrainingError as exc:
+            pipes.report_custom_message(
+                {
+                    "kind": ERROR_MESSAGE,
+                    "message": str(exc),
+                    "out_of_memory": isinstance(exc, TrainingOutOfMemoryError),
+                }
+            )
+            return 0  # reported: the asset raises it with its own message
+        pipes.report_custom_message({"kind": RESULT_MESSAGE, "result": result.model_dump(mode="json")})
     return 0
 
 
