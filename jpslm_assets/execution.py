@@ -1,7 +1,11 @@
 """Executor choice. Multiprocess by default; steps tagged with the ``gpu`` pool run one at a time.
 
-Scale-out (README, "Scaling out"): set ``JPSLM_EXECUTOR=celery`` or ``k8s`` with ``dagster-celery`` /
-``dagster-k8s`` installed to spread partitions over machines; the pool limits still apply.
+Scale-out (README, "Scaling out"): ``JPSLM_EXECUTOR=celery`` (``dagster-celery`` installed) sends every step
+to Celery workers through the broker at ``JPSLM_CELERY_BROKER`` (default Redis on 127.0.0.1:6379, results in
+``JPSLM_CELERY_BACKEND``, default the same). Steps of the ``gpu`` pool carry the queue tag ``gpu``
+(``GPU_STEP_TAGS``), so only workers started on a GPU host with ``-Q gpu`` take them; everything else goes to
+the ``dagster`` queue. Workers run ``celery -A jpslm_assets.celery_app worker`` (README). ``k8s`` with
+``dagster-k8s`` is documented, not tested here.
 """
 
 from __future__ import annotations
@@ -12,7 +16,12 @@ from typing import Any
 import dagster as dg
 
 GPU_POOL = "gpu"
+GPU_QUEUE = "gpu"  # the Celery queue of gpu-pool steps
+GPU_STEP_TAGS = {"dagster-celery/queue": GPU_QUEUE}  # op tags of every gpu-pool step
 EXECUTOR_ENV = "JPSLM_EXECUTOR"
+CELERY_BROKER_ENV = "JPSLM_CELERY_BROKER"
+CELERY_BACKEND_ENV = "JPSLM_CELERY_BACKEND"
+DEFAULT_CELERY_BROKER = "redis://127.0.0.1:6379/0"
 MAX_CONCURRENT_ENV = "JPSLM_MAX_CONCURRENT"
 
 
@@ -28,6 +37,12 @@ def executor_config() -> dict[str, Any]:
     return {"max_concurrent": max_concurrent}
 
 
+def celery_settings() -> dict[str, str]:
+    """Broker and result backend shared by the executor and the workers (``jpslm_assets.celery_app``)."""
+    broker = os.environ.get(CELERY_BROKER_ENV, DEFAULT_CELERY_BROKER)
+    return {"broker": broker, "backend": os.environ.get(CELERY_BACKEND_ENV, broker)}
+
+
 def default_executor() -> dg.ExecutorDefinition:
     kind = os.environ.get(EXECUTOR_ENV, "multiprocess")
     if kind == "multiprocess":
@@ -37,7 +52,7 @@ def default_executor() -> dg.ExecutorDefinition:
     if kind == "celery":
         from dagster_celery import celery_executor  # optional extra
 
-        return celery_executor
+        return celery_executor.configured(celery_settings(), name="jpslm_celery")
     if kind == "k8s":
         from dagster_k8s import k8s_job_executor  # optional extra
 

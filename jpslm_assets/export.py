@@ -41,7 +41,7 @@ from jpslm_assets.domain.chat_format import EncodingError, encode_pair, render_p
 from jpslm_assets.domain.fidelity import ScoringSequence, compare_tokenizations, mean_nll, relative_difference
 from jpslm_assets.domain.modelfile import ChatTemplateError, build_modelfile
 from jpslm_assets.domain.progress import ProgressLogger
-from jpslm_assets.execution import GPU_POOL
+from jpslm_assets.execution import GPU_POOL, GPU_STEP_TAGS
 from jpslm_assets.partitions import (
     Stage3Adapter,
     stage1_to_stage3_mapping,
@@ -155,6 +155,7 @@ def _adapter_run(
     kinds={"pytorch", "duckdb"},
     partitions_def=stage3_partitions(),
     pool=GPU_POOL,
+    op_tags=GPU_STEP_TAGS,
     ins={
         "stage2_lora_adapter": dg.AssetIn(partition_mapping=stage2_to_stage3_mapping()),
         "stage1_lora_adapter": dg.AssetIn(partition_mapping=stage1_to_stage3_mapping()),
@@ -494,6 +495,7 @@ def _gguf_asset_arguments(format_name: str, ins: dict[str, dg.AssetIn]) -> dict[
         "kinds": {"gguf", "llama_cpp", "duckdb"},
         "partitions_def": stage3_partitions(),
         "pool": GPU_POOL,
+        "op_tags": GPU_STEP_TAGS,
         "ins": ins,
         "check_specs": _gguf_checks(format_name),
         "metadata": stage3_metadata("serve.gguf", format_name),
@@ -676,6 +678,7 @@ def build_answers_asset(format_name: str) -> dg.AssetsDefinition:
         kinds={"llama_cpp", "ollama", "duckdb"},
         partitions_def=stage3_partitions(),
         pool=GPU_POOL,
+        op_tags=GPU_STEP_TAGS,
         ins={"deployment": dg.AssetIn(key="deployment"), "test_set": dg.AssetIn(key="test_set")},
         metadata=stage3_metadata("eval.answers", format_name),
         description=(

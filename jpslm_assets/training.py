@@ -45,7 +45,7 @@ from jpslm_assets.domain.model_facts import architecture_facts
 from jpslm_assets.domain.nll import NllResult, answer_token_nll
 from jpslm_assets.domain.training_plan import resolve_plan
 from jpslm_assets.domain.training_plots import plot_loss_curves, plot_scale_curve
-from jpslm_assets.execution import GPU_POOL
+from jpslm_assets.execution import GPU_POOL, GPU_STEP_TAGS
 from jpslm_assets.metadata import table_value
 from jpslm_assets.partitions import model_partitions, n_partitions
 from jpslm_assets.resources.models import ModelFactory
@@ -431,6 +431,7 @@ _PAPER_SETTINGS = (
     kinds={"pytorch", "huggingface", "duckdb"},
     partitions_def=n_partitions(),
     pool=GPU_POOL,
+    op_tags=GPU_STEP_TAGS,
     ins={
         # Every n of stage 1 starts from the reference model's base.
         "base_model": dg.AssetIn(
@@ -464,6 +465,7 @@ def stage1_lora_adapter(
     kinds={"pytorch", "huggingface", "duckdb"},
     partitions_def=model_partitions(),
     pool=GPU_POOL,
+    op_tags=GPU_STEP_TAGS,
     ins={
         "base_model": dg.AssetIn(),
         "optimal_scale": dg.AssetIn(),
@@ -640,6 +642,7 @@ _NLL_DESCRIPTION = (
     kinds={"pytorch", "duckdb"},
     partitions_def=n_partitions(),
     pool=GPU_POOL,
+    op_tags=GPU_STEP_TAGS,
     metadata=table_metadata(TEST_NLL_TABLES[1], partition_expr="n", fixed={"model": current_profile().stage1_model}),
     description="Stage 1: " + _NLL_DESCRIPTION,
 )
@@ -660,6 +663,7 @@ def stage1_test_nll(
     kinds={"pytorch", "duckdb"},
     partitions_def=model_partitions(),
     pool=GPU_POOL,
+    op_tags=GPU_STEP_TAGS,
     metadata=table_metadata(TEST_NLL_TABLES[2], partition_expr="model"),
     description="Stage 2: " + _NLL_DESCRIPTION,
 )
