@@ -75,8 +75,9 @@ def _kill_demo_during_training(data_dir: Path) -> str:
                 claimed = instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
                 return [slot for slot in claimed if slot.step_key == "stage1_lora_adapter"]
 
-            _wait(training, 900, "stage-1 training to claim the gpu slot")
-            time.sleep(3)
+            _wait(training, 900, "stage-1 training to claim the gpu slot", poll=0.2)
+            # Kill at once: on a fast CPU a demo partition trains in a few seconds, and the kill must land while
+            # the step still holds the slot (loading the model alone takes longer than this poll).
             os.killpg(demo.pid, signal.SIGKILL)
             demo.wait()
             (record,) = instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
@@ -103,12 +104,12 @@ def _ticks(log: Path, sensor: str) -> int:
     return log.read_text("utf-8", errors="replace").count(f"Finished auto-materialization tick for {sensor} ")
 
 
-def _wait(predicate, timeout: float, what: str, log: str = "") -> None:
+def _wait(predicate, timeout: float, what: str, log: str = "", poll: float = 2.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(2)
+        time.sleep(poll)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{log}")
 
 
