@@ -61,10 +61,12 @@ def build_blocks(count: int, seed: int) -> list[Any]:
                 )
                 self.add_module(name, layer)
 
-        def forward(self, x: Any) -> Any:
-            kv = (self.k(x) * self.v(x)).sum(-1, keepdim=True)
-            a = self.o(self.q(x)) + kv + x
-            return self.down(torch.nn.functional.silu(self.gate(a)) * self.up(a)) + a
+        def forward(self, x: Any) -> Any:  # pre-norm residual block: values stay finite in bf16
+            h = torch.nn.functional.rms_norm(x, (4096,))
+            kv = (self.k(h) * torch.sigmoid(self.v(h))).repeat(1, 1, 4)
+            a = x + self.o(self.q(h) + kv)
+            h = torch.nn.functional.rms_norm(a, (4096,))
+            return a + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
 
     torch.manual_seed(seed)
     return [Block().cuda() for _ in range(count)]

@@ -229,9 +229,12 @@ def test_a_compiled_block_holds_no_dequantized_weight_after_forward_on_cuda() ->
                 layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True)
                 self.add_module(name, layer)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            a = self.o(self.q(x)) + (self.k(x) * self.v(x)).sum(-1, keepdim=True) + x
-            return self.down(torch.nn.functional.silu(self.gate(a)) * self.up(a)) + a
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # pre-norm residual block, finite in bf16
+            h = torch.nn.functional.rms_norm(x, (hidden,))
+            shared = (self.k(h) * torch.sigmoid(self.v(h))).repeat(1, 1, hidden // kv)
+            a = x + self.o(self.q(h) + shared)
+            h = torch.nn.functional.rms_norm(a, (hidden,))
+            return a + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
 
     def blocks() -> list[torch.nn.Module]:
         torch.manual_seed(0)
