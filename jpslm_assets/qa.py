@@ -755,6 +755,17 @@ LEAKAGE_SCHEMA: dict[str, Any] = {
 }
 
 
+def _training_sets(rebalanced_pool: pl.DataFrame, store: DuckDBStore) -> list[tuple[str, pl.DataFrame]]:
+    """(label, pairs) of every training set a test question must be checked against: the rebalanced pool
+    (every subset of any n is drawn from it) and each materialized subset."""
+    targets: list[tuple[str, pl.DataFrame]] = [("rebalanced_pool", rebalanced_pool)]
+    if store.table_exists("qa.training_subset"):
+        subsets = _stored_subsets(store)
+        for n in sorted(subsets["n"].unique().to_list()):
+            targets.append((f"training_subset n={n}", subsets.filter(pl.col("n") == n)))
+    return targets
+
+
 @dg.asset_check(
     asset=test_set,
     blocking=True,
@@ -771,11 +782,7 @@ def test_set_has_no_lexical_overlap(
     """Checked against the rebalanced pool — every subset of any n is drawn from it — and against each
     materialized subset, so the verdict holds for the whole n grid, present and future."""
     width = qa_files.catalogue().test_set.ngram_chars
-    targets: list[tuple[str, pl.DataFrame]] = [("rebalanced_pool", rebalanced_pool)]
-    if store.table_exists("qa.training_subset"):
-        subsets = _stored_subsets(store)
-        for n in sorted(subsets["n"].unique().to_list()):
-            targets.append((f"training_subset n={n}", subsets.filter(pl.col("n") == n)))
+    targets = _training_sets(rebalanced_pool, store)
     checked_at = datetime.now(timezone.utc)
     rows = []
     for against, training in targets:
@@ -838,11 +845,7 @@ def reference_answers_overlap_training(
     score can be read with and without the overlapping references. It warns when a human-written
     (evaluated) reference reaches the limit; the rule is in ``domain/qa_test_set.py`` and docs/judging.md."""
     limit = qa_files.catalogue().test_set.reference_run_chars
-    targets: list[tuple[str, pl.DataFrame]] = [("rebalanced_pool", rebalanced_pool)]
-    if store.table_exists("qa.training_subset"):
-        subsets = _stored_subsets(store)
-        for n in sorted(subsets["n"].unique().to_list()):
-            targets.append((f"training_subset n={n}", subsets.filter(pl.col("n") == n)))
+    targets = _training_sets(rebalanced_pool, store)
     checked_at = datetime.now(timezone.utc)
     reports = []
     for against, training in targets:
@@ -862,14 +865,10 @@ def reference_answers_overlap_training(
             "evaluated_references": evaluated.height,
             "overlapping_references": flagged.height,
             "overlapping_ids": dg.MetadataValue.json(flagged["question_id"].to_list()),
-            "longest_run_chars": int(_number(worst["longest_run_chars"].max())) if worst.height else 0,
+            "longest_run_chars": int(_number(worst["longest_run_chars"].max())),
             "longest_run_text": worst["longest_run_text"][0] if worst.height else "",
-            "longest_run_chars_unmasked": int(_number(evaluated["longest_run_chars_unmasked"].max()))
-            if evaluated.height
-            else 0,
-            "mean_shared_8gram_share": float(_number(evaluated["shared_8gram_share"].mean()))
-            if evaluated.height
-            else 0.0,
+            "longest_run_chars_unmasked": int(_number(evaluated["longest_run_chars_unmasked"].max())),
+            "mean_shared_8gram_share": _number(evaluated["shared_8gram_share"].mean()),
             "results_table": "qa.reference_overlap",
         },
     )
