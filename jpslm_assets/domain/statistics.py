@@ -11,7 +11,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -92,17 +92,30 @@ def bootstrap_mean_ci(
         return Interval(math.nan, math.nan, "empty")
     if np.all(array == array[0]):
         return Interval(float(array[0]), float(array[0]), "degenerate")
+    return _bootstrap_interval((array,), np.mean, confidence, resamples, seed)
+
+
+def _bootstrap_interval(
+    data: tuple[np.ndarray, ...],
+    statistic: Any,
+    confidence: float,
+    resamples: int,
+    seed: int,
+    **options: Any,
+) -> Interval:
+    """scipy's bootstrap interval of ``statistic``: BCa, the percentile method where BCa is undefined."""
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
             # BCa warns and returns NaN when the jackknife is degenerate; the percentile method then applies.
             warnings.simplefilter("ignore", category=stats.DegenerateDataWarning)
             result = stats.bootstrap(
-                (array,),
-                np.mean,
+                data,
+                statistic,
                 confidence_level=confidence,
                 n_resamples=resamples,
                 method=method,
                 rng=np.random.default_rng(seed),
+                **options,
             )
         low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
         if not (math.isnan(low) or math.isnan(high)):
@@ -274,23 +287,10 @@ def paired_ratio_difference_ci(
     point = float(difference(arrays[0], arrays[1], arrays[2], arrays[3]))
     if arrays[0].size == 1 or all(np.allclose(a, a[0]) for a in arrays):
         return point, Interval(point, point, "degenerate")
-    for method in ("BCa", "percentile"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=stats.DegenerateDataWarning)
-            result = stats.bootstrap(
-                tuple(arrays),
-                difference,
-                paired=True,
-                vectorized=True,
-                confidence_level=confidence,
-                n_resamples=resamples,
-                method=method,
-                rng=np.random.default_rng(seed),
-            )
-        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
-        if not (math.isnan(low) or math.isnan(high)):
-            return point, Interval(low, high, method)
-    return point, Interval(math.nan, math.nan, "undefined")
+    interval = _bootstrap_interval(
+        tuple(arrays), difference, confidence, resamples, seed, paired=True, vectorized=True
+    )
+    return point, interval
 
 
 def holm_adjust(p_values: Sequence[float] | np.ndarray) -> list[float]:
