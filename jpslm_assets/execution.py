@@ -17,7 +17,10 @@ import dagster as dg
 
 GPU_POOL = "gpu"
 GPU_QUEUE = "gpu"  # the Celery queue of gpu-pool steps
-GPU_STEP_TAGS = {"dagster-celery/queue": GPU_QUEUE}  # op tags of every gpu-pool step
+GPU_STEP_TAGS = {"dagster-celery/queue": GPU_QUEUE}
+# What makes an asset a GPU step, spread into its decorator (``@dg.asset(..., **GPU_STEP)``): one slot of the
+# ``gpu`` pool at a time, and on Celery only the workers of the ``gpu`` queue take it.
+GPU_STEP: dict[str, Any] = {"pool": GPU_POOL, "op_tags": GPU_STEP_TAGS}
 EXECUTOR_ENV = "JPSLM_EXECUTOR"
 CELERY_BROKER_ENV = "JPSLM_CELERY_BROKER"
 CELERY_BACKEND_ENV = "JPSLM_CELERY_BACKEND"

@@ -41,7 +41,7 @@ from jpslm_assets.domain.chat_format import EncodingError, encode_pair, render_p
 from jpslm_assets.domain.fidelity import ScoringSequence, compare_tokenizations, mean_nll, relative_difference
 from jpslm_assets.domain.modelfile import ChatTemplateError, build_modelfile
 from jpslm_assets.domain.progress import ProgressLogger
-from jpslm_assets.execution import GPU_POOL, GPU_STEP_TAGS
+from jpslm_assets.execution import GPU_STEP
 from jpslm_assets.partitions import (
     Stage3Adapter,
     stage1_to_stage3_mapping,
@@ -154,8 +154,7 @@ def _adapter_run(
     group_name=GROUP,
     kinds={"pytorch", "duckdb"},
     partitions_def=stage3_partitions(),
-    pool=GPU_POOL,
-    op_tags=GPU_STEP_TAGS,
+    **GPU_STEP,
     ins={
         "stage2_lora_adapter": dg.AssetIn(partition_mapping=stage2_to_stage3_mapping()),
         "stage1_lora_adapter": dg.AssetIn(partition_mapping=stage1_to_stage3_mapping()),
@@ -494,8 +493,7 @@ def _gguf_asset_arguments(format_name: str, ins: dict[str, dg.AssetIn]) -> dict[
         "group_name": GROUP,
         "kinds": {"gguf", "llama_cpp", "duckdb"},
         "partitions_def": stage3_partitions(),
-        "pool": GPU_POOL,
-        "op_tags": GPU_STEP_TAGS,
+        **GPU_STEP,
         "ins": ins,
         "check_specs": _gguf_checks(format_name),
         "metadata": stage3_metadata("serve.gguf", format_name),
@@ -677,8 +675,7 @@ def build_answers_asset(format_name: str) -> dg.AssetsDefinition:
         group_name=GROUP,
         kinds={"llama_cpp", "ollama", "duckdb"},
         partitions_def=stage3_partitions(),
-        pool=GPU_POOL,
-        op_tags=GPU_STEP_TAGS,
+        **GPU_STEP,
         ins={"deployment": dg.AssetIn(key="deployment"), "test_set": dg.AssetIn(key="test_set")},
         metadata=stage3_metadata("eval.answers", format_name),
         description=(

@@ -31,7 +31,7 @@ from jpslm_assets.domain import judge_controls as controls_lib
 from jpslm_assets.domain import judging as judge_lib
 from jpslm_assets.domain.answering import select_eval_questions
 from jpslm_assets.domain.progress import ProgressLogger, StepTimings
-from jpslm_assets.execution import GPU_POOL, GPU_STEP_TAGS
+from jpslm_assets.execution import GPU_STEP
 from jpslm_assets.export import adapter_columns, partition_adapter, stage3_metadata
 from jpslm_assets.partitions import stage3_partitions
 from jpslm_assets.resources.generation import GenerationBackend, LlamaCppBackend, OllamaBackend
@@ -127,8 +127,7 @@ def build_judge_scores(fmt: str) -> dg.AssetsDefinition:
         group_name=GROUP,
         kinds={"duckdb", "polars", "llm"},
         partitions_def=stage3_partitions(),
-        pool=GPU_POOL,
-        op_tags=GPU_STEP_TAGS,
+        **GPU_STEP,
         ins={
             "answers": dg.AssetIn(f"answers_{fmt}"),
             "test_set": dg.AssetIn("test_set"),
@@ -344,8 +343,7 @@ def _panel(
 @dg.asset(
     group_name=GROUP,
     kinds={"duckdb", "polars", "llm"},
-    pool=GPU_POOL,
-    op_tags=GPU_STEP_TAGS,
+    **GPU_STEP,
     metadata=table_metadata(CONTROLS_TABLE),
     description=(
         "Validity controls of the judge on the evaluated questions: the reference answer as the candidate "

@@ -45,7 +45,7 @@ from jpslm_assets.domain.model_facts import architecture_facts
 from jpslm_assets.domain.nll import NllResult, answer_token_nll
 from jpslm_assets.domain.training_plan import resolve_plan
 from jpslm_assets.domain.training_plots import plot_loss_curves, plot_scale_curve
-from jpslm_assets.execution import GPU_POOL, GPU_STEP_TAGS
+from jpslm_assets.execution import GPU_STEP
 from jpslm_assets.metadata import table_value
 from jpslm_assets.partitions import model_partitions, n_partitions
 from jpslm_assets.resources.models import ModelFactory
@@ -430,8 +430,7 @@ _PAPER_SETTINGS = (
     group_name=TRAINING_GROUP,
     kinds={"pytorch", "huggingface", "duckdb"},
     partitions_def=n_partitions(),
-    pool=GPU_POOL,
-    op_tags=GPU_STEP_TAGS,
+    **GPU_STEP,
     ins={
         # Every n of stage 1 starts from the reference model's base.
         "base_model": dg.AssetIn(
@@ -464,8 +463,7 @@ def stage1_lora_adapter(
     group_name=TRAINING_GROUP,
     kinds={"pytorch", "huggingface", "duckdb"},
     partitions_def=model_partitions(),
-    pool=GPU_POOL,
-    op_tags=GPU_STEP_TAGS,
+    **GPU_STEP,
     ins={
         "base_model": dg.AssetIn(),
         "optimal_scale": dg.AssetIn(),
@@ -641,8 +639,7 @@ _NLL_DESCRIPTION = (
     group_name=EVALUATION_GROUP,
     kinds={"pytorch", "duckdb"},
     partitions_def=n_partitions(),
-    pool=GPU_POOL,
-    op_tags=GPU_STEP_TAGS,
+    **GPU_STEP,
     metadata=table_metadata(TEST_NLL_TABLES[1], partition_expr="n", fixed={"model": current_profile().stage1_model}),
     description="Stage 1: " + _NLL_DESCRIPTION,
 )
@@ -662,8 +659,7 @@ def stage1_test_nll(
     group_name=EVALUATION_GROUP,
     kinds={"pytorch", "duckdb"},
     partitions_def=model_partitions(),
-    pool=GPU_POOL,
-    op_tags=GPU_STEP_TAGS,
+    **GPU_STEP,
     metadata=table_metadata(TEST_NLL_TABLES[2], partition_expr="model"),
     description="Stage 2: " + _NLL_DESCRIPTION,
 )
@@ -727,9 +723,8 @@ def stage1_scale_curve(
     intervals (Figure 6) and the training-loss curves per n (Figure 5)."""
     model = current_profile().stage1_model
     grid = current_profile().n_grid
-    nll = stage1_test_nll.filter(pl.col("model") == model).select(
-        pl.col("model"), pl.col("n").cast(pl.Int64), pl.col("nll").alias("test_nll")
-    )
+    model_nll = stage1_test_nll.filter(pl.col("model") == model)
+    nll = model_nll.select(pl.col("model"), pl.col("n").cast(pl.Int64), pl.col("nll").alias("test_nll"))
     runs = stage1_lora_adapter.filter(pl.col("model") == model).select(
         pl.col("n").cast(pl.Int64), "train_loss_final", pl.col("stage").cast(pl.Int64)
     )
@@ -739,7 +734,7 @@ def stage1_scale_curve(
         context.log.warning(
             f"{model}: no stage-1 test NLL yet for n={missing}; the curve covers {points['n'].to_list()}"
         )
-    questions = _question_nll(stage1_test_nll.filter(pl.col("model") == model))
+    questions = _question_nll(model_nll)
     if questions is None:
         context.log.warning(
             f"{model}: eval.stage1_test_nll has no per-question NLLs (written before they were kept); the "
