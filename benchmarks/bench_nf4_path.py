@@ -27,49 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jpslm_assets_tests.nf4_blocks import LLAMA3_8B, dequantized_bytes, nf4_blocks, projection_shapes
+
 GIB = 1024**3
-SHAPES = {  # (out, in) per projection of one Llama-3-8B decoder block
-    "q": (4096, 4096),
-    "k": (1024, 4096),
-    "v": (1024, 4096),
-    "o": (4096, 4096),
-    "gate": (14336, 4096),
-    "up": (14336, 4096),
-    "down": (4096, 14336),
-}
 
 
 def build_blocks(count: int, seed: int) -> list[Any]:
-    import bitsandbytes as bnb
-    import torch
-
-    class Block(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            for name, (out_features, in_features) in SHAPES.items():
-                layer = bnb.nn.Linear4bit(
-                    in_features,
-                    out_features,
-                    bias=False,
-                    compute_dtype=torch.bfloat16,
-                    quant_type="nf4",
-                    compress_statistics=True,
-                )
-                weight = torch.randn(out_features, in_features, dtype=torch.bfloat16) * 0.02
-                layer.weight = bnb.nn.Params4bit(
-                    weight, requires_grad=False, quant_type="nf4", compress_statistics=True
-                )
-                self.add_module(name, layer)
-
-        def forward(self, x: Any) -> Any:  # pre-norm residual block: values stay finite in bf16
-            h = torch.nn.functional.rms_norm(x, (4096,))
-            kv = (self.k(h) * torch.sigmoid(self.v(h))).repeat(1, 1, 4)
-            a = x + self.o(self.q(h) + kv)
-            h = torch.nn.functional.rms_norm(a, (4096,))
-            return a + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
-
-    torch.manual_seed(seed)
-    return [Block().cuda() for _ in range(count)]
+    """Llama-3-8B-shaped blocks (jpslm_assets_tests/nf4_blocks.py, as the CUDA test builds them, at full width)."""
+    return nf4_blocks(count, *LLAMA3_8B, seed=seed)
 
 
 def two_op_switch(blocks: list[Any]) -> None:
@@ -103,7 +68,7 @@ def two_op_switch(blocks: list[Any]) -> None:
         return TwoOp.apply(x.to(torch.bfloat16), self.weight, self._bench_absmax, meta).to(x.dtype)
 
     for block in blocks:
-        for name in SHAPES:
+        for name in projection_shapes(*LLAMA3_8B):
             layer = getattr(block, name)
             layer._bench_absmax = dequantized_absmax(layer.weight.quant_state)
             layer.forward = types.MethodType(forward, layer)
@@ -168,7 +133,7 @@ def main() -> None:
     from jpslm_assets.resources import nf4_linear
 
     x = torch.randn(1, args.tokens, 4096, device="cuda", dtype=torch.bfloat16, generator=None)
-    weight_bytes = args.blocks * sum(o * i for o, i in SHAPES.values()) * 2
+    weight_bytes = dequantized_bytes(args.blocks, *LLAMA3_8B)
     rows: list[dict[str, Any]] = []
     reference = None
     for variant in ("bnb", "two_op", "project"):

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
 
 from jpslm_assets.resources import nf4_linear  # noqa: E402
+from jpslm_assets_tests.nf4_blocks import dequantized_bytes, nf4_blocks  # noqa: E402
 
 
 def quantized_linear(bias: bool, seed: int) -> torch.nn.Module:
@@ -214,31 +215,9 @@ def test_a_compiled_block_holds_no_dequantized_weight_after_forward_on_cuda() ->
     half the 8B width), compiled as the trainer compiles decoder layers: about what bitsandbytes' own path holds,
     far below the dequantized weights. The benchmark benchmarks/bench_nf4_path.py measures the 8B shape."""
     hidden, kv, mlp = 2048, 512, 7168
-    shapes = {"q": (hidden, hidden), "k": (kv, hidden), "v": (kv, hidden), "o": (hidden, hidden),
-              "gate": (mlp, hidden), "up": (mlp, hidden), "down": (hidden, mlp)}  # fmt: skip
-
-    class Block(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            for name, (out_features, in_features) in shapes.items():
-                layer = bnb.nn.Linear4bit(
-                    in_features, out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
-                    compress_statistics=True,
-                )  # fmt: skip
-                weight = torch.randn(out_features, in_features, dtype=torch.bfloat16) * 0.02
-                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True)
-                self.add_module(name, layer)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:  # pre-norm residual block, finite in bf16
-            h = torch.nn.functional.rms_norm(x, (hidden,))
-            shared = (self.k(h) * torch.sigmoid(self.v(h))).repeat(1, 1, hidden // kv)
-            a = x + self.o(self.q(h) + shared)
-            h = torch.nn.functional.rms_norm(a, (hidden,))
-            return a + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
 
     def blocks() -> list[torch.nn.Module]:
-        torch.manual_seed(0)
-        return [Block().cuda() for _ in range(4)]
+        return nf4_blocks(4, hidden, kv, mlp, seed=0)
 
     x = torch.randn(1, 1200, hidden, device="cuda", dtype=torch.bfloat16)
 
@@ -264,6 +243,6 @@ def test_a_compiled_block_holds_no_dequantized_weight_after_forward_on_cuda() ->
         assert nf4_linear.use_dequantize_matmul(block) == 7
     torch._dynamo.reset()
     compiled_held, compiled_grad = held_after_forward([torch.compile(block) for block in mine])
-    weights_bf16 = 4 * sum(o * i for o, i in shapes.values()) * 2
+    weights_bf16 = dequantized_bytes(4, hidden, kv, mlp)
     assert compiled_held < bnb_held + weights_bf16 // 8, (compiled_held, bnb_held, weights_bf16)
     torch.testing.assert_close(compiled_grad, bnb_grad, rtol=2e-2, atol=1e-4)
