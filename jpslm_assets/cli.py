@@ -217,7 +217,7 @@ def print_summary() -> None:
             "FROM marts.score_summary ORDER BY model, format"
         )
         print(frame)
-    print(f"DuckDB file: {store.file}\nOpen the UI with: jpslm ui")
+    print(f"Store: {store.location}\nOpen the UI with: jpslm ui")
 
 
 LINEAGE_SQL = """

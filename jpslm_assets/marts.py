@@ -107,7 +107,7 @@ def build_marts_assets(project: Project, writers: dict[str, list[dg.AssetKey]]) 
             if name not in selected:
                 continue
             # A connection per model: the IO manager writes each output (in this process) between models.
-            with store.connect(read_only=store.file.exists()) as conn:
+            with store.connect(read_only=store.exists()) as conn:
                 result = build_model(conn, project, name)
             if result.stubbed_sources:
                 context.log.warning(

@@ -20,6 +20,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 PROFILE_ENV = "JPSLM_PROFILE"
 DATA_DIR_ENV = "JPSLM_DATA_DIR"
 DUCKDB_PATH_ENV = "JPSLM_DUCKDB_PATH"
+STORE_ENV = "JPSLM_STORE"
+DUCKLAKE_CATALOG_ENV = "JPSLM_DUCKLAKE_CATALOG"
+DUCKLAKE_DATA_PATH_ENV = "JPSLM_DUCKLAKE_DATA_PATH"
 
 
 class SettingsError(ValueError):
@@ -231,6 +234,27 @@ def duckdb_path() -> Path:
     """The DuckDB file holding every table (``$JPSLM_DUCKDB_PATH``, default ``<data>/jpslm.duckdb``)."""
     override = os.environ.get(DUCKDB_PATH_ENV)
     return Path(override).expanduser().resolve() if override else data_dir() / "jpslm.duckdb"
+
+
+def ducklake_settings() -> tuple[str, str] | None:
+    """(catalogue, data path) when ``$JPSLM_STORE`` selects the DuckLake store, None for the DuckDB file."""
+    kind = os.environ.get(STORE_ENV, "duckdb").strip().lower() or "duckdb"
+    if kind == "duckdb":
+        return None
+    if kind != "ducklake":
+        raise SettingsError(f"{STORE_ENV}={kind!r}: choose 'duckdb' (one file, the default) or 'ducklake'.")
+    catalog = os.environ.get(DUCKLAKE_CATALOG_ENV, "").strip()
+    data_path = os.environ.get(DUCKLAKE_DATA_PATH_ENV, "").strip()
+    missing = [name for name, value in ((DUCKLAKE_CATALOG_ENV, catalog), (DUCKLAKE_DATA_PATH_ENV, data_path)) if not value]
+    if missing:
+        raise SettingsError(
+            f"{STORE_ENV}=ducklake needs {' and '.join(missing)}: the catalogue (e.g. "
+            "'postgres:dbname=jpslm host=db.example user=jpslm') and the folder or URL every worker writes data "
+            "files to."
+        )
+    if "://" not in data_path:
+        data_path = str(Path(data_path).expanduser().resolve())
+    return catalog, data_path
 
 
 def dagster_home() -> Path:

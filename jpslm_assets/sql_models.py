@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -614,16 +615,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"test {test.name:33s} on {project.test_target(test)} ({test.severity})")
         return 0
 
-    db = args.db or _default_db()
-    if args.command == "test" and not Path(db).exists():
+    from jpslm_assets.store import StoreError, default_store, open_duckdb
+
+    # Without --db: the store the settings select, which may be a DuckLake (JPSLM_STORE=ducklake).
+    store = default_store() if args.db is None else None
+    lake = store if store is not None and store.is_lake else None
+    db = lake.location if lake is not None else (args.db or _default_db())
+    if lake is None and args.command == "test" and not Path(db).exists():
         print(f"error: DuckDB file {db} does not exist; run `jpslm-sql run --db {db}` first", file=sys.stderr)
         return 2
-    from jpslm_assets.store import open_duckdb
-
+    stack = contextlib.ExitStack()
     try:
-        conn = open_duckdb(db, read_only=args.command == "test")
-    except duckdb.Error as exc:
-        print(f"error: cannot open DuckDB file {db}: {exc}", file=sys.stderr)
+        if lake is not None:
+            conn = stack.enter_context(lake.connect())
+        else:
+            conn = open_duckdb(db, read_only=args.command == "test")
+            stack.callback(conn.close)
+    except (duckdb.Error, StoreError) as exc:
+        print(f"error: cannot open {db}: {exc}", file=sys.stderr)
         return 2
     try:
         if args.command == "load-scores":
@@ -653,7 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         results = run_tests(conn, project)
     finally:
-        conn.close()
+        stack.close()
     failed = 0
     for result in results:
         if result.passed:

@@ -1,4 +1,5 @@
-"""The DuckDB store: one file, schemas by stage, atomic partition writes, and lineage.
+"""The DuckDB store: one file (or a DuckLake, ``ducklake.py``), schemas by stage, atomic partition writes, and
+lineage.
 
 Why not ``dagster-duckdb-polars``' IO manager as is: it deletes a partition's rows and inserts the new ones
 in separate autocommit statements, so a failure in between loses the rows that were materialized before.
@@ -37,6 +38,7 @@ import polars as pl
 from pydantic import Field
 
 from jpslm_assets import settings
+from jpslm_assets.ducklake import LakeError, connect_lake, is_conflict
 from jpslm_assets.metadata import stored_table
 
 LINEAGE_DDL = """
@@ -73,6 +75,11 @@ ARTIFACT_COLUMNS = ("artifact_path", "artifact_bytes", "artifact_sha256")
 
 class StoreError(RuntimeError):
     """The DuckDB file cannot be used; the message names the file and what to do."""
+
+
+def lineage_ddl(lake: bool) -> str:
+    """The lineage tables; DuckLake keeps no primary keys (the ids are uuids, unique by construction)."""
+    return LINEAGE_DDL.replace(" PRIMARY KEY", "") if lake else LINEAGE_DDL
 
 
 def frame_version(frame: pl.DataFrame) -> str:
@@ -203,17 +210,76 @@ def _sql_string(text: str) -> str:
 
 
 class DuckDBStore(dg.ConfigurableResource):
-    """The project's DuckDB file. Connections are short; a held lock is retried with backoff."""
+    """The project's DuckDB file, or a DuckLake (``ducklake_catalog`` set). Connections are short; a held lock
+    (file) or a lost commit race (DuckLake) is retried with backoff."""
 
-    path: str = Field(description="DuckDB file; default <data dir>/jpslm.duckdb")
+    path: str = Field(description="DuckDB file; default <data dir>/jpslm.duckdb (unused with a DuckLake)")
     lock_timeout_s: float = Field(default=120.0, description="How long to wait for another writer")
+    ducklake_catalog: str | None = Field(
+        default=None,
+        description="DuckLake catalogue after 'ducklake:' (e.g. 'postgres:dbname=jpslm host=db user=jpslm'); "
+        "set, the store is a DuckLake that many processes and machines can write",
+    )
+    ducklake_data_path: str | None = Field(
+        default=None, description="DuckLake data files: a folder every writer reaches, or an object-storage URL"
+    )
 
     @property
     def file(self) -> Path:
         return Path(self.path)
 
+    @property
+    def is_lake(self) -> bool:
+        return bool(self.ducklake_catalog)
+
+    @property
+    def location(self) -> str:
+        """How messages name this store."""
+        if self.is_lake:
+            return f"DuckLake {self.ducklake_catalog} (data in {self.ducklake_data_path})"
+        return f"DuckDB file {self.file}"
+
+    def exists(self) -> bool:
+        """Whether there is anything to read yet (a DuckLake's catalogue is created on first connect)."""
+        return self.is_lake or self.file.exists()
+
+    @contextmanager
+    def _connect_lake(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        if not self.ducklake_data_path:
+            raise StoreError(
+                f"the DuckLake store {self.ducklake_catalog} has no data path: set {settings.DUCKLAKE_DATA_PATH_ENV} "
+                "to a folder every worker can reach (or an object-storage URL)."
+            )
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.1
+        while True:
+            try:
+                conn = connect_lake(self.ducklake_catalog or "", self.ducklake_data_path, CATALOG, read_only)
+                break
+            except LakeError as exc:
+                raise StoreError(str(exc)) from exc
+            except duckdb.Error as exc:
+                # Processes attaching a new lake at once all try to create its catalogue tables; the losers
+                # find them made on the next try.
+                if "Failed to initialize DuckLake" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(delay + random.uniform(0, delay))
+                    delay = min(delay * 2, 2.0)
+                    continue
+                raise StoreError(
+                    f"cannot open {self.location}: {_first_line(exc)}. Check that the catalogue server is running "
+                    f"and {settings.DUCKLAKE_CATALOG_ENV} names it (database, host, port, user)."
+                ) from exc
+        try:
+            yield conn
+        finally:
+            conn.close()
+
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        if self.is_lake:
+            with self._connect_lake(read_only) as conn:
+                yield conn
+            return
         file = self.file
         if read_only and not file.exists():
             raise StoreError(f"DuckDB file {file} does not exist yet: materialize the upstream assets first.")
@@ -259,11 +325,11 @@ class DuckDBStore(dg.ConfigurableResource):
                 if "Table with name" not in first_line:
                     raise
                 raise StoreError(
-                    f"{self.file}: {first_line} The table is not there yet: materialize the assets that write it "
-                    "(`jpslm demo`, or the UI) first."
+                    f"{self.location}: {first_line} The table is not there yet: materialize the assets that write "
+                    "it (`jpslm demo`, or the UI) first."
                 ) from exc
             except duckdb.Error as exc:
-                if not _is_corrupt_error(exc):
+                if self.is_lake or not _is_corrupt_error(exc):
                     raise
                 raise _damaged(self.file, "is damaged", exc) from exc
 
@@ -272,8 +338,11 @@ class DuckDBStore(dg.ConfigurableResource):
 
         Raises ``StoreError`` naming the first damaged table and the way out. Cheap (a 12 MB file takes
         about 30 ms) and done once per process for each content of the file (size and modification time),
-        before this process first writes to it, so writes stop at the first sign of damage.
+        before this process first writes to it, so writes stop at the first sign of damage. A DuckLake has no
+        local file to check: its catalogue server and its immutable Parquet files answer for themselves.
         """
+        if self.is_lake:
+            return
         identity = _identity(self.file)
         if identity is None:
             return
@@ -299,7 +368,7 @@ class DuckDBStore(dg.ConfigurableResource):
 
     def table_exists(self, table: str) -> bool:
         schema, name = split_table(table)
-        if not self.file.exists():
+        if not self.exists():
             return False
         with self.connect(read_only=True) as conn:
             found = conn.execute(
@@ -323,10 +392,45 @@ class DuckDBStore(dg.ConfigurableResource):
             )
         schema, name = split_table(table)
         self.check_integrity()
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                self._write_slice_once(table, schema, name, frame, slice_values, lineage)
+                break
+            except duckdb.Error as exc:
+                # Another DuckLake writer committed first and touched the same table: nothing of this
+                # transaction was kept, so the whole write runs again on the newer snapshot.
+                if not (self.is_lake and is_conflict(exc)):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise StoreError(
+                        f"{self.location}: writing table {table} lost the commit race to other writers for "
+                        f"{self.lock_timeout_s:.0f} s ({_first_line(exc)}); nothing was written. Retry, or raise "
+                        "lock_timeout_s."
+                    ) from exc
+                time.sleep(delay + random.uniform(0, delay))
+                delay = min(delay * 2, 2.0)
+        if self.is_lake:
+            return
+        identity = _identity(self.file)
+        if identity is not None:
+            with _VERIFIED_LOCK:
+                _VERIFIED.add(identity)  # what this process just wrote it has not damaged
+
+    def _write_slice_once(
+        self,
+        table: str,
+        schema: str,
+        name: str,
+        frame: pl.DataFrame,
+        slice_values: Mapping[str, Any],
+        lineage: LineageRecord | None,
+    ) -> None:
         with self.connect() as conn:
             conn.execute("BEGIN TRANSACTION")
             try:
-                conn.execute(LINEAGE_DDL)
+                conn.execute(lineage_ddl(self.is_lake))
                 conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
                 conn.register("incoming_frame", frame.to_arrow())
                 conn.execute(
@@ -343,22 +447,19 @@ class DuckDBStore(dg.ConfigurableResource):
                 with contextlib.suppress(duckdb.Error):  # a failed COMMIT has already ended the transaction
                     conn.execute("ROLLBACK")
                 if isinstance(exc, duckdb.Error | OSError) and _is_space_error(exc):
-                    free = shutil.disk_usage(self.file.parent).free
+                    folder = Path(self.ducklake_data_path or ".") if self.is_lake else self.file.parent
+                    free = shutil.disk_usage(folder).free if folder.exists() else 0
                     raise StoreError(
-                        f"DuckDB file {self.file}: the disk is full while writing table {table} "
+                        f"{self.location}: the disk is full while writing table {table} "
                         f"({_first_line(exc)}; {free / 2**20:.0f} MiB free now). Nothing was written: the "
                         f"transaction was rolled back and the earlier rows of {table} are intact. Free space on "
                         f"that disk or set {settings.DUCKDB_PATH_ENV} to a file on a larger one, then re-materialize."
                     ) from exc
-                if isinstance(exc, duckdb.Error) and _is_corrupt_error(exc):
+                if isinstance(exc, duckdb.Error) and not self.is_lake and _is_corrupt_error(exc):
                     raise _damaged(self.file, f"is damaged (found writing table {table})", exc) from exc
                 raise
             finally:
                 conn.unregister("incoming_frame")
-        identity = _identity(self.file)
-        if identity is not None:
-            with _VERIFIED_LOCK:
-                _VERIFIED.add(identity)  # what this process just wrote it has not damaged
 
     def read_slices(
         self, table: str, slices: Sequence[Mapping[str, Any]], allow_missing: bool = False
@@ -366,7 +467,7 @@ class DuckDBStore(dg.ConfigurableResource):
         """Rows of ``table`` matching any of ``slices``; an empty mapping means the whole table, an empty
         list of slices no rows. ``allow_missing``: a table that does not exist yet reads as no rows."""
         schema, name = split_table(table)
-        if allow_missing and not self.file.exists():
+        if allow_missing and not self.exists():
             return pl.DataFrame()
         with self.connect(read_only=True) as conn:
             exists = conn.execute(
@@ -377,7 +478,7 @@ class DuckDBStore(dg.ConfigurableResource):
                 if allow_missing:
                     return pl.DataFrame()
                 raise StoreError(
-                    f"table {table} does not exist in {self.file}: materialize the asset that writes it first."
+                    f"table {table} does not exist in {self.location}: materialize the asset that writes it first."
                 )
             clauses, params = [], []
             for slice_values in slices:
@@ -388,7 +489,7 @@ class DuckDBStore(dg.ConfigurableResource):
             try:
                 return conn.execute(f'SELECT * FROM "{schema}"."{name}" WHERE {where_sql}', params).pl()
             except duckdb.Error as exc:
-                if not _is_corrupt_error(exc):
+                if self.is_lake or not _is_corrupt_error(exc):
                     raise
                 raise _damaged(self.file, f"is damaged: table {table} cannot be read", exc) from exc
 
@@ -629,4 +730,9 @@ class DuckDBTableIOManager(dg.ConfigurableIOManager):
 
 
 def default_store() -> DuckDBStore:
-    return DuckDBStore(path=str(settings.duckdb_path()))
+    """The store the settings select: the DuckDB file, or the DuckLake of ``JPSLM_STORE=ducklake``."""
+    lake = settings.ducklake_settings()
+    if lake is None:
+        return DuckDBStore(path=str(settings.duckdb_path()))
+    catalog, data_path = lake
+    return DuckDBStore(path=str(settings.duckdb_path()), ducklake_catalog=catalog, ducklake_data_path=data_path)
