@@ -1,8 +1,12 @@
 """QLoRA training throughput on one CUDA GPU: the project's trainer against a plain peft + bitsandbytes loop.
 
-Both train the same LoRA (r=16, alpha 16, all attention and MLP projections) on the same NF4 double-quant base
-(bf16 compute, SDPA attention) over the same token sequences, 8 examples per optimizer step, AdamW at 2e-4.
-What differs is only how the work is laid out on the device:
+Every variant trains the same LoRA (r=16, alpha 16, all attention and MLP projections) on the same NF4
+double-quant base (bf16 compute) over the same examples in the same order (the records file, read front to back:
+optimizer step s takes examples 8s .. 8s+7 in every variant), with the same schedule (AdamW at 2e-4, cosine with
+10% linear warm-up over the run's total steps, gradient norm clipped at 1.0) and the same loss (mean NLL over the
+step's answer tokens). Each prints its loss at every step; the report gives every variant's largest difference
+from the baseline's loss at the same step, which should be bf16 noise. What differs is only how the work is laid
+out on the device:
 
 - ``baseline``: the textbook loop: ``prepare_model_for_kbit_training`` with gradient checkpointing, every batch
   padded to ``max_seq_length`` (384), one forward/backward per optimizer step.
@@ -35,7 +39,10 @@ pairs), so padding to 384 wastes what it would waste on real data.
 Reported per variant, after ``--warmup`` steps: real (non-padding) tokens/s, padded tokens/s, seconds per
 optimizer step, peak CUDA memory, and minutes per 1,000 samples x 3 epochs at the measured rate; also the
 seconds the warm-up steps took (with compiled layers that is mostly compiling, paid once per run). Each variant
-runs in its own process, one after the other, in the same invocation.
+runs in its own process, in the same invocation. Timing is repeated two ways: ``--windows W`` times W windows of
+``--steps`` steps one after the other in each process, and ``--repeats R`` starts every variant's process R times,
+the variants interleaved (a, b, a, b, ...); the table gives the minimum and the median of real tokens/s over all
+windows of all repeats, and the speed-up as the ratio of medians.
 
     python benchmarks/bench_gpu_training.py --work /tmp/bench-gpu --steps 24 --warmup 4
     python benchmarks/bench_gpu_training.py --work /tmp/bench-smoke --shape tiny --variants project   # CPU ok
@@ -45,10 +52,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -207,13 +216,36 @@ class StepProfiler:
             self.profiler = None
 
 
+def warmup_steps(total_steps: int) -> int:
+    """Linear warm-up steps for a warm-up ratio of 0.1, as the Trainer counts them (rounded up)."""
+    return math.ceil(total_steps * 0.1)
+
+
+def windows_of(times: list[float], tokens: list[int], steps: int) -> list[dict[str, float]]:
+    """Per timed window of ``steps`` optimizer steps: seconds per step and real tokens/s."""
+    found = []
+    for start in range(0, len(times) - steps + 1, steps):
+        seconds = sum(times[start : start + steps])
+        found.append(
+            {"seconds_per_step": seconds / steps, "real_tokens_per_s": sum(tokens[start : start + steps]) / seconds}
+        )
+    return found
+
+
 def run_baseline(
-    work: Path, steps: int, warmup: int, batch: int, max_len: int, seed: int, profile_steps: int = 0
+    work: Path,
+    steps: int,
+    warmup: int,
+    batch: int,
+    max_len: int,
+    seed: int,
+    profile_steps: int = 0,
+    windows: int = 1,
 ) -> dict[str, Any]:
     """The plain loop the trainer is measured against; see the module docstring."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, get_scheduler
 
     from jpslm_assets.domain.chat_format import IGNORE_INDEX
     from jpslm_assets.domain.training_plan import DEFAULT_TARGET_MODULES
@@ -241,17 +273,16 @@ def run_baseline(
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0
     )
+    total = warmup + windows * steps + profile_steps
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=warmup_steps(total), num_training_steps=total)
     pad = model.config.pad_token_id or 0
-    rng = random.Random(seed)
-    order = list(range(len(examples)))
-    rng.shuffle(order)
     model.train()
     torch.cuda.reset_peak_memory_stats()
-    step_times, real_tokens = [], []
-    profiler = StepProfiler("baseline", warmup + steps, profile_steps)
-    for step in range(warmup + steps + profile_steps):
+    step_times, real_tokens, losses = [], [], []
+    profiler = StepProfiler("baseline", warmup + windows * steps, profile_steps)
+    for step in range(total):
         profiler.step_begin(step)
-        chosen = [examples[order[(step * batch + i) % len(order)]] for i in range(batch)]
+        chosen = [examples[(step * batch + i) % len(examples)] for i in range(batch)]
         input_ids = torch.full((batch, max_len), pad, dtype=torch.long)
         labels = torch.full((batch, max_len), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((batch, max_len), dtype=torch.long)
@@ -267,24 +298,27 @@ def run_baseline(
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         profiler.step_end(step)
-        if warmup <= step < warmup + steps:
+        if warmup <= step < warmup + windows * steps:
             step_times.append(time.perf_counter() - tick)
             real_tokens.append(int(mask.sum()))
-        log(
-            f"baseline step {step + 1}/{warmup + steps} loss {float(loss):.4f} {time.perf_counter() - tick:.3f}s"
-        )
+        losses.append(float(loss))
+        log(f"baseline step {step + 1}/{total} loss {losses[-1]:.4f} {time.perf_counter() - tick:.3f}s")
     seconds = sum(step_times)
+    timed = len(step_times)
     return {
         "variant": "baseline",
         "load_seconds": round(load_seconds, 1),
-        "steps_timed": steps,
-        "seconds_per_step": seconds / steps,
+        "steps_timed": timed,
+        "seconds_per_step": seconds / timed,
         "real_tokens_per_s": sum(real_tokens) / seconds,
-        "padded_tokens_per_s": steps * batch * max_len / seconds,
-        "mean_real_tokens_per_example": sum(real_tokens) / (steps * batch),
+        "padded_tokens_per_s": timed * batch * max_len / seconds,
+        "mean_real_tokens_per_example": sum(real_tokens) / (timed * batch),
+        "windows": windows_of(step_times, real_tokens, steps),
+        "losses": losses,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 1024**3,
         "layout": {"per_device_batch_size": batch, "gradient_checkpointing": True, "padding_free": False},
         "final_loss": float(loss),
@@ -300,8 +334,9 @@ def run_project(
     seed: int,
     variant: str,
     profile_steps: int = 0,
+    windows: int = 1,
 ) -> dict[str, Any]:
-    """The project's trainer, as the ``lora_adapter`` asset calls it, on the same data."""
+    """The project's trainer, as the ``lora_adapter`` asset calls it, on the same data in the same order."""
     if variant == "unsloth":
         import unsloth  # noqa: F401  (before transformers, so that its patches apply)
     import torch
@@ -334,12 +369,16 @@ def run_project(
     def prepare_with_timing(spec: Any, sink: Any) -> Any:
         prepared = prepare_run(spec, sink)
         prepared.trainer.add_callback(Timing())
+        # The records in file order, as the baseline reads them (the asset's runs shuffle with the plan's seed).
+        dataset = prepared.trainer.train_dataset
+        prepared.trainer._get_train_sampler = lambda *args, **kwargs: torch.utils.data.SequentialSampler(dataset)
         return prepared
 
     trainer_lib.prepare_run = prepare_with_timing  # run_training looks it up at call time
     shutil.rmtree(run_dir, ignore_errors=True)
     plan = LoraPlan(
-        stage=1, r=16, alpha=16, dropout=0.0, epochs=3, max_steps=warmup + steps + profile_steps, learning_rate=2e-4,
+        stage=1, r=16, alpha=16, dropout=0.0, epochs=3, max_steps=warmup + windows * steps + profile_steps,
+        learning_rate=2e-4,
         lr_scheduler="cosine", warmup_ratio=0.1, per_device_batch_size=2, gradient_accumulation_steps=batch // 2,
         max_seq_length=max_len, checkpoint_every_steps=10**6, seed=seed,
     )  # fmt: skip
@@ -365,11 +404,17 @@ def run_project(
     started = time.monotonic()
     result = trainer_lib.run_training(spec, log)
     curve = result.loss_curve
-    first, last = curve[warmup - 1], curve[warmup + steps - 1]
+    first, last = curve[warmup - 1], curve[warmup + windows * steps - 1]
     assert first.seconds is not None and last.seconds is not None
     seconds = last.seconds - first.seconds
     real = last.tokens_seen - first.tokens_seen
     timed = last.step - first.step
+    step_times, step_tokens = [], []
+    window = warmup + windows * steps
+    for before, after in zip(curve[warmup - 1 : window - 1], curve[warmup:window], strict=True):
+        assert before.seconds is not None and after.seconds is not None
+        step_times.append(after.seconds - before.seconds)
+        step_tokens.append(after.tokens_seen - before.tokens_seen)
     peak = result.peak_memory_bytes or 0
     return {
         "variant": variant,
@@ -380,6 +425,8 @@ def run_project(
         "real_tokens_per_s": real / seconds,
         "padded_tokens_per_s": real / seconds,
         "mean_real_tokens_per_example": real / (timed * batch),
+        "windows": windows_of(step_times, step_tokens, steps),
+        "losses": [point.loss for point in curve],
         "peak_memory_gib": peak / 1024**3,
         "layout": result.layout.model_dump() if result.layout else None,
         "final_loss": result.train_loss_final,
@@ -410,6 +457,103 @@ def versions() -> dict[str, str]:
     return found
 
 
+def run_variant(args: argparse.Namespace, variant: str, repeat: int) -> dict[str, Any]:
+    """One variant in a process of its own; its result row (or the error it ended with)."""
+    command = [sys.executable, __file__, *sys.argv[1:], "--only", variant]
+    environment = dict(os.environ)
+    if variant == "unsloth" and args.unsloth_path:
+        environment["PYTHONPATH"] = os.pathsep.join(
+            [str(args.unsloth_path), *filter(None, [environment.get("PYTHONPATH")])]
+        )
+    log(f"--- {variant} (repeat {repeat})")
+    completed = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
+    output = completed.stdout + completed.stderr
+    result_lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+    if completed.returncode != 0 or not result_lines:
+        log(f"{variant} failed (exit {completed.returncode}):\n{output[-4000:]}")
+        return {"variant": variant, "repeat": repeat, "error": output[-1500:]}
+    keep = [line for line in output.splitlines() if not line.startswith("RESULT ")]
+    print("\n".join(line for line in keep if "Loading weights" not in line and "%|" not in line), flush=True)
+    row = json.loads(result_lines[-1].removeprefix("RESULT "))
+    row["repeat"] = repeat
+    log(f"{variant}: {row['real_tokens_per_s']:.0f} real tokens/s")
+    return row
+
+
+def summarize(rows: list[dict[str, Any]], variants: list[str]) -> list[dict[str, Any]]:
+    """Per variant over all its windows and repeats: min and median tokens/s, peak memory, loss agreement.
+
+    The speed-up is the ratio of medians to the baseline's; the loss difference is the largest absolute
+    difference from the baseline's loss at the same optimizer step (first repeat of each), which should be
+    bf16 noise since both see the same examples under the same schedule."""
+    baseline = [r for r in rows if r["variant"] == "baseline" and "error" not in r]
+    baseline_median = (
+        statistics.median(w["real_tokens_per_s"] for r in baseline for w in r["windows"]) if baseline else None
+    )
+    found = []
+    for variant in variants:
+        done = [r for r in rows if r["variant"] == variant and "error" not in r]
+        failed = [r for r in rows if r["variant"] == variant and "error" in r]
+        if not done:
+            found.append({"variant": variant, "failed": len(failed)})
+            continue
+        speeds = [w["real_tokens_per_s"] for r in done for w in r["windows"]]
+        median = statistics.median(speeds)
+        entry: dict[str, Any] = {
+            "variant": variant,
+            "processes": len(done),
+            "failed": len(failed),
+            "windows": len(speeds),
+            "real_tokens_per_s_min": min(speeds),
+            "real_tokens_per_s_median": median,
+            "seconds_per_step_median": statistics.median(w["seconds_per_step"] for r in done for w in r["windows"]),
+            "peak_memory_gib_max": max(r["peak_memory_gib"] for r in done),
+            "warmup_seconds_median": statistics.median(r.get("warmup_seconds") or 0.0 for r in done),
+            "speedup_vs_baseline": median / baseline_median if baseline_median else None,
+            "minutes_per_1000x3": 3000 * done[0]["mean_real_tokens_per_example"] / median / 60,
+            "layout": done[0].get("layout"),
+        }
+        if baseline and variant != "baseline":
+            pairs = list(zip(done[0]["losses"], baseline[0]["losses"], strict=True))
+            differences = [abs(a - b) for a, b in pairs]
+            entry["loss_max_abs_difference"] = max(differences)
+            entry["loss_max_relative_difference"] = max(d / abs(b) for d, (_, b) in zip(differences, pairs, strict=True))
+        found.append(entry)
+    return found
+
+
+def print_summary(summary: list[dict[str, Any]]) -> None:
+    print(
+        "\n| variant | processes x windows | real tok/s min | real tok/s median | s/step (median) | peak GiB | "
+        "vs baseline (medians) | max loss diff to baseline | min per 1k x 3 ep | layout |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for entry in summary:
+        if "windows" not in entry:
+            print(f"| {entry['variant']} | failed ({entry['failed']}) | | | | | | | | |")
+            continue
+        layout = entry.get("layout") or {}
+        ratio = entry["speedup_vs_baseline"]
+        difference = entry.get("loss_max_abs_difference")
+        loss_text = (
+            "-"
+            if difference is None
+            else f"{difference:.4f} ({entry['loss_max_relative_difference']:.2%})"
+        )
+        print(
+            f"| {entry['variant']} | {entry['processes']} x {entry['windows'] // entry['processes']} | "
+            f"{entry['real_tokens_per_s_min']:,.0f} | {entry['real_tokens_per_s_median']:,.0f} | "
+            f"{entry['seconds_per_step_median']:.3f} | {entry['peak_memory_gib_max']:.1f} | "
+            f"{'-' if ratio is None else f'{ratio:.2f}x'} | "
+            f"{loss_text} | "
+            f"{entry['minutes_per_1000x3']:.2f} | micro {layout.get('per_device_batch_size')}, ckpt "
+            f"{'on' if layout.get('gradient_checkpointing') else 'off'}, padding-free "
+            f"{'on' if layout.get('padding_free') else 'off'}, compiled "
+            f"{'on' if layout.get('compiled_layers') else 'off'}, attention "
+            f"{'varlen' if layout.get('packed_attention') else 'SDPA'}; warm-up {entry['warmup_seconds_median']:.0f} s |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -438,6 +582,8 @@ def main() -> None:
         help="cap every variant's process at this much GPU memory (torch.cuda.set_per_process_memory_fraction), "
         "standing in for a smaller card; the project's trainer also plans its layout within it",
     )
+    parser.add_argument("--windows", type=int, default=3, help="timed windows of --steps steps in each process")
+    parser.add_argument("--repeats", type=int, default=1, help="processes per variant, the variants interleaved")
     parser.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)  # one variant, in this process
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -452,9 +598,9 @@ def main() -> None:
             os.environ["JPSLM_BENCH_MEMORY_CAP_GIB"] = str(args.memory_cap_gib)
         common = (args.work, args.steps, args.warmup, args.batch, args.max_seq_length, args.seed)
         if args.only == "baseline":
-            row = run_baseline(*common, profile_steps=args.profile_steps)
+            row = run_baseline(*common, profile_steps=args.profile_steps, windows=args.windows)
         else:
-            row = run_project(*common, variant=args.only, profile_steps=args.profile_steps)
+            row = run_project(*common, variant=args.only, profile_steps=args.profile_steps, windows=args.windows)
         print("RESULT " + json.dumps(row), flush=True)
         return
 
@@ -463,57 +609,16 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     prepare(args.work, args.shape, args.samples, args.seed)
     rows = []
-    for variant in args.variants:
-        command = [sys.executable, __file__, *sys.argv[1:], "--only", variant]
-        environment = dict(os.environ)
-        if variant == "unsloth" and args.unsloth_path:
-            environment["PYTHONPATH"] = os.pathsep.join(
-                [str(args.unsloth_path), *filter(None, [environment.get("PYTHONPATH")])]
-            )
-        log(f"--- {variant}")
-        completed = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
-        output = completed.stdout + completed.stderr
-        result_lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-        if completed.returncode != 0 or not result_lines:
-            log(f"{variant} failed (exit {completed.returncode}):\n{output[-4000:]}")
-            rows.append({"variant": variant, "error": output[-1500:]})
-            continue
-        keep = [line for line in output.splitlines() if not line.startswith("RESULT ")]
-        print(
-            "\n".join(line for line in keep if "Loading weights" not in line and "%|" not in line), flush=True
-        )
-        rows.append(json.loads(result_lines[-1].removeprefix("RESULT ")))
-        log(f"{variant}: {rows[-1]['real_tokens_per_s']:.0f} real tokens/s")
-        # Each row as soon as its variant ends, so a run cut short still leaves what it measured.
-        print("ROW " + json.dumps(rows[-1], default=str), flush=True)
-        if args.json:
-            partial = args.json.with_suffix(".partial.jsonl")
-            with partial.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(rows[-1], default=str) + "\n")
-
-    baseline = next((r for r in rows if r["variant"] == "baseline" and "error" not in r), None)
-    print(
-        "\n| variant | real tok/s | padded tok/s | s/step | peak GiB | min per 1k x 3 ep | vs baseline | layout |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        if "error" in row:
-            print(f"| {row['variant']} | failed | | | | | | |")
-            continue
-        tokens_per_example = row["mean_real_tokens_per_example"]
-        row["minutes_per_1000x3"] = 3000 * tokens_per_example / row["real_tokens_per_s"] / 60
-        ratio = row["real_tokens_per_s"] / baseline["real_tokens_per_s"] if baseline else float("nan")
-        row["speedup_vs_baseline"] = ratio
-        layout = row.get("layout") or {}
-        print(
-            f"| {row['variant']} | {row['real_tokens_per_s']:,.0f} | {row['padded_tokens_per_s']:,.0f} | "
-            f"{row['seconds_per_step']:.3f} | {row['peak_memory_gib']:.1f} | {row['minutes_per_1000x3']:.2f} | "
-            f"{ratio:.2f}x | micro {layout.get('per_device_batch_size')}, ckpt "
-            f"{'on' if layout.get('gradient_checkpointing') else 'off'}, padding-free "
-            f"{'on' if layout.get('padding_free') else 'off'}, compiled {'on' if layout.get('compiled_layers') else 'off'}"
-            f", Liger {'on' if layout.get('fused_kernels') else 'off'}, attention "
-            f"{'varlen' if layout.get('packed_attention') else 'SDPA'}; warm-up {row.get('warmup_seconds', '-')} s |"
-        )
+    for repeat in range(1, args.repeats + 1):
+        for variant in args.variants:
+            rows.append(run_variant(args, variant, repeat))
+            # Each row as soon as its variant ends, so a run cut short still leaves what it measured.
+            print("ROW " + json.dumps(rows[-1], default=str), flush=True)
+            if args.json:
+                with args.json.with_suffix(".partial.jsonl").open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(rows[-1], default=str) + "\n")
+    summary = summarize(rows, args.variants)
+    print_summary(summary)
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor(),
@@ -521,6 +626,7 @@ def main() -> None:
         "versions": versions(),
         "shape": args.shape,
         "settings": {k: v for k, v in vars(args).items() if k not in ("work", "json", "only")},
+        "summary": summary,
         "rows": rows,
     }
     print(json.dumps(report, indent=2, default=str))
