@@ -31,8 +31,8 @@ from importlib import resources
 from pathlib import Path
 
 from jpslm_assets.domain.chat_format import chat_messages
+from jpslm_assets.domain.generation_types import GenerationRequest
 from jpslm_assets.resources.generation import LlamaCppBackend, release_loaded_models
-from jpslm_assets.resources.generation_api import GenerationRequest
 from jpslm_assets.resources.llama_cpp_tools import LlamaCppTools, gguf_summary
 from jpslm_assets.resources.model_merge import gguf_tokenizer_overrides
 

@@ -39,6 +39,7 @@ from jpslm_assets.domain.answering import (
 )
 from jpslm_assets.domain.chat_format import EncodingError, encode_pair, render_prompt
 from jpslm_assets.domain.fidelity import ScoringSequence, compare_tokenizations, mean_nll, relative_difference
+from jpslm_assets.domain.generation_types import GenerationError, GenerationResult
 from jpslm_assets.domain.modelfile import ChatTemplateError, build_modelfile
 from jpslm_assets.domain.progress import ProgressLogger
 from jpslm_assets.execution import GPU_STEP
@@ -59,7 +60,6 @@ from jpslm_assets.resources.generation import (
     release_loaded_models,
     serving_backend,
 )
-from jpslm_assets.resources.generation_api import GenerationError, GenerationResult
 from jpslm_assets.resources.llama_cpp_tools import (
     ConversionFailed,
     LlamaCppToolError,

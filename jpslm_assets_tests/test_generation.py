@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from jpslm_assets.domain.generation_types import BackendUnavailable, GenerationError, GenerationRequest
 from jpslm_assets.domain.modelfile import build_modelfile, chat_turns, render_chat_template
 from jpslm_assets.resources.generation import (
     DeploymentRequest,
@@ -19,7 +20,6 @@ from jpslm_assets.resources.generation import (
     release_loaded_models,
     serving_backend,
 )
-from jpslm_assets.resources.generation_api import BackendUnavailable, GenerationError, GenerationRequest
 from jpslm_assets.resources.llama_cpp_tools import LlamaCppTools
 from jpslm_assets_tests.export_fixtures import (
     CHATML,

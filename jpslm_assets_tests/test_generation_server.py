@@ -16,6 +16,7 @@ import pytest
 
 from jpslm_assets import export
 from jpslm_assets.domain.answering import QuestionFailed, answer_questions, effective_concurrency
+from jpslm_assets.domain.generation_types import GenerationError, GenerationRequest, GenerationResult
 from jpslm_assets.resources.generation import (
     DeploymentRequest,
     LlamaCppBackend,
@@ -26,7 +27,6 @@ from jpslm_assets.resources.generation import (
     release_loaded_models,
     serving_backend,
 )
-from jpslm_assets.resources.generation_api import GenerationError, GenerationRequest, GenerationResult
 from jpslm_assets.settings import GenerationSettings
 from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager, table_metadata
 from jpslm_assets_tests.export_fixtures import (

@@ -18,9 +18,9 @@ import yaml
 from pydantic import Field
 
 from jpslm_assets import qa, store
+from jpslm_assets.domain.generation_types import GenerationRequest, GenerationResult
 from jpslm_assets.metadata import table_rows
 from jpslm_assets.resources.generation import GenerationBackend
-from jpslm_assets.resources.generation_api import GenerationRequest, GenerationResult
 from jpslm_assets.settings import load_profile
 from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager, artifact_record, table_metadata
 from jpslm_assets_tests.test_qa_generation import KG, TEMPLATES
@@ -366,8 +366,8 @@ def test_file_writes_are_atomic(tmp_path: Path) -> None:
 
 
 def test_default_rephrase_model_needs_a_name_outside_llama_cpp() -> None:
+    from jpslm_assets.domain.generation_types import GenerationError
     from jpslm_assets.resources.generation import LlamaCppBackend, OllamaBackend
-    from jpslm_assets.resources.generation_api import GenerationError
 
     assert qa.default_rephrase_model(LlamaCppBackend()).endswith(".gguf")
     with pytest.raises(GenerationError, match="rephraser backend is ollama; set qa_pool's rephrase_model"):

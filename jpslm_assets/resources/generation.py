@@ -1,9 +1,10 @@
 """Generation backends: Ollama (official client), embedded llama.cpp (llama-cpp-python), llama.cpp's own
 HTTP server (``llama-server``, started by the backend), transformers.
 
-All four implement ``generate(model_ref, request) -> GenerationResult`` from ``generation_api``; answering,
-judging and QA rephrasing depend on that method only. A ``model_ref`` is what the backend loads: a GGUF path
-(llama.cpp, llama-server), a served model name (Ollama) or a Hugging Face folder (transformers).
+All four implement ``generate(model_ref, request) -> GenerationResult`` (types in
+``domain.generation_types``); answering, judging and QA rephrasing depend on that method only. A
+``model_ref`` is what the backend loads: a GGUF path (llama.cpp, llama-server), a served model name (Ollama)
+or a Hugging Face folder (transformers).
 
 ``max_concurrency`` says how many requests a backend serves at once: 1 for the in-process backends, the
 server's parallel slots for Ollama (``OLLAMA_NUM_PARALLEL``) and llama-server (``-np``).
@@ -39,14 +40,14 @@ import dagster as dg
 from pydantic import Field
 
 from jpslm_assets.domain.fidelity import ScoringSequence, SequenceNll, answer_token_nll
-from jpslm_assets.domain.modelfile import ChatTemplateError, ModelfileSpec, chat_turns
-from jpslm_assets.resources import prompt_states
-from jpslm_assets.resources.generation_api import (
+from jpslm_assets.domain.generation_types import (
     BackendUnavailable,
     GenerationError,
     GenerationRequest,
     GenerationResult,
 )
+from jpslm_assets.domain.modelfile import ChatTemplateError, ModelfileSpec, chat_turns
+from jpslm_assets.resources import prompt_states
 from jpslm_assets.resources.grammar_decoding import GrammarSampler, greedy_tokens
 from jpslm_assets.resources.llama_cpp_tools import LlamaCppToolError, check_gguf_file, file_identity
 from jpslm_assets.resources.models import llama_cpp_thread_count
