@@ -26,7 +26,7 @@ from bench_readme_command import cpu_facts  # this folder is on sys.path when ru
 from jpslm_assets.domain import judging as judge_lib
 from jpslm_assets.domain.generation_types import GenerationRequest, GenerationResult
 from jpslm_assets.judging import judge_resource_for
-from jpslm_assets.resources.generation import LlamaCppBackend
+from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
 from jpslm_assets.settings import load_profile
 
 

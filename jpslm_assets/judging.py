@@ -35,7 +35,9 @@ from jpslm_assets.domain.progress import ProgressLogger, StepTimings
 from jpslm_assets.execution import GPU_STEP
 from jpslm_assets.export import adapter_columns, partition_adapter, stage3_metadata
 from jpslm_assets.partitions import stage3_partitions
-from jpslm_assets.resources.generation import GenerationBackend, LlamaCppBackend, OllamaBackend
+from jpslm_assets.resources.generation import GenerationBackend
+from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
+from jpslm_assets.resources.generation_ollama import OllamaBackend
 from jpslm_assets.resources.judge import JudgeResource, check_language
 from jpslm_assets.settings import Profile, current_profile
 from jpslm_assets.store import DuckDBStore, frame_version, table_metadata

@@ -34,7 +34,8 @@ from jpslm_assets.domain.generation_types import GenerationError
 from jpslm_assets.domain.qa_templates import VERSIONS, TemplateCatalogue, load_catalogue
 from jpslm_assets.metadata import column_schema, table_value
 from jpslm_assets.partitions import n_partitions
-from jpslm_assets.resources.generation import GenerationBackend, backend_for
+from jpslm_assets.resources.generation import GenerationBackend
+from jpslm_assets.resources.generation_backends import backend_for
 from jpslm_assets.store import DuckDBStore, artifact_record, frame_version, table_metadata, write_atomic
 
 GROUP = "dataset"

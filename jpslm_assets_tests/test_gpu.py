@@ -223,7 +223,7 @@ def test_nf4_answer_format_generates_on_cuda(base: tuple[str, Path]) -> None:
 
     from jpslm_assets.domain.chat_format import chat_messages
     from jpslm_assets.domain.generation_types import GenerationRequest
-    from jpslm_assets.resources.generation import TransformersBackend
+    from jpslm_assets.resources.generation_transformers import TransformersBackend
 
     _, folder = base
     backend = TransformersBackend(quantization="nf4")
