@@ -231,7 +231,9 @@ def test_grammar_fast_path_chooses_the_tokens_of_the_full_vocabulary_grammar(
                 str(models.gguf), _request(messages=messages, shared_prefix_messages=shared), prompt
             )
             assert bool(prefix) == (shared > 0)
-            fast = generation_llama_cpp.complete_tokens(llm, prompt, 40, 0.0, 42, (), grammar, prefix_tokens=prefix)
+            fast = generation_llama_cpp.complete_tokens(
+                llm, prompt, 40, 0.0, 42, (), grammar, prefix_tokens=prefix
+            )
             full = generation_llama_cpp.complete_tokens(
                 llm, prompt, 40, 0.0, 42, (), grammar, prefix_tokens=prefix, grammar_fast_path=False
             )

@@ -93,7 +93,9 @@ def test_answer_position_head_gives_the_models_own_loss(
 
     for padding_free in (False, True):
         spec = make_spec(tiny_base, tmp_path / str(padding_free), 8, per_device_batch_size=4)
-        prepared = trainer_loop.prepare_run(spec.model_copy(update={"padding_free": padding_free}), lambda m: None)
+        prepared = trainer_loop.prepare_run(
+            spec.model_copy(update={"padding_free": padding_free}), lambda m: None
+        )
         trainer, model = prepared.trainer, prepared.trainer.model
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         items = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) + 3  # as if 3 more came in other micro-batches
@@ -233,7 +235,9 @@ def test_layout_keeps_the_effective_batch_and_checkpoints_only_when_memory_is_sh
     assert trainer_layout.choose_layout(asked, config, 100, None, False).compiled_layers, (
         "CPU compiles on request"
     )
-    assert trainer_layout.choose_layout(spec, config, 100, 10**12, False, compile_available=True).compiled_layers
+    assert trainer_layout.choose_layout(
+        spec, config, 100, 10**12, False, compile_available=True
+    ).compiled_layers
     declined = spec.model_copy(update={"compile_layers": False})
     assert not trainer_layout.choose_layout(
         declined, config, 100, 10**12, False, compile_available=True
@@ -244,7 +248,9 @@ def test_layout_keeps_the_effective_batch_and_checkpoints_only_when_memory_is_sh
     assert not roomy.gradient_checkpointing and not roomy.fused_kernels
 
     # Room for 4 examples' activations but not 8: micro-batch 4, accumulation 2, still no checkpointing.
-    four = trainer_layout.choose_layout(spec, config, 100, int(5 * 100 * per_token / 0.7), fused_available=True)
+    four = trainer_layout.choose_layout(
+        spec, config, 100, int(5 * 100 * per_token / 0.7), fused_available=True
+    )
     assert (four.per_device_batch_size, four.gradient_accumulation_steps, four.gradient_checkpointing) == (
         4,
         2,
@@ -282,7 +288,8 @@ def test_a_memory_budget_is_what_the_layout_plans_within(tiny_base: Path, monkey
     usable, note = trainer_layout.planning_memory("p", 60 * gib, 6 * gib, 16)
     assert usable == 10 * gib and note == "10.0 GiB left of a 16 GiB budget"
     assert trainer_layout.planning_memory("p", 4 * gib, 6 * gib, 16)[0] == 4 * gib, "never more than is free"
-    with pytest.raises(trainer_spec.TrainingError, match=r"partition p: the loaded model already holds 17.0 GiB "
+    with pytest.raises(trainer_spec.TrainingError,
+                       match=r"partition p: the loaded model already holds 17.0 GiB "
                        r"of the 16 GiB memory budget.*raise memory_budget_gib"):  # fmt: skip
         trainer_layout.planning_memory("p", 60 * gib, 17 * gib, 16)
     # The same run on a roomy card and inside a budget that leaves room for half the micro-batch.
@@ -432,7 +439,9 @@ def test_a_worker_process_trains_through_dagster_pipes_and_reports_progress_resu
     import dagster as dg
 
     spec = make_spec(tiny_base, tmp_path / "ok", 8, max_steps=2)
-    in_process = trainer_loop.run_training(make_spec(tiny_base, tmp_path / "same", 8, max_steps=2), lambda m: None)
+    in_process = trainer_loop.run_training(
+        make_spec(tiny_base, tmp_path / "same", 8, max_steps=2), lambda m: None
+    )
     broken = make_spec(tiny_base, tmp_path / "broken", 8, max_steps=2)
     records = trainer_spec.read_training_records(Path(broken.data_path))
     # Every prompt longer than max_seq_length: no answer token is left to train on.

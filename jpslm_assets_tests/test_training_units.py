@@ -393,7 +393,9 @@ def test_training_records_round_trip_and_bad_lines_are_named(tmp_path: Path) -> 
     trainer_spec.write_training_records(path, [("QA-1", "問", "答\n改行")])
     assert trainer_spec.read_training_records(path) == [("QA-1", "問", "答\n改行")]
     path.write_text('{"qa_id": "QA-1", "question": "q"}\n', encoding="utf-8")
-    with pytest.raises(trainer_spec.TrainingError, match=r"train.jsonl:1: not a qa_id/question/answer record"):
+    with pytest.raises(
+        trainer_spec.TrainingError, match=r"train.jsonl:1: not a qa_id/question/answer record"
+    ):
         trainer_spec.read_training_records(path)
 
 

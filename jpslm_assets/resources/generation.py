@@ -3,8 +3,8 @@ records.
 
 One module per outside system implements it: ``generation_ollama`` (an Ollama server, official client),
 ``generation_llama_cpp`` (embedded llama.cpp, llama-cpp-python), ``generation_llama_server`` (llama.cpp's own
-HTTP server, ``llama-server``, started by the backend) and ``generation_transformers``; ``generation_backends``
-picks one by name. The models they load stay cached in ``loaded_models``.
+HTTP server, ``llama-server``, started by the backend) and ``generation_transformers``;
+``generation_backends`` picks one by name. The models they load stay cached in ``loaded_models``.
 
 All four implement ``generate(model_ref, request) -> GenerationResult`` (types in
 ``domain.generation_types``); answering, judging and QA rephrasing depend on that method only. A

@@ -1,5 +1,6 @@
-"""Which training backend runs here (``select_backend``), loading its model with a fresh LoRA adapter, and what
-the Trainer gets around that model: compiled decoder layers and, on CPU, a loss over answer positions only.
+"""Which training backend runs here (``select_backend``), loading its model with a fresh LoRA adapter, and
+what the Trainer gets around that model: compiled decoder layers and, on CPU, a loss over answer positions
+only.
 
 torch, transformers, peft and unsloth are imported inside functions.
 """
