@@ -26,12 +26,8 @@ from jpslm_assets import settings
 from jpslm_assets.code_versions import versioned
 from jpslm_assets.domain import knowledge_graph as kg
 from jpslm_assets.metadata import column_schema, counts_table
-from jpslm_assets.resources.graph_store import (
-    GraphStore,
-    Neo4jGraphStore,
-    SeedGraphStore,
-    neo4j_store_from_env,
-)
+from jpslm_assets.resources.graph_store import GraphStore, SeedGraphStore
+from jpslm_assets.resources.graph_store_neo4j import Neo4jGraphStore, neo4j_store_from_env
 from jpslm_assets.store import frame_version, table_metadata
 
 GROUP = "kg"

@@ -17,13 +17,9 @@ import pytest
 
 from jpslm_assets import kg, settings
 from jpslm_assets.domain import knowledge_graph as graph_lib
-from jpslm_assets.resources import graph_store as graph_store_module
-from jpslm_assets.resources.graph_store import (
-    GraphStoreError,
-    GraphStoreTimeout,
-    Neo4jGraphStore,
-    SeedGraphStore,
-)
+from jpslm_assets.resources import graph_store_neo4j
+from jpslm_assets.resources.graph_store import GraphStoreError, GraphStoreTimeout, SeedGraphStore
+from jpslm_assets.resources.graph_store_neo4j import Neo4jGraphStore
 from jpslm_assets.store import DuckDBStore
 from jpslm_assets_tests.graph_server import (
     USER,
@@ -328,7 +324,7 @@ def test_the_check_after_publishing_names_the_changed_value(
 ) -> None:
     """Without escaping (the old behaviour) the server turns a backslash sequence into a control character;
     the read-back check names the record, the property and both values instead of blaming another writer."""
-    monkeypatch.setattr(graph_store_module, "escape_spliced", lambda value: value)
+    monkeypatch.setattr(graph_store_neo4j, "escape_spliced", lambda value: value)
     graph = _graph_with({"name": ["a\\b"]})
     first = next(node for node in graph.nodes if node.label == "Concept").node_id
     with pytest.raises(GraphStoreError) as caught:
