@@ -4,13 +4,12 @@
 
 - ``SeedGraphStore`` (default): reads ``nodes.jsonl`` and ``relations.jsonl`` from the package, or from a
   folder given in its config.
-- ``Neo4jGraphStore`` (``graph_store_neo4j``): the official ``neo4j`` driver over Bolt. Reads the graph with one query per node
-  label and relation type, and ``publish`` mirrors a validated graph into the server with batched
-  ``UNWIND ... MERGE`` statements, so publishing twice leaves the same graph. Only parameterized Cypher is
-  sent; labels and relation types, which Cypher cannot take as parameters, are written into the text only
-  after the vocabulary has vetted them as plain identifiers.
+- ``Neo4jGraphStore`` (``graph_store_neo4j``): the official ``neo4j`` driver over Bolt. Reads the graph
+  with one query per node label and relation type, and ``publish`` mirrors a validated graph into the server
+  with batched ``UNWIND ... MERGE`` statements, so publishing twice leaves the same graph. Only parameterized
+  Cypher is sent; labels and relation types, which Cypher cannot take as parameters, are written into the
+  text only after the vocabulary has vetted them as plain identifiers.
 """
-
 
 from __future__ import annotations
 
