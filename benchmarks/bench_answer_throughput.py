@@ -31,9 +31,10 @@ from importlib import resources
 from pathlib import Path
 
 from jpslm_assets.domain.chat_format import chat_messages
-from jpslm_assets.resources.generation import LlamaCppBackend, release_loaded_models
-from jpslm_assets.resources.generation_api import GenerationRequest
+from jpslm_assets.domain.generation_types import GenerationRequest
+from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
 from jpslm_assets.resources.llama_cpp_tools import LlamaCppTools, gguf_summary
+from jpslm_assets.resources.loaded_models import release_loaded_models
 from jpslm_assets.resources.model_merge import gguf_tokenizer_overrides
 
 

@@ -69,7 +69,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from jpslm_assets.domain.training_plan import resolve_plan
     from jpslm_assets.resources.models import ModelFactory, cpu_thread_count
-    from jpslm_assets.resources.trainer import TrainingSpec, run_training, write_training_records
+    from jpslm_assets.resources.trainer_loop import run_training
+    from jpslm_assets.resources.trainer_spec import TrainingSpec, write_training_records
     from jpslm_assets.settings import load_profile
 
     profile = load_profile("demo")

@@ -165,7 +165,8 @@ def main() -> None:
     sys.modules[spec.name] = training_bench
     spec.loader.exec_module(training_bench)
 
-    from jpslm_assets.resources.generation import LlamaServerBackend, release_loaded_models
+    from jpslm_assets.resources.generation_llama_server import LlamaServerBackend
+    from jpslm_assets.resources.loaded_models import release_loaded_models
 
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

@@ -109,7 +109,7 @@ def prepare(work: Path, shape: str, samples: int, seed: int) -> None:
     from jpslm_assets.catalogue import model_entry
     from jpslm_assets.domain.chat_format import encode_training_pairs
     from jpslm_assets.resources.models import build_config_model, load_tokenizer
-    from jpslm_assets.resources.trainer import write_training_records
+    from jpslm_assets.resources.trainer_spec import write_training_records
 
     model_dir = work / "model"
     if (model_dir / "done").is_file():
@@ -178,7 +178,7 @@ def prepare(work: Path, shape: str, samples: int, seed: int) -> None:
 def encoded_examples(work: Path, max_len: int) -> list[Any]:
     from jpslm_assets.domain.chat_format import encode_training_pairs
     from jpslm_assets.resources.models import load_tokenizer
-    from jpslm_assets.resources.trainer import read_training_records
+    from jpslm_assets.resources.trainer_spec import read_training_records
 
     tokenizer = load_tokenizer(str(work / "model"))
     examples, skipped = encode_training_pairs(
@@ -343,7 +343,7 @@ def run_project(
     from transformers import TrainerCallback
 
     from jpslm_assets.domain.training_plan import LoraPlan
-    from jpslm_assets.resources import trainer as trainer_lib
+    from jpslm_assets.resources import trainer_loop as trainer_lib
 
     backend = "bnb_qlora" if torch.cuda.is_available() else "cpu_lora"
     if variant == "unsloth":

@@ -24,9 +24,9 @@ import polars as pl
 from bench_readme_command import cpu_facts  # this folder is on sys.path when run as a script
 
 from jpslm_assets.domain import judging as judge_lib
+from jpslm_assets.domain.generation_types import GenerationRequest, GenerationResult
 from jpslm_assets.judging import judge_resource_for
-from jpslm_assets.resources.generation import LlamaCppBackend
-from jpslm_assets.resources.generation_api import GenerationRequest, GenerationResult
+from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
 from jpslm_assets.settings import load_profile
 
 

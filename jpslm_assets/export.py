@@ -39,6 +39,7 @@ from jpslm_assets.domain.answering import (
 )
 from jpslm_assets.domain.chat_format import EncodingError, encode_pair, render_prompt
 from jpslm_assets.domain.fidelity import ScoringSequence, compare_tokenizations, mean_nll, relative_difference
+from jpslm_assets.domain.generation_types import GenerationError, GenerationResult
 from jpslm_assets.domain.modelfile import ChatTemplateError, build_modelfile
 from jpslm_assets.domain.progress import ProgressLogger
 from jpslm_assets.execution import GPU_STEP
@@ -49,17 +50,10 @@ from jpslm_assets.partitions import (
     stage3_adapter,
     stage3_partitions,
 )
-from jpslm_assets.resources.generation import (
-    Deployment,
-    DeploymentRequest,
-    GenerationBackend,
-    LlamaCppBackend,
-    TransformersBackend,
-    backend_for,
-    release_loaded_models,
-    serving_backend,
-)
-from jpslm_assets.resources.generation_api import GenerationError, GenerationResult
+from jpslm_assets.resources.generation import Deployment, DeploymentRequest, GenerationBackend
+from jpslm_assets.resources.generation_backends import backend_for, serving_backend
+from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
+from jpslm_assets.resources.generation_transformers import TransformersBackend
 from jpslm_assets.resources.llama_cpp_tools import (
     ConversionFailed,
     LlamaCppToolError,
@@ -70,6 +64,7 @@ from jpslm_assets.resources.llama_cpp_tools import (
     remove_stale_partials,
     replace_atomically,
 )
+from jpslm_assets.resources.loaded_models import release_loaded_models
 from jpslm_assets.resources.model_merge import MergeError, gguf_tokenizer_overrides, merge_adapter
 from jpslm_assets.settings import current_profile
 from jpslm_assets.store import DuckDBStore, artifact_record, frame_version, table_metadata

@@ -30,12 +30,14 @@ from jpslm_assets.domain import citations as citation_lib
 from jpslm_assets.domain import judge_controls as controls_lib
 from jpslm_assets.domain import judging as judge_lib
 from jpslm_assets.domain.answering import select_eval_questions
+from jpslm_assets.domain.generation_types import GenerationRequest, GenerationResult
 from jpslm_assets.domain.progress import ProgressLogger, StepTimings
 from jpslm_assets.execution import GPU_STEP
 from jpslm_assets.export import adapter_columns, partition_adapter, stage3_metadata
 from jpslm_assets.partitions import stage3_partitions
-from jpslm_assets.resources.generation import GenerationBackend, LlamaCppBackend, OllamaBackend
-from jpslm_assets.resources.generation_api import GenerationRequest, GenerationResult
+from jpslm_assets.resources.generation import GenerationBackend
+from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
+from jpslm_assets.resources.generation_ollama import OllamaBackend
 from jpslm_assets.resources.judge import JudgeResource, check_language
 from jpslm_assets.settings import Profile, current_profile
 from jpslm_assets.store import DuckDBStore, frame_version, table_metadata

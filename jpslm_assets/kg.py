@@ -25,13 +25,10 @@ import polars as pl
 from jpslm_assets import settings
 from jpslm_assets.code_versions import versioned
 from jpslm_assets.domain import knowledge_graph as kg
+from jpslm_assets.domain import knowledge_graph_tables as graph_tables
 from jpslm_assets.metadata import column_schema, counts_table
-from jpslm_assets.resources.graph_store import (
-    GraphStore,
-    Neo4jGraphStore,
-    SeedGraphStore,
-    neo4j_store_from_env,
-)
+from jpslm_assets.resources.graph_store import GraphStore, SeedGraphStore
+from jpslm_assets.resources.graph_store_neo4j import Neo4jGraphStore, neo4j_store_from_env
 from jpslm_assets.store import frame_version, table_metadata
 
 GROUP = "kg"
@@ -64,8 +61,8 @@ def kg_nodes(context: dg.AssetExecutionContext, graph_store: GraphStore) -> dg.O
     """
     graph = _read_graph(context, graph_store)
     vocabulary = kg.load_vocabulary()
-    frame = kg.nodes_frame(graph)
-    by_label = kg.node_label_counts(graph, vocabulary)
+    frame = graph_tables.nodes_frame(graph)
+    by_label = graph_tables.node_label_counts(graph, vocabulary)
     by_category = {
         category: frame.filter(pl.col("category") == category).height for category in vocabulary.categories
     }
@@ -101,7 +98,7 @@ def kg_relations(
     """
     graph = _read_graph(context, graph_store)
     vocabulary = kg.load_vocabulary()
-    stale = kg.stored_nodes_differ(kg_nodes, graph)
+    stale = graph_tables.stored_nodes_differ(kg_nodes, graph)
     if stale:
         raise kg.KnowledgeGraphError(
             graph_store.describe(),
@@ -110,9 +107,9 @@ def kg_relations(
                 "kg_nodes and kg_relations together"
             ],
         )
-    frame = kg.relations_frame(graph)
-    by_type = kg.relation_type_counts(graph, vocabulary)
-    chart = kg.relation_type_chart(by_type, f"関係タイプの分布（{len(graph.relations)}件）")
+    frame = graph_tables.relations_frame(graph)
+    by_type = graph_tables.relation_type_counts(graph, vocabulary)
+    chart = graph_tables.relation_type_chart(by_type, f"関係タイプの分布（{len(graph.relations)}件）")
     encoded = base64.b64encode(chart).decode("ascii")
     return dg.Output(
         frame,
@@ -146,7 +143,7 @@ def _check_result(problems: list[str], **metadata: Any) -> dg.AssetCheckResult:
 
 @dg.asset_check(asset=kg_nodes, blocking=True, description="node_id present and unique in kg.nodes")
 def kg_node_ids_unique(kg_nodes: pl.DataFrame) -> dg.AssetCheckResult:
-    return _check_result(kg.duplicate_ids(kg_nodes, "node_id"), nodes=kg_nodes.height)
+    return _check_result(graph_tables.duplicate_ids(kg_nodes, "node_id"), nodes=kg_nodes.height)
 
 
 @dg.asset_check(
@@ -156,15 +153,15 @@ def kg_node_ids_unique(kg_nodes: pl.DataFrame) -> dg.AssetCheckResult:
 )
 def kg_node_labels_in_vocabulary(kg_nodes: pl.DataFrame) -> dg.AssetCheckResult:
     vocabulary = kg.load_vocabulary()
-    problems = kg.values_outside(kg_nodes, "node_id", "label", vocabulary.node_labels)
-    problems += kg.values_outside(kg_nodes, "node_id", "category", vocabulary.categories)
-    problems += kg.empty_values(kg_nodes, "node_id", "name")
+    problems = graph_tables.values_outside(kg_nodes, "node_id", "label", vocabulary.node_labels)
+    problems += graph_tables.values_outside(kg_nodes, "node_id", "category", vocabulary.categories)
+    problems += graph_tables.empty_values(kg_nodes, "node_id", "name")
     return _check_result(problems, labels=kg_nodes["label"].n_unique())
 
 
 @dg.asset_check(asset=kg_relations, blocking=True, description="relation_id present and unique")
 def kg_relation_ids_unique(kg_relations: pl.DataFrame) -> dg.AssetCheckResult:
-    return _check_result(kg.duplicate_ids(kg_relations, "relation_id"), relations=kg_relations.height)
+    return _check_result(graph_tables.duplicate_ids(kg_relations, "relation_id"), relations=kg_relations.height)
 
 
 @dg.asset_check(
@@ -172,7 +169,9 @@ def kg_relation_ids_unique(kg_relations: pl.DataFrame) -> dg.AssetCheckResult:
 )
 def kg_relation_types_in_vocabulary(kg_relations: pl.DataFrame) -> dg.AssetCheckResult:
     vocabulary = kg.load_vocabulary()
-    problems = kg.values_outside(kg_relations, "relation_id", "relation_type", vocabulary.relation_types)
+    problems = graph_tables.values_outside(
+        kg_relations, "relation_id", "relation_type", vocabulary.relation_types
+    )
     return _check_result(problems, relation_types=kg_relations["relation_type"].n_unique())
 
 
@@ -183,7 +182,7 @@ def kg_relation_types_in_vocabulary(kg_relations: pl.DataFrame) -> dg.AssetCheck
     description="Both endpoints of every relation are rows of kg.nodes",
 )
 def kg_relation_endpoints_exist(kg_relations: pl.DataFrame, kg_nodes: pl.DataFrame) -> dg.AssetCheckResult:
-    return _check_result(kg.dangling_endpoints(kg_relations, kg_nodes), relations=kg_relations.height)
+    return _check_result(graph_tables.dangling_endpoints(kg_relations, kg_nodes), relations=kg_relations.height)
 
 
 # ---------------------------------------------------------------------------------------------- publish

@@ -17,13 +17,8 @@ import dagster as dg
 
 from jpslm_assets import export, judging, kg, qa, training
 from jpslm_assets.metadata import stored_table, table_value
-from jpslm_assets.sql_models import (
-    TARGET_SCHEMA,
-    Project,
-    build_model,
-    load_project,
-    run_test,
-)
+from jpslm_assets.sql_project import TARGET_SCHEMA, Project, load_project
+from jpslm_assets.sql_runs import build_model, run_test
 from jpslm_assets.store import DuckDBStore, frame_version, table_metadata, table_of
 
 GROUP = "marts"

@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 
 from jpslm_assets import export, judging, kg, marts, qa, settings, training
 from jpslm_assets.code_versions import versioned
+from jpslm_assets.domain import figure_catalogue, figures_export
 from jpslm_assets.domain import figures as figure_lib
 from jpslm_assets.domain import report_document as report_lib
 from jpslm_assets.domain.progress import StepTimings
@@ -177,7 +178,7 @@ def build_figure_asset(spec: figure_lib.FigureSpec, upstream: Sequence[dg.AssetK
         with timings.step("read tables"):
             frames = read_tables(store, spec.tables)
         with timings.step("render"):
-            result = figure_lib.render_figure(spec.key, frames)
+            result = figure_catalogue.render_figure(spec.key, frames)
         with timings.step("write png"):
             path = report_lib.write_atomically(figure_file(spec.key, result.png), result.png)
         if result.is_placeholder:
@@ -265,7 +266,7 @@ def quantization_table(frame: pl.DataFrame | None) -> report_lib.ReportTable:
             [],
             empty_message="marts.quantization_effect is empty: evaluate both formats of a model first.",
         )
-    content = figure_lib.quantization_table(frame)
+    content = figures_export.quantization_table(frame)
     return report_lib.ReportTable(
         title,
         content.headers,
@@ -317,7 +318,7 @@ def load_figure_png(row: Mapping[str, Any], figure_key: str) -> bytes:
 
 
 def build_report_asset(figure_keys: Sequence[str]) -> dg.AssetsDefinition:
-    catalogue = figure_lib.load_figure_catalogue()
+    catalogue = figure_catalogue.load_figure_catalogue()
     ins = {f"figure_{key}": dg.AssetIn(key=dg.AssetKey(f"figure_{key}")) for key in figure_keys}
 
     @versioned()
@@ -575,7 +576,7 @@ def build_reevaluation_schedule(
 def build_reports_definitions(stage_specs: Sequence[dg.AssetSpec] | None = None) -> dg.Definitions:
     """Figure assets, the report asset and (when evaluation assets exist) the re-evaluation schedule."""
     specs = list(_stage_specs() if stage_specs is None else stage_specs)
-    catalogue = figure_lib.load_figure_catalogue()
+    catalogue = figure_catalogue.load_figure_catalogue()
     figure_assets = [
         build_figure_asset(
             spec,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import duckdb
 
-from jpslm_assets.sql_models import CONTRACT_DOCS, Source
+from jpslm_assets.sql_project import CONTRACT_DOCS, Source
 
 TABLE = "eval.judge_scores"
 SLICE = ("model", "n", "format", "judge")

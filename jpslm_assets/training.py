@@ -49,7 +49,8 @@ from jpslm_assets.execution import GPU_STEP
 from jpslm_assets.metadata import table_value
 from jpslm_assets.partitions import model_partitions, n_partitions
 from jpslm_assets.resources.models import ModelFactory
-from jpslm_assets.resources.trainer import LoraTrainer, TrainingSpec, write_training_records
+from jpslm_assets.resources.trainer import LoraTrainer
+from jpslm_assets.resources.trainer_spec import TrainingSpec, write_training_records
 from jpslm_assets.settings import Profile, current_profile
 from jpslm_assets.store import DuckDBStore, artifact_record, frame_version, table_metadata, write_atomic
 

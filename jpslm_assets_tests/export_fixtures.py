@@ -256,7 +256,7 @@ EXPORT_ASSETS = [
 
 
 def export_resources(store: DuckDBStore, converter_cache: Path, generation: Any = None, **tools: Any) -> dict:
-    from jpslm_assets.resources.generation import LlamaCppBackend
+    from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
     from jpslm_assets.resources.llama_cpp_tools import LlamaCppTools
 
     return {

@@ -224,7 +224,7 @@ class FakeOllama:
                  options: Mapping[str, Any], schema: Any) -> dict[str, Any]:
         from llama_cpp import LlamaGrammar
 
-        from jpslm_assets.resources.generation import LlamaCppBackend, complete_tokens
+        from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend, complete_tokens
 
         settings = {**model.parameters, **(options or {})}
         backend = LlamaCppBackend(n_ctx=int(settings.get("num_ctx", 2048)))

@@ -290,7 +290,7 @@ def test_missing_or_corrupt_gguf_fails_answers_and_keeps_previous_answers(chain:
     path = Path(row["artifact_path"])
     backup = path.with_name("backup.gguf")
     before = chain.store.query("SELECT count(*) AS c FROM eval.answers WHERE model='tiny-llama' AND format='f16'")
-    from jpslm_assets.resources.generation import release_loaded_models
+    from jpslm_assets.resources.loaded_models import release_loaded_models
 
     release_loaded_models()
     os.replace(path, backup)

@@ -9,18 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from jpslm_assets.domain.generation_types import BackendUnavailable, GenerationError, GenerationRequest
 from jpslm_assets.domain.modelfile import build_modelfile, chat_turns, render_chat_template
-from jpslm_assets.resources.generation import (
-    DeploymentRequest,
-    LlamaCppBackend,
-    OllamaBackend,
-    TransformersBackend,
-    backend_for,
-    release_loaded_models,
-    serving_backend,
-)
-from jpslm_assets.resources.generation_api import BackendUnavailable, GenerationError, GenerationRequest
+from jpslm_assets.resources.generation import DeploymentRequest
+from jpslm_assets.resources.generation_backends import backend_for, serving_backend
+from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
+from jpslm_assets.resources.generation_ollama import OllamaBackend
+from jpslm_assets.resources.generation_transformers import TransformersBackend
 from jpslm_assets.resources.llama_cpp_tools import LlamaCppTools
+from jpslm_assets.resources.loaded_models import release_loaded_models
 from jpslm_assets_tests.export_fixtures import (
     CHATML,
     CHATML_WITHOUT_GENERATION_PROMPT,
@@ -203,7 +200,7 @@ def test_grammar_fast_path_chooses_the_tokens_of_the_full_vocabulary_grammar(
     """Greedy decoding under a grammar checks the chosen token first and masks the whole vocabulary only when
     the grammar rejects it: the tokens are those of llama-cpp-python's grammar-over-everything sampler, for a
     grammar that rejects most greedy choices, one that accepts most, and after a restored shared prefix."""
-    from jpslm_assets.resources import generation, grammar_decoding
+    from jpslm_assets.resources import generation_llama_cpp, grammar_decoding
 
     backend = LlamaCppBackend(n_ctx=512)
     llm = backend.load(str(models.gguf))
@@ -234,8 +231,10 @@ def test_grammar_fast_path_chooses_the_tokens_of_the_full_vocabulary_grammar(
                 str(models.gguf), _request(messages=messages, shared_prefix_messages=shared), prompt
             )
             assert bool(prefix) == (shared > 0)
-            fast = generation.complete_tokens(llm, prompt, 40, 0.0, 42, (), grammar, prefix_tokens=prefix)
-            full = generation.complete_tokens(
+            fast = generation_llama_cpp.complete_tokens(
+                llm, prompt, 40, 0.0, 42, (), grammar, prefix_tokens=prefix
+            )
+            full = generation_llama_cpp.complete_tokens(
                 llm, prompt, 40, 0.0, 42, (), grammar, prefix_tokens=prefix, grammar_fast_path=False
             )
             assert fast == full, f"{name} grammar, shared prefix {prefix}"

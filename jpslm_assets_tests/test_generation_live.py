@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from jpslm_assets.domain.generation_types import GenerationError, GenerationRequest
 from jpslm_assets.domain.modelfile import build_modelfile
-from jpslm_assets.resources.generation import DeploymentRequest, OllamaBackend
-from jpslm_assets.resources.generation_api import GenerationError, GenerationRequest
+from jpslm_assets.resources.generation import DeploymentRequest
+from jpslm_assets.resources.generation_ollama import OllamaBackend
 from jpslm_assets.resources.llama_cpp_tools import LlamaCppTools
 from jpslm_assets_tests.export_fixtures import CHATML, build_sentencepiece_base
 

@@ -16,17 +16,14 @@ import pytest
 
 from jpslm_assets import export
 from jpslm_assets.domain.answering import QuestionFailed, answer_questions, effective_concurrency
-from jpslm_assets.resources.generation import (
-    DeploymentRequest,
-    LlamaCppBackend,
-    LlamaServerBackend,
-    OllamaBackend,
-    TransformersBackend,
-    backend_for,
-    release_loaded_models,
-    serving_backend,
-)
-from jpslm_assets.resources.generation_api import GenerationError, GenerationRequest, GenerationResult
+from jpslm_assets.domain.generation_types import GenerationError, GenerationRequest, GenerationResult
+from jpslm_assets.resources.generation import DeploymentRequest
+from jpslm_assets.resources.generation_backends import backend_for, serving_backend
+from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
+from jpslm_assets.resources.generation_llama_server import LlamaServerBackend
+from jpslm_assets.resources.generation_ollama import OllamaBackend
+from jpslm_assets.resources.generation_transformers import TransformersBackend
+from jpslm_assets.resources.loaded_models import release_loaded_models
 from jpslm_assets.settings import GenerationSettings
 from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager, table_metadata
 from jpslm_assets_tests.export_fixtures import (
@@ -103,7 +100,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_starts_the_server_answers_reuses_it_and_release_stops_it(fake: Fake, gguf: Path) -> None:
-    from jpslm_assets.resources.generation import _LLAMA_SERVERS
+    from jpslm_assets.resources.loaded_models import LLAMA_SERVERS
 
     backend = LlamaServerBackend(binary=str(fake.binary), parallel=3, n_ctx=512, n_gpu_layers=20)
     first = backend.generate(str(gguf), _request())
@@ -114,10 +111,10 @@ def test_starts_the_server_answers_reuses_it_and_release_stops_it(fake: Fake, gg
     assert first.backend == "llama_server" and first.model == str(gguf) and first.seconds > 0
     assert fake.argv() == ["-m", str(gguf), "--host", "127.0.0.1", "--port", fake.argv()[5], "-np", "3",
                            "-c", "1536", "-ngl", "20", "--jinja"]  # fmt: skip
-    [server] = list(_LLAMA_SERVERS._models.values())
+    [server] = list(LLAMA_SERVERS._models.values())
     second = backend.generate(str(gguf), _request("砂防堰堤の役割は何か。", max_tokens=4))
     assert second.text == "echo" and second.finish_reason == "length" and second.completion_tokens == 4
-    assert list(_LLAMA_SERVERS._models.values()) == [server]  # the same process answered both
+    assert list(LLAMA_SERVERS._models.values()) == [server]  # the same process answered both
     body = fake.requests()[-1]
     assert body["max_tokens"] == 4 and body["seed"] == 7 and body["temperature"] == 0.0
     assert body["stop"] == ["<|im_end|>"] and "grammar" not in body and "response_format" not in body
@@ -125,7 +122,7 @@ def test_starts_the_server_answers_reuses_it_and_release_stops_it(fake: Fake, gg
     assert _alive(pid)
     release_loaded_models()
     assert server.process.poll() is not None and not _alive(pid)
-    assert not _LLAMA_SERVERS._models
+    assert not LLAMA_SERVERS._models
 
 
 def test_grammar_and_json_schema_reach_the_server(fake: Fake, gguf: Path) -> None:

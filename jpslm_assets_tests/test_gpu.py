@@ -6,6 +6,7 @@ transformers, peft, trl, datasets and bitsandbytes besides this package, run
     python -m pytest jpslm_assets_tests/test_gpu.py -m gpu --noconftest -p no:cacheprovider
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -59,19 +60,19 @@ def qlora_spec(model: str, folder: Path, work: Path, **overrides: object):  # ty
 
 def test_backend_auto_picks_bitsandbytes_qlora_on_cuda() -> None:
     pytest.importorskip("bitsandbytes")
-    from jpslm_assets.resources import trainer as trainer_lib
+    from jpslm_assets.resources import trainer_loading
 
-    expected = "unsloth" if trainer_lib.importlib.util.find_spec("unsloth") else "bnb_qlora"
-    assert trainer_lib.select_backend("auto") == expected
+    expected = "unsloth" if importlib.util.find_spec("unsloth") else "bnb_qlora"
+    assert trainer_loading.select_backend("auto") == expected
 
 
 def test_qlora_loads_nf4_and_lays_out_from_free_memory(base: tuple[str, Path], tmp_path: Path) -> None:
     import bitsandbytes as bnb
 
-    from jpslm_assets.resources import trainer as trainer_lib
+    from jpslm_assets.resources import trainer_loop
 
     model, folder = base
-    prepared = trainer_lib.prepare_run(qlora_spec(model, folder, tmp_path), lambda message: None)
+    prepared = trainer_loop.prepare_run(qlora_spec(model, folder, tmp_path), lambda message: None)
     modules = list(prepared.trainer.model.modules())
     four_bit = [m for m in modules if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit, "the base projections must be bitsandbytes 4-bit layers"
@@ -96,17 +97,17 @@ def test_qlora_training_lowers_the_loss_and_the_merge_keeps_what_it_learned(
 
     from jpslm_assets.domain import nll
     from jpslm_assets.domain.chat_format import encode_training_pairs
-    from jpslm_assets.resources import trainer as trainer_lib
+    from jpslm_assets.resources import trainer_loop
     from jpslm_assets.resources.model_merge import merge_adapter
     from jpslm_assets.resources.models import load_causal_lm, load_tokenizer
 
     model, folder = base
     messages: list[str] = []
-    result = trainer_lib.run_training(qlora_spec(model, folder, tmp_path), messages.append)
+    result = trainer_loop.run_training(qlora_spec(model, folder, tmp_path), messages.append)
     assert result.backend == "bnb_qlora" and result.precision == "nf4+bf16"
     # The defaults on CUDA: compiled decoder layers and per-example flash attention in padding-free rows.
     assert result.layout is not None and result.layout.packed_attention and result.layout.padding_free
-    assert result.layout.compiled_layers is (trainer_lib.importlib.util.find_spec("triton") is not None)
+    assert result.layout.compiled_layers is (importlib.util.find_spec("triton") is not None)
     assert result.device.startswith("cuda") and result.peak_memory_bytes and result.peak_memory_bytes > 0
     losses = [point.loss for point in result.loss_curve]
     assert len(losses) == 40 and all(math.isfinite(loss) for loss in losses)
@@ -165,7 +166,7 @@ def test_varlen_flash_attention_matches_the_block_diagonal_mask(kv_heads: int) -
 def test_packed_attention_compiled_layers_and_dequantize_matmul_give_the_plain_loss(
     base: tuple[str, Path], tmp_path: Path
 ) -> None:
-    from jpslm_assets.resources import trainer as trainer_lib
+    from jpslm_assets.resources import trainer_loop
 
     model, folder = base
     losses = []
@@ -178,7 +179,7 @@ def test_packed_attention_compiled_layers_and_dequantize_matmul_give_the_plain_l
                 "fused_kernels": False,
             }
         )
-        prepared = trainer_lib.prepare_run(spec, lambda message: None)
+        prepared = trainer_loop.prepare_run(spec, lambda message: None)
         layout = prepared.layout
         assert layout.packed_attention is fast and layout.compiled_layers is fast
         assert layout.dequantize_matmul is fast
@@ -195,13 +196,13 @@ def test_packed_attention_compiled_layers_and_dequantize_matmul_give_the_plain_l
 
 
 def test_gradient_checkpointing_path_trains_when_forced(base: tuple[str, Path], tmp_path: Path) -> None:
-    from jpslm_assets.resources import trainer as trainer_lib
+    from jpslm_assets.resources import trainer_loop
 
     model, folder = base
     spec = qlora_spec(model, folder, tmp_path, max_steps=3).model_copy(
         update={"gradient_checkpointing": True, "adapt_micro_batch": False}
     )
-    result = trainer_lib.run_training(spec, lambda message: None)
+    result = trainer_loop.run_training(spec, lambda message: None)
     assert result.layout is not None and result.layout.gradient_checkpointing
     assert (result.layout.per_device_batch_size, result.layout.gradient_accumulation_steps) == (4, 2)
     assert result.steps == 3 and math.isfinite(result.train_loss_final)
@@ -209,11 +210,11 @@ def test_gradient_checkpointing_path_trains_when_forced(base: tuple[str, Path], 
 
 def test_fused_kernels_train_when_liger_is_installed(base: tuple[str, Path], tmp_path: Path) -> None:
     pytest.importorskip("liger_kernel")
-    from jpslm_assets.resources import trainer as trainer_lib
+    from jpslm_assets.resources import trainer_loop
 
     model, folder = base
     spec = qlora_spec(model, folder, tmp_path, max_steps=3).model_copy(update={"fused_kernels": True})
-    result = trainer_lib.run_training(spec, lambda message: None)
+    result = trainer_loop.run_training(spec, lambda message: None)
     assert result.layout is not None and result.layout.fused_kernels
     assert math.isfinite(result.train_loss_final)
 
@@ -222,8 +223,8 @@ def test_nf4_answer_format_generates_on_cuda(base: tuple[str, Path]) -> None:
     import bitsandbytes as bnb
 
     from jpslm_assets.domain.chat_format import chat_messages
-    from jpslm_assets.resources.generation import TransformersBackend
-    from jpslm_assets.resources.generation_api import GenerationRequest
+    from jpslm_assets.domain.generation_types import GenerationRequest
+    from jpslm_assets.resources.generation_transformers import TransformersBackend
 
     _, folder = base
     backend = TransformersBackend(quantization="nf4")
@@ -241,11 +242,11 @@ def test_nf4_answer_format_generates_on_cuda(base: tuple[str, Path]) -> None:
 
 def test_unsloth_backend_trains_when_installed(base: tuple[str, Path], tmp_path: Path) -> None:
     pytest.importorskip("unsloth")
-    from jpslm_assets.resources import trainer as trainer_lib
+    from jpslm_assets.resources import trainer_loop
 
     model, folder = base
     spec = qlora_spec(model, folder, tmp_path, max_steps=3).model_copy(update={"backend": "unsloth"})
-    result = trainer_lib.run_training(spec, lambda message: None)
+    result = trainer_loop.run_training(spec, lambda message: None)
     assert result.backend == "unsloth" and math.isfinite(result.train_loss_final)
 
 

@@ -14,15 +14,15 @@ from pydantic import Field
 
 from jpslm_assets import judging
 from jpslm_assets.domain import judging as judge_lib
-from jpslm_assets.export import stage3_metadata
-from jpslm_assets.partitions import stage3_partitions
-from jpslm_assets.resources.generation import GenerationBackend
-from jpslm_assets.resources.generation_api import (
+from jpslm_assets.domain.generation_types import (
     BackendUnavailable,
     GenerationError,
     GenerationRequest,
     GenerationResult,
 )
+from jpslm_assets.export import stage3_metadata
+from jpslm_assets.partitions import stage3_partitions
+from jpslm_assets.resources.generation import GenerationBackend
 from jpslm_assets.resources.judge import JudgeModelError, JudgeResource, reencode_gguf
 from jpslm_assets.settings import load_profile
 from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager, table_metadata

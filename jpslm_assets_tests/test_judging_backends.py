@@ -12,7 +12,7 @@ import pytest
 
 from jpslm_assets import judging
 from jpslm_assets.domain import judging as judge_lib
-from jpslm_assets.resources.generation import OllamaBackend
+from jpslm_assets.resources.generation_ollama import OllamaBackend
 from jpslm_assets.settings import load_profile
 from jpslm_assets_tests.fake_ollama import FakeOllama
 

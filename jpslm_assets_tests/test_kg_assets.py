@@ -22,10 +22,10 @@ from jpslm_assets.resources.graph_store import (
     GraphStore,
     GraphStoreError,
     GraphStoreTimeout,
-    Neo4jGraphStore,
     SeedGraphStore,
     run_with_deadline,
 )
+from jpslm_assets.resources.graph_store_neo4j import Neo4jGraphStore
 from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager
 
 SEED = Path(str(resources.files("jpslm_assets") / "data" / "kg"))

@@ -17,13 +17,10 @@ import pytest
 
 from jpslm_assets import kg, settings
 from jpslm_assets.domain import knowledge_graph as graph_lib
-from jpslm_assets.resources import graph_store as graph_store_module
-from jpslm_assets.resources.graph_store import (
-    GraphStoreError,
-    GraphStoreTimeout,
-    Neo4jGraphStore,
-    SeedGraphStore,
-)
+from jpslm_assets.domain import knowledge_graph_tables as graph_tables
+from jpslm_assets.resources import graph_store_neo4j
+from jpslm_assets.resources.graph_store import GraphStoreError, GraphStoreTimeout, SeedGraphStore
+from jpslm_assets.resources.graph_store_neo4j import Neo4jGraphStore
 from jpslm_assets.store import DuckDBStore
 from jpslm_assets_tests.graph_server import (
     USER,
@@ -107,8 +104,8 @@ def test_publish_twice_then_materialize_from_the_server(
     assert (nodes.height, relations.height) == (200, 268)
     assert relations["relation_type"].n_unique() == 11
     seed = graph_lib.load_seed()
-    assert nodes.select(list(graph_lib.NODE_SCHEMA)).equals(graph_lib.nodes_frame(seed))
-    assert relations.select(list(graph_lib.RELATION_SCHEMA)).equals(graph_lib.relations_frame(seed))
+    assert nodes.select(list(graph_tables.NODE_SCHEMA)).equals(graph_tables.nodes_frame(seed))
+    assert relations.select(list(graph_tables.RELATION_SCHEMA)).equals(graph_tables.relations_frame(seed))
     metadata = result.asset_materializations_for_node("kg_nodes")[0].metadata
     assert metadata["graph_source"].value == f"graph server {falkordb.uri} (database '{graph_name}')"
     assert metadata["kg_version"].value == one["kg_version"]
@@ -328,7 +325,7 @@ def test_the_check_after_publishing_names_the_changed_value(
 ) -> None:
     """Without escaping (the old behaviour) the server turns a backslash sequence into a control character;
     the read-back check names the record, the property and both values instead of blaming another writer."""
-    monkeypatch.setattr(graph_store_module, "escape_spliced", lambda value: value)
+    monkeypatch.setattr(graph_store_neo4j, "escape_spliced", lambda value: value)
     graph = _graph_with({"name": ["a\\b"]})
     first = next(node for node in graph.nodes if node.label == "Concept").node_id
     with pytest.raises(GraphStoreError) as caught:

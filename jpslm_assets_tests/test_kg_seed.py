@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 
 from jpslm_assets.domain import knowledge_graph as kg
+from jpslm_assets.domain import knowledge_graph_tables as graph_tables
 
 SEED = Path(str(resources.files("jpslm_assets") / "data" / "kg"))
 EXPECTED_TYPES = {
@@ -53,8 +54,8 @@ def vocabulary() -> kg.Vocabulary:
 def test_seed_has_the_papers_shape(graph: kg.KnowledgeGraph, vocabulary: kg.Vocabulary) -> None:
     assert len(graph.nodes) == 200
     assert len(graph.relations) == 268
-    assert kg.relation_type_counts(graph, vocabulary) == EXPECTED_TYPES
-    assert kg.node_label_counts(graph, vocabulary) == {
+    assert graph_tables.relation_type_counts(graph, vocabulary) == EXPECTED_TYPES
+    assert graph_tables.node_label_counts(graph, vocabulary) == {
         "Volume": 6,
         "Chapter": 40,
         "Section": 40,
@@ -90,16 +91,16 @@ def test_every_concept_cites_where_it_is_treated(graph: kg.KnowledgeGraph) -> No
                 place.chapter,
                 place.section,
             )
-    frame = kg.nodes_frame(graph)
+    frame = graph_tables.nodes_frame(graph)
     levee = frame.filter(pl.col("name") == "堤防").row(0, named=True)
     assert levee["location"] == "設計編 第3章 第2節"
     assert (levee["chapter"], levee["section"]) == ("第3章 河川構造物の設計", "第2節 堤防")
 
 
 def test_frames_have_the_contract_columns(graph: kg.KnowledgeGraph) -> None:
-    nodes, relations = kg.nodes_frame(graph), kg.relations_frame(graph)
-    assert nodes.columns == list(kg.NODE_SCHEMA)
-    assert relations.columns == list(kg.RELATION_SCHEMA)
+    nodes, relations = graph_tables.nodes_frame(graph), graph_tables.relations_frame(graph)
+    assert nodes.columns == list(graph_tables.NODE_SCHEMA)
+    assert relations.columns == list(graph_tables.RELATION_SCHEMA)
     assert nodes["node_id"].is_sorted() and relations["relation_id"].is_sorted()
     assert nodes.filter(pl.col("label") == "Volume")["chapter"].null_count() == 6
     row = relations.filter(pl.col("relation_type") == "HAS_CHAPTER").row(0, named=True)
@@ -114,7 +115,7 @@ def test_graph_version_is_a_content_hash(graph: kg.KnowledgeGraph) -> None:
 
 
 def test_chart_is_a_png(graph: kg.KnowledgeGraph, vocabulary: kg.Vocabulary) -> None:
-    png = kg.relation_type_chart(kg.relation_type_counts(graph, vocabulary), "関係タイプ")
+    png = graph_tables.relation_type_chart(graph_tables.relation_type_counts(graph, vocabulary), "関係タイプ")
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 
 
@@ -286,21 +287,21 @@ def test_vocabulary_rejects_identifiers_unsafe_for_cypher(tmp_path: Path) -> Non
 
 
 def test_table_checks_find_problems(graph: kg.KnowledgeGraph, vocabulary: kg.Vocabulary) -> None:
-    nodes, relations = kg.nodes_frame(graph), kg.relations_frame(graph)
-    assert kg.duplicate_ids(nodes, "node_id") == []
-    assert kg.dangling_endpoints(relations, nodes) == []
+    nodes, relations = graph_tables.nodes_frame(graph), graph_tables.relations_frame(graph)
+    assert graph_tables.duplicate_ids(nodes, "node_id") == []
+    assert graph_tables.dangling_endpoints(relations, nodes) == []
     doubled = pl.concat([nodes, nodes.head(1)])
-    assert kg.duplicate_ids(doubled, "node_id") == ["node_id N-001 appears 2 times"]
+    assert graph_tables.duplicate_ids(doubled, "node_id") == ["node_id N-001 appears 2 times"]
     without = nodes.filter(pl.col("node_id") != "N-007")
-    assert kg.dangling_endpoints(relations, without) == [
+    assert graph_tables.dangling_endpoints(relations, without) == [
         "relation R-001 (HAS_CHAPTER) points to missing node N-007"
     ]
     odd = relations.with_columns(pl.lit("CAUSES").alias("relation_type")).head(1)
-    (problem,) = kg.values_outside(odd, "relation_id", "relation_type", vocabulary.relation_types)
+    (problem,) = graph_tables.values_outside(odd, "relation_id", "relation_type", vocabulary.relation_types)
     assert problem.startswith("R-001: relation_type 'CAUSES' is not in the vocabulary")
-    assert kg.stored_nodes_differ(nodes, graph) == ""
-    assert "only in kg.nodes: none" in kg.stored_nodes_differ(without, graph)
+    assert graph_tables.stored_nodes_differ(nodes, graph) == ""
+    assert "only in kg.nodes: none" in graph_tables.stored_nodes_differ(without, graph)
     renamed = nodes.with_columns(
         pl.when(pl.col("node_id") == "N-010").then(pl.lit("別名")).otherwise(pl.col("name")).alias("name")
     )
-    assert kg.stored_nodes_differ(renamed, graph) == "1 node(s) changed, e.g. N-010"
+    assert graph_tables.stored_nodes_differ(renamed, graph) == "1 node(s) changed, e.g. N-010"

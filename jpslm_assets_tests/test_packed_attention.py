@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from jpslm_assets.resources import packed_attention as packed  # noqa: E402
-from jpslm_assets.resources import trainer as trainer_lib  # noqa: E402
+from jpslm_assets.resources import trainer_layout, trainer_spec  # noqa: E402
 from jpslm_assets_tests.test_training_loop import (  # noqa: E402
     adapters_with_and_without,
     assert_same_adapter,
@@ -101,20 +101,20 @@ def test_layout_packs_attention_only_for_padding_free_rows(tiny_base: Path) -> N
 
     config = AutoConfig.from_pretrained(tiny_base)
     spec = make_spec(tiny_base, tiny_base.parent / "packed-layout", 4)
-    gpu = trainer_lib.choose_layout(spec, config, 100, 10**12, False, varlen_available=True)
+    gpu = trainer_layout.choose_layout(spec, config, 100, 10**12, False, varlen_available=True)
     assert gpu.packed_attention
-    assert not trainer_lib.choose_layout(
+    assert not trainer_layout.choose_layout(
         spec, config, 100, None, False, varlen_available=True
     ).packed_attention
     padded = spec.model_copy(update={"padding_free": False})
-    assert not trainer_lib.choose_layout(
+    assert not trainer_layout.choose_layout(
         padded, config, 100, 10**12, False, varlen_available=True
     ).packed_attention
     contradictory = padded.model_copy(update={"packed_attention": True})
-    with pytest.raises(trainer_lib.TrainingError, match="packed_attention needs padding-free rows"):
-        trainer_lib.choose_layout(contradictory, config, 100, 10**12, False, varlen_available=True)
+    with pytest.raises(trainer_spec.TrainingError, match="packed_attention needs padding-free rows"):
+        trainer_layout.choose_layout(contradictory, config, 100, 10**12, False, varlen_available=True)
     # Compiled layers fuse norms and activations themselves: Liger's kernels stay off unless asked for.
-    compiled = trainer_lib.choose_layout(spec, config, 100, 10**12, True, compile_available=True)
+    compiled = trainer_layout.choose_layout(spec, config, 100, 10**12, True, compile_available=True)
     assert compiled.compiled_layers and not compiled.fused_kernels
 
 

@@ -18,9 +18,9 @@ import yaml
 from pydantic import Field
 
 from jpslm_assets import qa, store
+from jpslm_assets.domain.generation_types import GenerationRequest, GenerationResult
 from jpslm_assets.metadata import table_rows
 from jpslm_assets.resources.generation import GenerationBackend
-from jpslm_assets.resources.generation_api import GenerationRequest, GenerationResult
 from jpslm_assets.settings import load_profile
 from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager, artifact_record, table_metadata
 from jpslm_assets_tests.test_qa_generation import KG, TEMPLATES
@@ -319,7 +319,7 @@ def test_n_larger_than_the_pool_fails_clearly(tmp_path: Path) -> None:
 def test_rephrasing_with_the_real_small_model(store: DuckDBStore, tmp_path: Path) -> None:
     """SmolLM2-135M through embedded llama.cpp: real calls, real cache; its Japanese is poor, and the
     acceptance rules are expected to reject most rewrites rather than let them into the pool."""
-    from jpslm_assets.resources.generation import LlamaCppBackend
+    from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
 
     res = resources(store, tmp_path)
     res["rephraser"] = LlamaCppBackend(n_ctx=1024)
@@ -366,8 +366,9 @@ def test_file_writes_are_atomic(tmp_path: Path) -> None:
 
 
 def test_default_rephrase_model_needs_a_name_outside_llama_cpp() -> None:
-    from jpslm_assets.resources.generation import LlamaCppBackend, OllamaBackend
-    from jpslm_assets.resources.generation_api import GenerationError
+    from jpslm_assets.domain.generation_types import GenerationError
+    from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
+    from jpslm_assets.resources.generation_ollama import OllamaBackend
 
     assert qa.default_rephrase_model(LlamaCppBackend()).endswith(".gguf")
     with pytest.raises(GenerationError, match="rephraser backend is ollama; set qa_pool's rephrase_model"):

@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 
 from jpslm_assets.domain import qa_generation
+from jpslm_assets.domain.generation_types import GenerationError, GenerationRequest, GenerationResult
 from jpslm_assets.domain.qa_rephrase import build_request, judge_rephrase, prompt_hash, rephrase_pool
-from jpslm_assets.resources.generation_api import GenerationError, GenerationRequest, GenerationResult
 from jpslm_assets_tests.test_qa_generation import fixture_graph, shipped_catalogue
 
 

@@ -13,11 +13,11 @@ import polars as pl
 import pytest
 
 from jpslm_assets import reports
-from jpslm_assets.domain import figures
+from jpslm_assets.domain import figure_catalogue
 from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager, table_metadata
 from jpslm_assets_tests.report_samples import write_samples
 
-FIGURE_KEYS = sorted(figures.load_figure_catalogue().figures)
+FIGURE_KEYS = sorted(figure_catalogue.load_figure_catalogue().figures)
 
 
 def _materialize(
@@ -190,7 +190,7 @@ def test_figure_assets_depend_on_the_assets_that_write_their_tables(store: DuckD
 
 
 def test_code_version_changes_when_the_figure_configuration_changes() -> None:
-    spec = figures.load_figure_catalogue().figures["radar"]
+    spec = figure_catalogue.load_figure_catalogue().figures["radar"]
     one = reports.build_figure_asset(spec, [])
     other = reports.build_figure_asset(spec.model_copy(update={"caption": "changed"}), [])
     assert one.code_versions_by_key[one.key] != other.code_versions_by_key[other.key]

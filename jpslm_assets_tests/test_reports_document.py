@@ -12,13 +12,13 @@ import polars as pl
 import pytest
 from fontTools.ttLib import TTFont
 
-from jpslm_assets.domain import figures
+from jpslm_assets.domain import figure_catalogue, figures
 from jpslm_assets.domain import report_document as doc
 
 
 def _png() -> bytes:
-    spec = figures.load_figure_catalogue().figures["radar"]
-    return figures.placeholder_figure(spec, "test", figures.load_figure_catalogue().render, {}).png
+    spec = figure_catalogue.load_figure_catalogue().figures["radar"]
+    return figures.placeholder_figure(spec, "test", figure_catalogue.load_figure_catalogue().render, {}).png
 
 
 def _document(**overrides: object) -> doc.ReportDocument:

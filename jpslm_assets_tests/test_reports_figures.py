@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from jpslm_assets.domain import figures
+from jpslm_assets.domain import figure_catalogue, figures, figures_dataset, figures_export, figures_judging
 from jpslm_assets.reports import read_tables
 from jpslm_assets.store import DuckDBStore
 from jpslm_assets_tests.report_samples import sample_frames, write_samples
@@ -32,34 +32,34 @@ def _ink_fraction(png: bytes) -> float:
 @pytest.fixture
 def frames(store: DuckDBStore) -> dict[str, pl.DataFrame | None]:
     write_samples(store)
-    tables = sorted({t for spec in figures.load_figure_catalogue().figures.values() for t in spec.tables})
+    tables = sorted({t for spec in figure_catalogue.load_figure_catalogue().figures.values() for t in spec.tables})
     return read_tables(store, tables)
 
 
 def test_catalogue_has_every_figure_the_issue_lists_and_each_has_a_renderer() -> None:
-    catalogue = figures.load_figure_catalogue()
+    catalogue = figure_catalogue.load_figure_catalogue()
     assert set(catalogue.figures) == {
         "relation_types", "subset_quality", "loss_curves", "nll_curve", "model_comparison",
         "score_distribution", "category_heatmap", "radar", "question_scatter", "quantization_effect",
     }  # fmt: skip
-    assert set(catalogue.figures) == set(figures.RENDERERS)
+    assert set(catalogue.figures) == set(figure_catalogue.RENDERERS)
 
 
-@pytest.mark.parametrize("key", sorted(figures.RENDERERS))
+@pytest.mark.parametrize("key", sorted(figure_catalogue.RENDERERS))
 def test_every_figure_renders_from_the_duckdb_tables(
     key: str, frames: dict[str, pl.DataFrame | None]
 ) -> None:
     with warnings.catch_warnings():
         # matplotlib warns "Glyph ... missing from font(s)" when it would draw a tofu box.
         warnings.filterwarnings("error", message=".*missing from font.*")
-        result = figures.render_figure(key, frames)
+        result = figure_catalogue.render_figure(key, frames)
     assert not result.is_placeholder
     image = _image(result.png)
     assert image.format == "PNG"
     assert image.size == (result.width_px, result.height_px)
     assert image.size[0] >= 600 and image.size[1] >= 200
     assert _ink_fraction(result.png) > 0.02
-    spec = figures.load_figure_catalogue().figures[key]
+    spec = figure_catalogue.load_figure_catalogue().figures[key]
     assert all(
         result.source_rows[t] == (frames[t].height if frames[t] is not None else 0) for t in spec.tables
     )
@@ -68,7 +68,7 @@ def test_every_figure_renders_from_the_duckdb_tables(
 def test_figure_statistics_match_independent_computations(frames: dict[str, pl.DataFrame | None]) -> None:
     subset = frames["qa.training_subset"]
     assert subset is not None
-    quality = figures.subset_quality_stats(subset)
+    quality = figures_dataset.subset_quality_stats(subset)
     # CV of each relation type's share across subset sizes, recomputed with scipy (sample std, ddof=1).
     pivot = quality["shares"].pivot(on="n", index="relation_type", values="share").sort("relation_type")
     matrix = pivot.drop("relation_type").fill_null(0).to_numpy()
@@ -79,18 +79,18 @@ def test_figure_statistics_match_independent_computations(frames: dict[str, pl.D
         assert row["avg_chars"] == pytest.approx(np.mean(group["answer_chars"].to_numpy()))
         assert row["rows"] == group.height
 
-    result = figures.render_figure("subset_quality", frames)
+    result = figure_catalogue.render_figure("subset_quality", frames)
     assert result.stats["subset_sizes"] == [30, 60]
     assert result.stats["max_relation_share_cv"] == pytest.approx(round(float(expected_cv.max()), 5))
 
-    nll = figures.render_figure("nll_curve", frames)
+    nll = figure_catalogue.render_figure("nll_curve", frames)
     assert nll.stats["optimal_n"] == {"smollm2-135m": 60, "tiny-llama": 60}
 
 
 def test_radar_axes_and_score_stability() -> None:
     sample = sample_frames()
     distribution = sample["marts.score_distribution"]
-    stability = figures.score_stability(distribution)
+    stability = figures_judging.score_stability(distribution)
     judged = sample["eval.judge_scores"]
     for row in stability.iter_rows(named=True):
         counts = distribution.filter((pl.col("model") == row["model"]) & (pl.col("format") == row["format"]))
@@ -101,7 +101,7 @@ def test_radar_axes_and_score_stability() -> None:
             row["questions"]
             == judged.filter((pl.col("model") == row["model"]) & (pl.col("format") == row["format"])).height
         )
-    axes = figures.radar_axes(sample["marts.score_summary"], distribution)
+    axes = figures_judging.radar_axes(sample["marts.score_summary"], distribution)
     assert axes.columns == [
         "series",
         "score_axis",
@@ -130,15 +130,15 @@ def test_labels_mix_model_n_and_format_only_where_needed() -> None:
     assert figures.share_to_percent(pl.Series([0.25, 1])).to_list() == [25.0, 100.0]
 
 
-@pytest.mark.parametrize("key", sorted(figures.RENDERERS))
+@pytest.mark.parametrize("key", sorted(figure_catalogue.RENDERERS))
 def test_empty_or_missing_tables_give_a_placeholder_that_names_them(key: str, store: DuckDBStore) -> None:
-    spec = figures.load_figure_catalogue().figures[key]
+    spec = figure_catalogue.load_figure_catalogue().figures[key]
     # Half the figures see tables that exist with zero rows, the others tables that do not exist at all.
     for table, frame in sample_frames().items():
-        if table in spec.tables and sorted(figures.RENDERERS).index(key) % 2 == 0:
+        if table in spec.tables and sorted(figure_catalogue.RENDERERS).index(key) % 2 == 0:
             store.write_slice(table, frame.head(0), {})
     frames = read_tables(store, spec.tables)
-    result = figures.render_figure(key, frames)
+    result = figure_catalogue.render_figure(key, frames)
     assert result.is_placeholder
     assert result.placeholder_reason is not None
     assert spec.tables[0] in result.placeholder_reason
@@ -153,25 +153,25 @@ def test_a_table_missing_a_column_is_a_clear_error(frames: dict[str, pl.DataFram
     assert summary is not None
     broken["marts.score_summary"] = summary.drop("avg_score")
     with pytest.raises(figures.FigureInputError) as error:
-        figures.render_figure("model_comparison", broken)
+        figure_catalogue.render_figure("model_comparison", broken)
     message = str(error.value)
     assert "marts.score_summary" in message and "avg_score" in message and "Re-materialize" in message
 
 
 def test_unparsed_judge_outputs_are_counted_not_drawn_as_zero(frames: dict[str, pl.DataFrame | None]) -> None:
-    result = figures.render_figure("question_scatter", frames)
+    result = figure_catalogue.render_figure("question_scatter", frames)
     assert result.stats == {"questions": 12, "series": 4, "unparsed": 4}
 
 
 def test_loss_curves_keep_stage_two_apart_from_stage_one(frames: dict[str, pl.DataFrame | None]) -> None:
-    result = figures.render_figure("loss_curves", frames)
+    result = figure_catalogue.render_figure("loss_curves", frames)
     # 2 models x (n=30 stage 1, n=60 stage 1, n=60 stage 2)
     assert result.stats["series"] == 6
 
 
 def test_quantization_table_shows_the_delta_interval_when_the_mart_has_it() -> None:
     quant = sample_frames()["marts.quantization_effect"]
-    table = figures.quantization_table(quant)
+    table = figures_export.quantization_table(quant)
     assert table.headers == [
         "model",
         "n",
@@ -186,7 +186,7 @@ def test_quantization_table_shows_the_delta_interval_when_the_mart_has_it() -> N
     ]
     assert table.rows[0][5] == "[-0.500, +0.400]"
     assert table.rows[0][7] == "いいえ (no)"
-    plain = figures.quantization_table(quant.drop("delta_ci_low", "delta_ci_high"))
+    plain = figures_export.quantization_table(quant.drop("delta_ci_low", "delta_ci_high"))
     assert "Δ 95% 区間" not in plain.headers and len(plain.rows[0]) == len(plain.headers)
 
 
@@ -194,10 +194,10 @@ def test_japanese_font_is_the_shipped_file_and_covers_every_label() -> None:
     path = figures.japanese_font_path()
     assert path.name == "ipaexg.ttf" and "japanize_matplotlib" in str(path)
     assert figures.japanese_font_name() == "IPAexGothic"
-    catalogue = figures.load_figure_catalogue()
+    catalogue = figure_catalogue.load_figure_catalogue()
     text = "".join(spec.title + spec.caption for spec in catalogue.figures.values())
-    text += "".join(figures.RADAR_LABELS)
-    text += "".join(figures.quantization_table(sample_frames()["marts.quantization_effect"]).headers)
+    text += "".join(figures_judging.RADAR_LABELS)
+    text += "".join(figures_export.quantization_table(sample_frames()["marts.quantization_effect"]).headers)
     text += "データがまだありません 質問 判定スコア 最適 平均回答文字数 満点率 関係タイプ 判定不能 ±×Δ"
     assert figures.missing_glyphs(text) == set()
     # The check itself can fail: a glyph outside the font's coverage is reported.

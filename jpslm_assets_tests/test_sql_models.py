@@ -10,8 +10,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from jpslm_assets import sql_models
-from jpslm_assets.sql_models import ModelRunError, SqlProjectError, load_project, main, run_models, run_tests
+from jpslm_assets import sql_project
+from jpslm_assets.sql_models import main
+from jpslm_assets.sql_project import SqlProjectError, load_project
+from jpslm_assets.sql_runs import ModelRunError, run_models, run_tests
 
 SOURCES = """
 sources:
@@ -186,7 +188,7 @@ def test_ctes_and_table_functions_are_not_dependencies() -> None:
         select * from levels cross join marts.judged_answers join qa.test_set using (question_id),
         unnest([1, 2]) as u(x)
     """
-    assert sql_models.referenced_tables(sql, "inline") == {"marts.judged_answers", "qa.test_set"}
+    assert sql_project.referenced_tables(sql, "inline") == {"marts.judged_answers", "qa.test_set"}
 
 
 def test_python_model_returning_the_wrong_type_is_a_clear_error(tmp_path: Path) -> None:

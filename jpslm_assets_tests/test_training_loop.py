@@ -14,6 +14,7 @@ from jpslm_assets.catalogue import model_entry
 from jpslm_assets.domain import nll
 from jpslm_assets.domain.chat_format import IGNORE_INDEX
 from jpslm_assets.resources import trainer as trainer_lib
+from jpslm_assets.resources import trainer_layout, trainer_loading, trainer_loop, trainer_spec
 from jpslm_assets.resources.models import build_config_model
 from jpslm_assets_tests.test_training_support import qa_pairs
 from jpslm_assets_tests.training_specs import training_spec
@@ -29,7 +30,7 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def make_spec(base: Path, work: Path, examples: int, **overrides: object) -> trainer_lib.TrainingSpec:
+def make_spec(base: Path, work: Path, examples: int, **overrides: object) -> trainer_spec.TrainingSpec:
     pool = qa_pairs(examples, seed=21)
     settings = {
         "per_device_batch_size": 2,
@@ -52,7 +53,7 @@ def test_loss_covers_answer_tokens_only(tiny_base: Path, tmp_path: Path) -> None
     import torch
 
     spec = make_spec(tiny_base, tmp_path, 8).model_copy(update={"padding_free": False})
-    prepared = trainer_lib.prepare_run(spec, lambda message: None)
+    prepared = trainer_loop.prepare_run(spec, lambda message: None)
     trainer = prepared.trainer
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     labels, input_ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
@@ -92,7 +93,9 @@ def test_answer_position_head_gives_the_models_own_loss(
 
     for padding_free in (False, True):
         spec = make_spec(tiny_base, tmp_path / str(padding_free), 8, per_device_batch_size=4)
-        prepared = trainer_lib.prepare_run(spec.model_copy(update={"padding_free": padding_free}), lambda m: None)
+        prepared = trainer_loop.prepare_run(
+            spec.model_copy(update={"padding_free": padding_free}), lambda m: None
+        )
         trainer, model = prepared.trainer, prepared.trainer.model
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         items = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) + 3  # as if 3 more came in other micro-batches
@@ -124,9 +127,9 @@ def test_padding_free_batches_mask_prompts_and_give_the_padded_loss(tiny_base: P
     """One row per micro-batch, positions restarting per example: same answer-only loss as padded rows."""
     import torch
 
-    def first_batch(padding_free: bool) -> tuple[trainer_lib.PreparedRun, dict]:
+    def first_batch(padding_free: bool) -> tuple[trainer_loop.PreparedRun, dict]:
         spec = make_spec(tiny_base, tmp_path / str(padding_free), 8, per_device_batch_size=4)
-        prepared = trainer_lib.prepare_run(
+        prepared = trainer_loop.prepare_run(
             spec.model_copy(update={"padding_free": padding_free}), lambda m: None
         )
         trainer = prepared.trainer
@@ -162,7 +165,7 @@ def test_padding_free_batches_mask_prompts_and_give_the_padded_loss(tiny_base: P
 
 
 def adapters_with_and_without(
-    base: Path, work: Path, field: str, sink: trainer_lib.ProgressSink = lambda message: None
+    base: Path, work: Path, field: str, sink: trainer_spec.ProgressSink = lambda message: None
 ) -> tuple[dict, dict]:
     """Train 3 steps with the spec's ``field`` on, then off; return (adapter with, adapter without).
 
@@ -171,7 +174,7 @@ def adapters_with_and_without(
     adapters = []
     for value in (True, False):
         spec = make_spec(base, work / str(value), 8, per_device_batch_size=4, max_steps=3, dropout=0.0)
-        result = trainer_lib.run_training(spec.model_copy(update={field: value}), sink)
+        result = trainer_loop.run_training(spec.model_copy(update={field: value}), sink)
         assert result.layout is not None and getattr(result.layout, layout_field) is value
         assert all(point.seconds is not None and point.seconds > 0 for point in result.loss_curve)
         adapters.append(adapter_tensors(Path(result.adapter_path)))
@@ -204,9 +207,9 @@ def test_compiling_a_model_without_listed_decoder_layers_is_refused_by_name() ->
     import torch
 
     with pytest.raises(
-        trainer_lib.TrainingError, match="no decoder layers to compile in Sequential.*compile_layers"
+        trainer_spec.TrainingError, match="no decoder layers to compile in Sequential.*compile_layers"
     ):
-        trainer_lib.compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        trainer_loading.compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 def test_layout_keeps_the_effective_batch_and_checkpoints_only_when_memory_is_short(tiny_base: Path) -> None:
@@ -216,34 +219,38 @@ def test_layout_keeps_the_effective_batch_and_checkpoints_only_when_memory_is_sh
     spec = make_spec(
         tiny_base, tiny_base.parent / "layout", 4, per_device_batch_size=2, gradient_accumulation_steps=4
     )
-    per_token = trainer_lib.activation_bytes_per_token(config, spec.plan.dropout)
+    per_token = trainer_layout.activation_bytes_per_token(config, spec.plan.dropout)
 
-    cpu = trainer_lib.choose_layout(spec, config, 100, None, fused_available=True)
+    cpu = trainer_layout.choose_layout(spec, config, 100, None, fused_available=True)
     assert (cpu.per_device_batch_size, cpu.gradient_accumulation_steps, cpu.gradient_checkpointing) == (
         2,
         4,
         False,
     )
     assert not cpu.fused_kernels, "fused kernels are CUDA-only"
-    assert not trainer_lib.choose_layout(
+    assert not trainer_layout.choose_layout(
         spec, config, 100, None, True, compile_available=True
     ).compiled_layers
     asked = spec.model_copy(update={"compile_layers": True})
-    assert trainer_lib.choose_layout(asked, config, 100, None, False).compiled_layers, (
+    assert trainer_layout.choose_layout(asked, config, 100, None, False).compiled_layers, (
         "CPU compiles on request"
     )
-    assert trainer_lib.choose_layout(spec, config, 100, 10**12, False, compile_available=True).compiled_layers
+    assert trainer_layout.choose_layout(
+        spec, config, 100, 10**12, False, compile_available=True
+    ).compiled_layers
     declined = spec.model_copy(update={"compile_layers": False})
-    assert not trainer_lib.choose_layout(
+    assert not trainer_layout.choose_layout(
         declined, config, 100, 10**12, False, compile_available=True
     ).compiled_layers
 
-    roomy = trainer_lib.choose_layout(spec, config, 100, 10**12, fused_available=False)
+    roomy = trainer_layout.choose_layout(spec, config, 100, 10**12, fused_available=False)
     assert (roomy.per_device_batch_size, roomy.gradient_accumulation_steps) == (8, 1)
     assert not roomy.gradient_checkpointing and not roomy.fused_kernels
 
     # Room for 4 examples' activations but not 8: micro-batch 4, accumulation 2, still no checkpointing.
-    four = trainer_lib.choose_layout(spec, config, 100, int(5 * 100 * per_token / 0.7), fused_available=True)
+    four = trainer_layout.choose_layout(
+        spec, config, 100, int(5 * 100 * per_token / 0.7), fused_available=True
+    )
     assert (four.per_device_batch_size, four.gradient_accumulation_steps, four.gradient_checkpointing) == (
         4,
         2,
@@ -252,7 +259,7 @@ def test_layout_keeps_the_effective_batch_and_checkpoints_only_when_memory_is_sh
     assert four.fused_kernels
 
     # Not even one example without checkpointing: checkpointing on, largest micro-batch that then fits.
-    short = trainer_lib.choose_layout(
+    short = trainer_layout.choose_layout(
         spec, config, 100, int(0.9 * 100 * per_token / 0.7), fused_available=False
     )
     assert (
@@ -260,7 +267,7 @@ def test_layout_keeps_the_effective_batch_and_checkpoints_only_when_memory_is_sh
     )
 
     fixed = spec.model_copy(update={"adapt_micro_batch": False, "gradient_checkpointing": True})
-    forced = trainer_lib.choose_layout(fixed, config, 100, 10**12, fused_available=False)
+    forced = trainer_layout.choose_layout(fixed, config, 100, 10**12, fused_available=False)
     assert (
         forced.per_device_batch_size,
         forced.gradient_accumulation_steps,
@@ -275,28 +282,29 @@ def test_layout_keeps_the_effective_batch_and_checkpoints_only_when_memory_is_sh
 def test_a_memory_budget_is_what_the_layout_plans_within(tiny_base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoConfig
 
-    gib = trainer_lib.GIB
+    gib = trainer_layout.GIB
     # Without a budget the free memory is planned for; with one, the budget less what the process holds.
-    assert trainer_lib.planning_memory("p", 60 * gib, 6 * gib, None) == (60 * gib, "60.0 GiB free")
-    usable, note = trainer_lib.planning_memory("p", 60 * gib, 6 * gib, 16)
+    assert trainer_layout.planning_memory("p", 60 * gib, 6 * gib, None) == (60 * gib, "60.0 GiB free")
+    usable, note = trainer_layout.planning_memory("p", 60 * gib, 6 * gib, 16)
     assert usable == 10 * gib and note == "10.0 GiB left of a 16 GiB budget"
-    assert trainer_lib.planning_memory("p", 4 * gib, 6 * gib, 16)[0] == 4 * gib, "never more than is free"
-    with pytest.raises(trainer_lib.TrainingError, match=r"partition p: the loaded model already holds 17.0 GiB "
+    assert trainer_layout.planning_memory("p", 4 * gib, 6 * gib, 16)[0] == 4 * gib, "never more than is free"
+    with pytest.raises(trainer_spec.TrainingError,
+                       match=r"partition p: the loaded model already holds 17.0 GiB "
                        r"of the 16 GiB memory budget.*raise memory_budget_gib"):  # fmt: skip
-        trainer_lib.planning_memory("p", 60 * gib, 17 * gib, 16)
+        trainer_layout.planning_memory("p", 60 * gib, 17 * gib, 16)
     # The same run on a roomy card and inside a budget that leaves room for half the micro-batch.
     config = AutoConfig.from_pretrained(tiny_base)
     spec = make_spec(tiny_base, tiny_base.parent / "budget", 4, per_device_batch_size=2, gradient_accumulation_steps=4)
-    per_token = trainer_lib.activation_bytes_per_token(config, spec.plan.dropout)
-    roomy = trainer_lib.choose_layout(spec, config, 100, 10**12, fused_available=False)
+    per_token = trainer_layout.activation_bytes_per_token(config, spec.plan.dropout)
+    roomy = trainer_layout.choose_layout(spec, config, 100, 10**12, fused_available=False)
     budget_gib = (int(5 * 100 * per_token / 0.7) + 2 * gib) / gib
-    left, note = trainer_lib.planning_memory("p", 10**12, 2 * gib, budget_gib)
-    capped = trainer_lib.choose_layout(spec, config, 100, left, fused_available=False, memory_note=note)
+    left, note = trainer_layout.planning_memory("p", 10**12, 2 * gib, budget_gib)
+    capped = trainer_layout.choose_layout(spec, config, 100, left, fused_available=False, memory_note=note)
     assert roomy.per_device_batch_size == 8 and capped.per_device_batch_size == 4
     assert capped.gradient_accumulation_steps == 2 and not capped.gradient_checkpointing
     assert capped.reason.startswith(f"{note}; micro-batch 4")
     # The resource hands its budget to every run's spec; a spec's own budget wins.
-    seen: list[trainer_lib.TrainingSpec] = []
+    seen: list[trainer_spec.TrainingSpec] = []
     resource = trainer_lib.LoraTrainer(backend="cpu_lora", memory_budget_gib=16)
     monkeypatch.setattr(trainer_lib, "run_training", lambda spec, sink: seen.append(spec))
     resource.train(spec, print)
@@ -314,43 +322,43 @@ def test_a_memory_budget_is_what_the_layout_plans_within(tiny_base: Path, monkey
 
 def test_training_writes_a_peft_adapter_and_a_loss_curve(tiny_base: Path, tmp_path: Path) -> None:
     messages: list[str] = []
-    result = trainer_lib.run_training(make_spec(tiny_base, tmp_path, 8, max_steps=3), messages.append)
+    result = trainer_loop.run_training(make_spec(tiny_base, tmp_path, 8, max_steps=3), messages.append)
     adapter = Path(result.adapter_path)
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "checkpoints").exists(), "checkpoints are removed once the adapter is in place"
     assert [point.step for point in result.loss_curve] == [1, 2, 3]
     assert result.tokens > 0 and result.tokens_per_s > 0 and result.backend == "cpu_lora"
     assert any("step 3/3" in m and "tokens/s" in m and "ETA" in m for m in messages)
-    with pytest.raises(trainer_lib.TrainingError, match="already exists"):
-        trainer_lib.run_training(make_spec(tiny_base, tmp_path, 8, max_steps=3), messages.append)
+    with pytest.raises(trainer_spec.TrainingError, match="already exists"):
+        trainer_loop.run_training(make_spec(tiny_base, tmp_path, 8, max_steps=3), messages.append)
 
 
 def test_pairs_whose_prompt_fills_the_budget_are_reported_not_trained(
     tiny_base: Path, tmp_path: Path
 ) -> None:
     spec = make_spec(tiny_base, tmp_path, 8, max_steps=1, max_seq_length=48)
-    records = trainer_lib.read_training_records(Path(spec.data_path))
+    records = trainer_spec.read_training_records(Path(spec.data_path))
     records[:2] = [(qa_id, question * 40, answer) for qa_id, question, answer in records[:2]]
-    trainer_lib.write_training_records(Path(spec.data_path), records)
+    trainer_spec.write_training_records(Path(spec.data_path), records)
     messages: list[str] = []
-    result = trainer_lib.run_training(spec, messages.append)
+    result = trainer_loop.run_training(spec, messages.append)
     assert (result.examples, result.skipped_examples) == (6, 2)
     assert any("2 of 8 pairs left out" in m and records[0][0] in m for m in messages)
 
     everything_long = [(qa_id, question * 40, answer) for qa_id, question, answer in records]
-    trainer_lib.write_training_records(Path(spec.data_path), everything_long)
+    trainer_spec.write_training_records(Path(spec.data_path), everything_long)
     again = spec.model_copy(update={"output_dir": str(tmp_path / "again")})
-    with pytest.raises(trainer_lib.TrainingError, match=r"tiny-llama\|8: every one of the 8 prompts"):
-        trainer_lib.run_training(again, messages.append)
+    with pytest.raises(trainer_spec.TrainingError, match=r"tiny-llama\|8: every one of the 8 prompts"):
+        trainer_loop.run_training(again, messages.append)
 
 
 def test_cpu_bf16_autocast_keeps_float32_adapter_weights(tiny_base: Path, tmp_path: Path) -> None:
     import torch
 
     spec = make_spec(tiny_base, tmp_path, 8, max_steps=2).model_copy(update={"cpu_bf16": True})
-    prepared = trainer_lib.prepare_run(spec, lambda message: None)
+    prepared = trainer_loop.prepare_run(spec, lambda message: None)
     assert prepared.trainer.args.bf16 and prepared.trainer.args.device.type == "cpu"
-    result = trainer_lib.run_training(spec, lambda message: None)
+    result = trainer_loop.run_training(spec, lambda message: None)
     assert result.precision == "bf16-autocast" and math.isfinite(result.train_loss_final)
     assert {t.dtype for t in adapter_tensors(Path(result.adapter_path)).values()} == {torch.float32}
 
@@ -359,7 +367,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_adapter(tiny_base: Pa
     import torch
 
     settings = {"max_steps": 24, "checkpoint_every_steps": 4, "seed": 3}
-    reference = trainer_lib.run_training(make_spec(tiny_base, tmp_path / "straight", 48, **settings), print)
+    reference = trainer_loop.run_training(make_spec(tiny_base, tmp_path / "straight", 48, **settings), print)
 
     spec = make_spec(tiny_base, tmp_path / "killed", 48, **settings)
     spec_file = tmp_path / "spec.json"
@@ -379,7 +387,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_adapter(tiny_base: Pa
     checkpoints = Path(spec.checkpoint_dir)
     deadline = time.monotonic() + 300
     try:
-        while trainer_lib.resumable_checkpoint(checkpoints) is None:
+        while trainer_loop.resumable_checkpoint(checkpoints) is None:
             assert worker.poll() is None, "the worker ended before writing a checkpoint"
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.02)
@@ -388,10 +396,10 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_adapter(tiny_base: Pa
         worker.wait()
     assert worker.returncode == -signal.SIGKILL
     assert not Path(spec.output_dir).exists(), "the kill must land mid-training"
-    killed_at = int(trainer_lib.resumable_checkpoint(checkpoints).name.split("-")[1])
+    killed_at = int(trainer_loop.resumable_checkpoint(checkpoints).name.split("-")[1])
     assert 4 <= killed_at < 24
 
-    resumed = trainer_lib.run_training(spec, print)
+    resumed = trainer_loop.run_training(spec, print)
     assert resumed.resumed_from_step is not None and resumed.resumed_from_step >= 4
     assert resumed.steps == reference.steps == 24
     assert [p.step for p in resumed.loss_curve] == list(range(1, 25))
@@ -414,8 +422,8 @@ def test_out_of_memory_names_the_partition_and_leaves_no_adapter(
 
     monkeypatch.setattr(trl.SFTTrainer, "training_step", exhausted)
     spec = make_spec(tiny_base, tmp_path, 8, max_steps=3)
-    with pytest.raises(trainer_lib.TrainingOutOfMemoryError) as caught:
-        trainer_lib.run_training(spec, lambda message: None)
+    with pytest.raises(trainer_spec.TrainingOutOfMemoryError) as caught:
+        trainer_loop.run_training(spec, lambda message: None)
     message = str(caught.value)
     assert "partition tiny-llama|8" in message and "per_device_batch_size=2" in message
     assert "halve per_device_batch_size" in message and "gradient_accumulation_steps" in message
@@ -431,14 +439,16 @@ def test_a_worker_process_trains_through_dagster_pipes_and_reports_progress_resu
     import dagster as dg
 
     spec = make_spec(tiny_base, tmp_path / "ok", 8, max_steps=2)
-    in_process = trainer_lib.run_training(make_spec(tiny_base, tmp_path / "same", 8, max_steps=2), lambda m: None)
+    in_process = trainer_loop.run_training(
+        make_spec(tiny_base, tmp_path / "same", 8, max_steps=2), lambda m: None
+    )
     broken = make_spec(tiny_base, tmp_path / "broken", 8, max_steps=2)
-    records = trainer_lib.read_training_records(Path(broken.data_path))
+    records = trainer_spec.read_training_records(Path(broken.data_path))
     # Every prompt longer than max_seq_length: no answer token is left to train on.
-    trainer_lib.write_training_records(Path(broken.data_path), [(i, q * 40, a) for i, q, a in records])
+    trainer_spec.write_training_records(Path(broken.data_path), [(i, q * 40, a) for i, q, a in records])
     resource = trainer_lib.LoraTrainer(backend="cpu_lora", launcher="subprocess", cpu_precision="fp32")
     assert resource.launcher_for("cpu_lora") == ("subprocess", 1)
-    results: dict[str, trainer_lib.TrainingResult] = {}
+    results: dict[str, trainer_spec.TrainingResult] = {}
 
     @dg.asset
     def pipes_adapter(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
@@ -468,5 +478,5 @@ def test_a_worker_process_trains_through_dagster_pipes_and_reports_progress_resu
     assert "TrainingError" in text and "every one of the 8 prompts" in text and "raise max_seq_length" in text
 
     # The worker launcher without a context says what it needs.
-    with pytest.raises(trainer_lib.TrainingError, match="needs the asset's execution context"):
+    with pytest.raises(trainer_spec.TrainingError, match="needs the asset's execution context"):
         resource.train(spec, print)

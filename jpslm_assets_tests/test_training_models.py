@@ -134,7 +134,7 @@ def test_smollm2_base_is_dense_real_weights_with_its_chat_template(smollm2_base:
 def test_smollm2_test_nll_falls_with_training(smollm2_base: Path, tmp_path: Path) -> None:
     from jpslm_assets.domain.chat_format import encode_pairs
     from jpslm_assets.domain.nll import answer_token_nll
-    from jpslm_assets.resources import trainer as trainer_lib
+    from jpslm_assets.resources import trainer_loop
     from jpslm_assets.resources.models import load_for_scoring
     from jpslm_assets_tests.test_training_support import eval_questions_frame
     from jpslm_assets_tests.training_specs import training_spec
@@ -148,7 +148,7 @@ def test_smollm2_test_nll_falls_with_training(smollm2_base: Path, tmp_path: Path
         "max_seq_length": 128,
     }
     spec = training_spec("smollm2-135m", smollm2_base, tmp_path, records, 1, overrides)
-    result = trainer_lib.run_training(spec, lambda message: None)
+    result = trainer_loop.run_training(spec, lambda message: None)
     tests = eval_questions_frame(12)
     scorer = load_for_scoring(str(smollm2_base), Path(result.adapter_path), result.backend)
     triples = list(zip(tests["question_id"], tests["question"], tests["reference_answer"], strict=True))[:12]

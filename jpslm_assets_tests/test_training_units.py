@@ -23,6 +23,7 @@ from jpslm_assets.domain.tokenizer_training import (
 from jpslm_assets.domain.training_plan import PlanError, resolve_plan
 from jpslm_assets.domain.training_plots import japanese_font_path, plot_loss_curves, plot_scale_curve
 from jpslm_assets.resources import trainer as trainer_lib
+from jpslm_assets.resources import trainer_loading, trainer_loop, trainer_spec
 from jpslm_assets.resources.models import ModelFactory, ModelUnavailableError
 from jpslm_assets.settings import load_profile
 from jpslm_assets_tests.test_training_support import qa_pairs
@@ -362,11 +363,11 @@ def test_sentencepiece_training_covers_unseen_text_by_bytes() -> None:
 
 
 def test_backend_choice_without_cuda() -> None:
-    assert trainer_lib.select_backend("auto") == "cpu_lora"
-    assert trainer_lib.select_backend("cpu_lora") == "cpu_lora"
+    assert trainer_loading.select_backend("auto") == "cpu_lora"
+    assert trainer_loading.select_backend("cpu_lora") == "cpu_lora"
     for gpu_only in ("bnb_qlora", "unsloth"):
-        with pytest.raises(trainer_lib.BackendUnavailableError, match="needs a CUDA GPU"):
-            trainer_lib.select_backend(gpu_only)
+        with pytest.raises(trainer_spec.BackendUnavailableError, match="needs a CUDA GPU"):
+            trainer_loading.select_backend(gpu_only)
     assert trainer_lib.LoraTrainer().launcher_for("cpu_lora") == ("in_process", 1)
 
 
@@ -379,21 +380,23 @@ def test_resume_skips_a_checkpoint_cut_short(tmp_path: Path) -> None:
         if state is not None:
             (folder / "trainer_state.json").write_text(state)
 
-    assert trainer_lib.resumable_checkpoint(tmp_path) is None
+    assert trainer_loop.resumable_checkpoint(tmp_path) is None
     checkpoint(5, json.dumps({"global_step": 5}))
     checkpoint(10, '{"global_st')  # killed while writing the state
     checkpoint(15, None)  # killed before the state
     (tmp_path / "checkpoint-x").mkdir()
-    assert trainer_lib.resumable_checkpoint(tmp_path) == tmp_path / "checkpoint-5"
+    assert trainer_loop.resumable_checkpoint(tmp_path) == tmp_path / "checkpoint-5"
 
 
 def test_training_records_round_trip_and_bad_lines_are_named(tmp_path: Path) -> None:
     path = tmp_path / "train.jsonl"
-    trainer_lib.write_training_records(path, [("QA-1", "問", "答\n改行")])
-    assert trainer_lib.read_training_records(path) == [("QA-1", "問", "答\n改行")]
+    trainer_spec.write_training_records(path, [("QA-1", "問", "答\n改行")])
+    assert trainer_spec.read_training_records(path) == [("QA-1", "問", "答\n改行")]
     path.write_text('{"qa_id": "QA-1", "question": "q"}\n', encoding="utf-8")
-    with pytest.raises(trainer_lib.TrainingError, match=r"train.jsonl:1: not a qa_id/question/answer record"):
-        trainer_lib.read_training_records(path)
+    with pytest.raises(
+        trainer_spec.TrainingError, match=r"train.jsonl:1: not a qa_id/question/answer record"
+    ):
+        trainer_spec.read_training_records(path)
 
 
 # ---------------------------------------------------------------------------------------------- plots

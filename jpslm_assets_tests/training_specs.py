@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from jpslm_assets.domain.training_plan import resolve_plan
-from jpslm_assets.resources import trainer as trainer_lib
+from jpslm_assets.resources import trainer_spec
 from jpslm_assets.settings import load_profile
 
 
@@ -17,14 +17,14 @@ def training_spec(
     records: Sequence[tuple[str, str, str]],
     stage: int,
     overrides: Mapping[str, object],
-    backend: trainer_lib.Backend = "cpu_lora",
+    backend: trainer_spec.Backend = "cpu_lora",
     **fields: object,
-) -> trainer_lib.TrainingSpec:
+) -> trainer_spec.TrainingSpec:
     """``records`` are (qa_id, question, answer); ``fields`` set further TrainingSpec fields (cpu_threads, ...)."""
     work.mkdir(parents=True, exist_ok=True)
     data = work / "train.jsonl"
-    trainer_lib.write_training_records(data, list(records))
-    return trainer_lib.TrainingSpec(
+    trainer_spec.write_training_records(data, list(records))
+    return trainer_spec.TrainingSpec(
         partition=f"{model}|{len(records)}",
         model=model,
         base_model_ref=str(base),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from jpslm_assets.domain.chat_format import chat_messages
-from jpslm_assets.resources.generation_api import GenerationError, GenerationRequest, GenerationResult
+from jpslm_assets.domain.generation_types import GenerationError, GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:  # polars is imported where it is used: the answering loop runs on machines without it
     import polars as pl

@@ -27,7 +27,7 @@ import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from jpslm_assets.resources.generation_api import (
+from jpslm_assets.domain.generation_types import (
     BackendUnavailable,
     ChatMessage,
     GenerationError,

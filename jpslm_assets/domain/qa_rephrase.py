@@ -19,8 +19,8 @@ from typing import Any
 
 import polars as pl
 
+from jpslm_assets.domain.generation_types import GenerationRequest, GenerationResult
 from jpslm_assets.domain.qa_templates import RephraseSettings
-from jpslm_assets.resources.generation_api import GenerationRequest, GenerationResult
 
 QUOTED_TERM = re.compile(r"「([^「」]+)」")
 _LEADING_LABEL = re.compile(r"^(?:言い換え|質問|Question|Q)\s*[:：]\s*", re.IGNORECASE)

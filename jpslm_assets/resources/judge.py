@@ -22,8 +22,8 @@ from pydantic import Field, field_validator
 from jpslm_assets import settings as project_settings
 from jpslm_assets.catalogue import UnknownModelError, model_entry
 from jpslm_assets.domain import judging as judge_lib
+from jpslm_assets.domain.generation_types import GenerationRequest, GenerationResult
 from jpslm_assets.resources.generation import GenerationBackend
-from jpslm_assets.resources.generation_api import GenerationRequest, GenerationResult
 from jpslm_assets.resources.llama_cpp_tools import LlamaCppToolError, check_gguf_file
 
 LANGUAGES = ("ja", "en")

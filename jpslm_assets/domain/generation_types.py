@@ -1,7 +1,8 @@
 """The generation-backend interface shared by answering, judging and optional QA rephrasing.
 
-Implementations (Ollama, embedded llama.cpp, transformers) live in ``jpslm_assets.resources.generation``.
-This module only defines the request/result types, so stages can depend on it without heavy imports.
+Implementations (Ollama, embedded llama.cpp, transformers) live in ``jpslm_assets.resources``. This module
+only defines the request/result types: plain data that touches no outside system, so plain functions and
+resources both depend on it, and nothing here depends on them.
 """
 
 from __future__ import annotations
