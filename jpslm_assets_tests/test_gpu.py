@@ -62,7 +62,8 @@ def test_backend_auto_picks_bitsandbytes_qlora_on_cuda() -> None:
     pytest.importorskip("bitsandbytes")
     from jpslm_assets.resources import trainer_loading
 
-    expected = "unsloth" if importlib.util.find_spec("unsloth") else "bnb_qlora"
+    gib = trainer_loading.first_gpu_gib()
+    expected = trainer_loading.measured_faster(gib)[0] if importlib.util.find_spec("unsloth") else "bnb_qlora"
     assert trainer_loading.select_backend("auto") == expected
 
 

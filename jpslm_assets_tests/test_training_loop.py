@@ -258,6 +258,21 @@ def test_layout_keeps_the_effective_batch_and_checkpoints_only_when_memory_is_sh
     )
     assert four.fused_kernels
 
+    # Room for one example without checkpointing, several with it: micro-batch 1 would leave the GPU waiting on
+    # small kernels (measured: docs/benchmarks/gpu.md), so checkpointing with the larger micro-batch wins; asked
+    # to stay off, checkpointing stays off.
+    one = int(1.5 * 100 * per_token / 0.7)
+    small = trainer_layout.choose_layout(spec, config, 100, one, fused_available=False)
+    assert small.gradient_checkpointing and small.per_device_batch_size >= 2, small
+    assert "without it only micro-batch 1 would fit" in small.reason
+    assert small.per_device_batch_size * small.gradient_accumulation_steps == 8
+    off = spec.model_copy(update={"gradient_checkpointing": False})
+    kept = trainer_layout.choose_layout(off, config, 100, one, fused_available=False)
+    assert (kept.per_device_batch_size, kept.gradient_checkpointing) == (1, False)
+    assert trainer_layout.prefer_checkpointing(1, 2) and trainer_layout.prefer_checkpointing(2, 8)
+    assert not trainer_layout.prefer_checkpointing(4, 8), "micro-batch 4 keeps the GPU busy enough"
+    assert not trainer_layout.prefer_checkpointing(2, 2) and not trainer_layout.prefer_checkpointing(1, None)
+
     # Not even one example without checkpointing: checkpointing on, largest micro-batch that then fits.
     short = trainer_layout.choose_layout(
         spec, config, 100, int(0.9 * 100 * per_token / 0.7), fused_available=False

@@ -371,6 +371,39 @@ def test_backend_choice_without_cuda() -> None:
     assert trainer_lib.LoraTrainer().launcher_for("cpu_lora") == ("in_process", 1)
 
 
+def test_auto_on_cuda_picks_the_backend_measured_faster_for_the_card(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The shipped measurements: the bitsandbytes path was faster than unsloth capped at 16 GiB and on 80 GiB.
+    for memory in (12.0, 16.0, 24.0, 80.0, 141.0):
+        backend, why = trainer_loading.measured_faster(memory)
+        assert backend == "bnb_qlora" and "unsloth" in why and "real tokens/s" in why
+    table = """
+measured:
+  - {memory_gib: 16, device: small card, bnb_qlora: 1000, unsloth: 1500}
+  - {memory_gib: 80, device: large card, bnb_qlora: 9000, unsloth: 5000}
+"""
+    assert trainer_loading.measured_faster(12, table)[0] == "unsloth"
+    assert trainer_loading.measured_faster(16, table)[0] == "unsloth"
+    assert trainer_loading.measured_faster(40, table)[0] == "bnb_qlora"
+    assert trainer_loading.measured_faster(141, table) == ("bnb_qlora", trainer_loading.measured_faster(80, table)[1])
+
+    # select_backend on a (pretend) CUDA machine with both installed follows the measurements for the run's
+    # memory: the budget when one is set, else the GPU's memory.
+    monkeypatch.setattr(trainer_loading, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(trainer_loading, "first_gpu_gib", lambda: 80.0)
+    monkeypatch.setattr(trainer_loading.importlib.util, "find_spec", lambda name: object())
+    chosen: list[float] = []
+
+    def fake(memory_gib: float, table: str | None = None) -> tuple[str, str]:
+        chosen.append(memory_gib)
+        return ("unsloth" if memory_gib <= 16 else "bnb_qlora"), "test"
+
+    monkeypatch.setattr(trainer_loading, "measured_faster", fake)
+    assert trainer_loading.select_backend("auto", 16.0) == "unsloth"
+    assert trainer_loading.select_backend("auto") == "bnb_qlora"
+    assert trainer_lib.LoraTrainer(memory_budget_gib=16.0).resolved_backend() == "unsloth"
+    assert chosen == [16.0, 80.0, 16.0]
+
+
 def test_resume_skips_a_checkpoint_cut_short(tmp_path: Path) -> None:
     def checkpoint(step: int, state: str | None) -> None:
         folder = tmp_path / f"checkpoint-{step}"

@@ -1,6 +1,7 @@
 """LoRA / QLoRA training of one (model, n) partition, behind one resource with three backends.
 
-Backends (``LoraTrainer.backend``; ``auto`` picks the first that applies):
+Backends (``LoraTrainer.backend``; ``auto``: on CUDA whichever of the first two was measured faster for the
+run's memory, ``trainer_loading.select_backend``; else ``cpu_lora``):
 - ``unsloth``: unsloth's ``FastLanguageModel`` 4-bit QLoRA, when unsloth is installed and CUDA is present;
 - ``bnb_qlora``: transformers + bitsandbytes NF4 with double quantization, bf16 compute, peft LoRA, TRL;
 - ``cpu_lora``: float32 weights on CPU with a peft LoRA, TRL's ``SFTTrainer`` (bf16 autocast on request).
@@ -98,7 +99,7 @@ class LoraTrainer(dg.ConfigurableResource):
     )
 
     def resolved_backend(self) -> Backend:
-        return select_backend(self.backend)
+        return select_backend(self.backend, self.memory_budget_gib)
 
     def resolved_cpu_precision(self) -> tuple[str, str]:
         """(``fp32`` or ``bf16``, why) that CPU LoRA runs of this resource use on this machine."""

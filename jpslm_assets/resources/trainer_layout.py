@@ -86,8 +86,9 @@ def choose_layout(
     ``free_bytes`` is the device memory the run may use after the model is loaded (the free memory, or what a
     memory budget leaves: ``planning_memory``; ``memory_note`` says which), or None on CPU. On CUDA, candidates are
     the divisors of the effective batch from the largest down; the first whose activations (micro-batch x the
-    longest example, in tokens) fit in 70% of free memory runs without checkpointing. If none fits, gradient
-    checkpointing is switched on and the largest micro-batch that fits with it is taken. Every candidate keeps
+    longest example, in tokens) fit in 70% of free memory runs without checkpointing, unless that micro-batch is
+    small (below ``SMALL_MICRO_BATCH``) and checkpointing at least doubles it (``prefer_checkpointing``). If none
+    fits, gradient checkpointing is switched on and the largest micro-batch that fits with it is taken. Every candidate keeps
     the effective batch, so each optimizer step sees the same examples and the same loss.
 
     Kernels, unless the spec says otherwise: on CUDA, decoder layers are compiled when ``compile_available``
@@ -155,25 +156,44 @@ def choose_layout(
     )
 
     free_text = memory_note or f"{free_bytes / GIB:.1f} GiB free"
-    if spec.gradient_checkpointing is not True:
-        for size in sizes:
-            need = size * longest_example * per_token
-            if need <= budget:
-                return layout(
-                    size,
-                    False,
-                    f"{free_text}; micro-batch {size} x {longest_example} tokens needs ~{need / GIB:.1f} "
-                    "GiB of activations without checkpointing",
-                )
-        if spec.gradient_checkpointing is False:
-            return layout(sizes[-1], False, f"{free_text}; checkpointing off by request")
-    for size in sizes:
-        need = size * longest_example * checkpointed_per_token
-        if need <= budget:
-            return layout(
-                size,
-                True,
-                f"{free_text}; micro-batch {size} x {longest_example} tokens needs ~{need / GIB:.1f} GiB "
-                "with gradient checkpointing",
-            )
+    plain = next((size for size in sizes if size * longest_example * per_token <= budget), None)
+    checkpointed = next(
+        (size for size in sizes if size * longest_example * checkpointed_per_token <= budget), None
+    )
+    if spec.gradient_checkpointing is not True and plain is not None:
+        need = plain * longest_example * per_token
+        reason = (
+            f"{free_text}; micro-batch {plain} x {longest_example} tokens needs ~{need / GIB:.1f} GiB of "
+            "activations without checkpointing"
+        )
+        if spec.gradient_checkpointing is False or not prefer_checkpointing(plain, checkpointed):
+            return layout(plain, False, reason)
+    if spec.gradient_checkpointing is False:
+        return layout(sizes[-1], False, f"{free_text}; checkpointing off by request")
+    if checkpointed is not None:
+        need = checkpointed * longest_example * checkpointed_per_token
+        because = (
+            f" (without it only micro-batch {plain} would fit, which keeps the GPU waiting on small kernels)"
+            if plain is not None
+            else ""
+        )
+        return layout(
+            checkpointed,
+            True,
+            f"{free_text}; micro-batch {checkpointed} x {longest_example} tokens needs ~{need / GIB:.1f} GiB "
+            f"with gradient checkpointing{because}",
+        )
     return layout(sizes[-1], True, f"{free_text}; smallest micro-batch with checkpointing (may not fit)")
+
+
+# Below this micro-batch a run without checkpointing loses more to small, launch-bound kernels than
+# checkpointing's recomputation costs: on an H100 capped at 16 GiB (docs/benchmarks/gpu.md, 2026-12-06) the 8B
+# model trained at 1,502 real tokens/s with micro-batch 1 and no checkpointing, while the plain peft loop with
+# micro-batch 8 and checkpointing reached 3,820 in 14.7 GiB.
+SMALL_MICRO_BATCH = 4
+
+
+def prefer_checkpointing(plain: int, checkpointed: int | None) -> bool:
+    """Whether checkpointing with micro-batch ``checkpointed`` beats no checkpointing with micro-batch ``plain``:
+    when the plain micro-batch is small (below ``SMALL_MICRO_BATCH``) and checkpointing at least doubles it."""
+    return checkpointed is not None and plain < SMALL_MICRO_BATCH and checkpointed >= 2 * plain

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from importlib import resources
 from typing import Any
 
 from jpslm_assets.resources.trainer_spec import (
@@ -20,20 +21,47 @@ from jpslm_assets.resources.trainer_spec import (
 )
 
 
+def first_gpu_gib() -> float:
+    import torch
+
+    return float(torch.cuda.get_device_properties(0).total_memory) / 1024**3
+
+
 def cuda_device_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def select_backend(requested: BackendChoice) -> Backend:
-    """The backend to use: the requested one if it can run here, or the best available for ``auto``."""
+def measured_faster(memory_gib: float, table: str | None = None) -> tuple[Backend, str]:
+    """(bnb_qlora or unsloth, why) for a run with ``memory_gib`` of GPU memory, from the measurements shipped in
+    ``data/qlora_backend_speeds.yaml`` (or the YAML ``table``): the row of the smallest memory at least
+    ``memory_gib``, else the largest."""
+    import yaml
+
+    text = table or (resources.files("jpslm_assets") / "data" / "qlora_backend_speeds.yaml").read_text("utf-8")
+    rows = sorted(yaml.safe_load(text)["measured"], key=lambda row: float(row["memory_gib"]))
+    row = next((row for row in rows if float(row["memory_gib"]) >= memory_gib), rows[-1])
+    faster: Backend = "unsloth" if float(row["unsloth"]) > float(row["bnb_qlora"]) else "bnb_qlora"
+    return faster, (
+        f"measured with {row['memory_gib']} GiB on {row['device']}: bnb_qlora {row['bnb_qlora']:,} and unsloth "
+        f"{row['unsloth']:,} real tokens/s"
+    )
+
+
+def select_backend(requested: BackendChoice, memory_gib: float | None = None) -> Backend:
+    """The backend to use: the requested one if it can run here, or the best available for ``auto``.
+
+    ``auto`` on CUDA with unsloth installed picks whichever of unsloth and the bitsandbytes path was measured
+    faster for a card of ``memory_gib`` (the run's memory budget, else the first GPU's memory)."""
     cuda = cuda_device_count() > 0
     has_unsloth = importlib.util.find_spec("unsloth") is not None
     has_bnb = importlib.util.find_spec("bitsandbytes") is not None
     if requested == "auto":
         if cuda and has_unsloth:
-            return "unsloth"
+            if not has_bnb:
+                return "unsloth"
+            return measured_faster(memory_gib if memory_gib is not None else first_gpu_gib())[0]
         if cuda and has_bnb:
             return "bnb_qlora"
         return "cpu_lora"
