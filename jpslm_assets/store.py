@@ -38,7 +38,7 @@ import polars as pl
 from pydantic import Field
 
 from jpslm_assets import settings
-from jpslm_assets.ducklake import LakeError, connect_lake, is_conflict
+from jpslm_assets.ducklake import LakeError, connect_lake, is_conflict, sql_string
 from jpslm_assets.metadata import stored_table
 
 LINEAGE_DDL = """
@@ -162,7 +162,7 @@ def open_duckdb(file: Path | str, read_only: bool = False) -> duckdb.DuckDBPyCon
     conn = duckdb.connect(":memory:")
     try:
         mode = " (READ_ONLY)" if read_only else ""
-        conn.execute(f"ATTACH {_sql_string(str(file))} AS {CATALOG}{mode}")
+        conn.execute(f"ATTACH {sql_string(str(file))} AS {CATALOG}{mode}")
         conn.execute(f"USE {CATALOG}")
     except BaseException:
         conn.close()
@@ -202,11 +202,6 @@ def _damaged(file: Path, what: str, exc: Exception) -> StoreError:
         f"DuckDB file {file} {what} ({exc}). It was left untouched: move it aside and re-materialize, or point "
         f"{settings.DUCKDB_PATH_ENV} at another file."
     )
-
-
-def _sql_string(text: str) -> str:
-    """A SQL string literal (ATTACH takes no bound parameter for its path)."""
-    return "'" + text.replace("'", "''") + "'"
 
 
 class DuckDBStore(dg.ConfigurableResource):
