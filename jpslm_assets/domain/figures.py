@@ -270,3 +270,15 @@ Renderer = Callable[[FigureSpec, Mapping[str, pl.DataFrame | None], RenderSettin
 
 def row_counts(frames: Mapping[str, pl.DataFrame | None], tables: Sequence[str]) -> dict[str, int]:
     return {table: table_frame(frames, table).height for table in tables}
+
+
+def source_frame(
+    spec: FigureSpec, frames: Mapping[str, pl.DataFrame | None], table: str, settings: RenderSettings
+) -> tuple[pl.DataFrame, dict[str, int], FigureResult | None]:
+    """A renderer's main table, the row counts of every table it reads, and the placeholder figure to return
+    instead when that table is empty (None when there is something to draw)."""
+    frame = table_frame(frames, table)
+    rows = row_counts(frames, spec.tables)
+    if frame.height:
+        return frame, rows, None
+    return frame, rows, placeholder_figure(spec, empty_reason(spec.tables), settings, rows)

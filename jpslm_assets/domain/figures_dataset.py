@@ -20,6 +20,7 @@ from jpslm_assets.domain.figures import (
     placeholder_figure,
     require_columns,
     row_counts,
+    source_frame,
     table_frame,
 )
 
@@ -122,10 +123,9 @@ def render_subset_quality(
     spec: FigureSpec, frames: Mapping[str, pl.DataFrame | None], settings: RenderSettings
 ) -> FigureResult:
     table = "qa.training_subset"
-    subset = table_frame(frames, table)
-    rows = row_counts(frames, spec.tables)
-    if not subset.height:
-        return placeholder_figure(spec, empty_reason(spec.tables), settings, rows)
+    subset, rows, empty = source_frame(spec, frames, table, settings)
+    if empty is not None:
+        return empty
     needed = ["n", "relation_type", "category"]
     needed.append("answer_chars" if "answer_chars" in subset.columns else "answer")
     require_columns(subset, table, needed, spec.key)

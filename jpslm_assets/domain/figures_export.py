@@ -14,15 +14,12 @@ from jpslm_assets.domain.figures import (
     FigureResult,
     FigureSpec,
     RenderSettings,
-    empty_reason,
     figure_style,
     finish_figure,
     new_figure,
-    placeholder_figure,
     require_columns,
-    row_counts,
     series_columns,
-    table_frame,
+    source_frame,
 )
 
 QUANTIZATION_COLUMNS = [
@@ -88,10 +85,9 @@ def render_quantization_effect(
     spec: FigureSpec, frames: Mapping[str, pl.DataFrame | None], settings: RenderSettings
 ) -> FigureResult:
     table = "marts.quantization_effect"
-    quant = table_frame(frames, table)
-    rows = row_counts(frames, spec.tables)
-    if not quant.height:
-        return placeholder_figure(spec, empty_reason(spec.tables), settings, rows)
+    quant, rows, empty = source_frame(spec, frames, table, settings)
+    if empty is not None:
+        return empty
     require_columns(quant, table, QUANTIZATION_COLUMNS, spec.key)
     content = quantization_table(quant)
     delta_column = content.headers.index("差 Δ")

@@ -24,6 +24,7 @@ from jpslm_assets.domain.figures import (
     row_counts,
     series_columns,
     share_to_percent,
+    source_frame,
     table_frame,
     with_series_label,
 )
@@ -88,10 +89,9 @@ def render_model_comparison(
     spec: FigureSpec, frames: Mapping[str, pl.DataFrame | None], settings: RenderSettings
 ) -> FigureResult:
     table = "marts.score_summary"
-    summary = table_frame(frames, table)
-    rows = row_counts(frames, spec.tables)
-    if not summary.height:
-        return placeholder_figure(spec, empty_reason(spec.tables), settings, rows)
+    summary, rows, empty = source_frame(spec, frames, table, settings)
+    if empty is not None:
+        return empty
     require_columns(
         summary,
         table,
@@ -179,10 +179,9 @@ def render_score_distribution(
     spec: FigureSpec, frames: Mapping[str, pl.DataFrame | None], settings: RenderSettings
 ) -> FigureResult:
     table = "marts.score_distribution"
-    dist = table_frame(frames, table)
-    rows = row_counts(frames, spec.tables)
-    if not dist.height:
-        return placeholder_figure(spec, empty_reason(spec.tables), settings, rows)
+    dist, rows, empty = source_frame(spec, frames, table, settings)
+    if empty is not None:
+        return empty
     require_columns(dist, table, ["model", "n", "format", "score", "count"], spec.key)
     dist = with_series_label(dist.filter(pl.col("score").is_not_null()))
     labels = ordered_unique(dist["series"].to_list())
@@ -225,10 +224,9 @@ def render_category_heatmap(
     spec: FigureSpec, frames: Mapping[str, pl.DataFrame | None], settings: RenderSettings
 ) -> FigureResult:
     table = "marts.category_scores"
-    scores = table_frame(frames, table)
-    rows = row_counts(frames, spec.tables)
-    if not scores.height:
-        return placeholder_figure(spec, empty_reason(spec.tables), settings, rows)
+    scores, rows, empty = source_frame(spec, frames, table, settings)
+    if empty is not None:
+        return empty
     require_columns(scores, table, ["model", "n", "format", "category", "avg_score"], spec.key)
     scores = with_series_label(scores)
     labels = ordered_unique(scores["series"].to_list())
@@ -309,10 +307,9 @@ def render_question_scatter(
     spec: FigureSpec, frames: Mapping[str, pl.DataFrame | None], settings: RenderSettings
 ) -> FigureResult:
     table = "eval.judge_scores"
-    scores = table_frame(frames, table)
-    rows = row_counts(frames, spec.tables)
-    if not scores.height:
-        return placeholder_figure(spec, empty_reason(spec.tables), settings, rows)
+    scores, rows, empty = source_frame(spec, frames, table, settings)
+    if empty is not None:
+        return empty
     require_columns(scores, table, ["model", "n", "format", "question_id", "score"], spec.key)
     scores = with_series_label(scores)
     labels = ordered_unique(scores["series"].to_list())

@@ -13,15 +13,12 @@ from jpslm_assets.domain.figures import (
     FigureResult,
     FigureSpec,
     RenderSettings,
-    empty_reason,
     figure_style,
     finish_figure,
     new_figure,
     ordered_unique,
-    placeholder_figure,
     require_columns,
-    row_counts,
-    table_frame,
+    source_frame,
 )
 
 
@@ -29,10 +26,9 @@ def render_loss_curves(
     spec: FigureSpec, frames: Mapping[str, pl.DataFrame | None], settings: RenderSettings
 ) -> FigureResult:
     table = "train.loss_curve"
-    curve = table_frame(frames, table)
-    rows = row_counts(frames, spec.tables)
-    if not curve.height:
-        return placeholder_figure(spec, empty_reason(spec.tables), settings, rows)
+    curve, rows, empty = source_frame(spec, frames, table, settings)
+    if empty is not None:
+        return empty
     require_columns(curve, table, ["model", "n", "step", "loss"], spec.key)
     # Stage 1 (scale search) and stage 2 (model comparison) may both train a model at the chosen n;
     # they are separate curves, stage 2 drawn dashed.
@@ -89,10 +85,9 @@ def render_nll_curve(
     spec: FigureSpec, frames: Mapping[str, pl.DataFrame | None], settings: RenderSettings
 ) -> FigureResult:
     table = "eval.scale_curve"
-    curve = table_frame(frames, table)
-    rows = row_counts(frames, spec.tables)
-    if not curve.height:
-        return placeholder_figure(spec, empty_reason(spec.tables), settings, rows)
+    curve, rows, empty = source_frame(spec, frames, table, settings)
+    if empty is not None:
+        return empty
     require_columns(curve, table, ["model", "n", "test_nll", "test_ppl"], spec.key)
     curve = curve.drop_nulls(["test_nll"]).sort("model", "n")
     models = ordered_unique(curve["model"].to_list())
