@@ -1,21 +1,5 @@
-"""A small dbt-like runner for ``dbt_like_sql/``: SQL and Python models into the ``marts`` schema, SQL tests.
-
-Layout of a models folder:
-
-- ``<name>.sql``: one SELECT; builds table ``marts.<name>``. Its first comment lines are its description.
-- ``<name>.py``: a Python model for what SQL does badly (bootstrap intervals, Wilcoxon tests, kappa). The
-  module's docstring is its description; ``SOURCE`` is a SELECT whose result is passed to
-  ``model(frame) -> polars.DataFrame`` (``SOURCE = None`` passes ``None``).
-- ``tests/<name>.sql``: a query returning the rows that violate an expectation; zero rows = pass. A line
-  ``-- severity: warn`` makes a failure a warning.
-- ``sources.yml``: the tables other stages write (``eval.judge_scores``...) with their columns. A source that
-  does not exist yet reads as an empty table of those columns, so every mart exists (with zero rows) on a
-  fresh database instead of failing. Columns listed under a source's ``optional`` may be absent from the
-  table (scores brought from another tool, a store written before the column existed): they read as NULL.
-  A missing required column is an error naming the table, the column and where the contract is.
-
-Dependencies are never listed by hand: every table a model's SQL (or a Python model's ``SOURCE``) reads is
-found by parsing it with sqlglot; ``marts.*`` tables are other models, anything else is a source.
+"""The ``jpslm-sql`` command line: the marts of ``dbt_like_sql/`` outside Dagster, against any DuckDB file or
+the DuckLake the settings select. What a models folder holds is in ``sql_project``; running is ``sql_runs``.
 
 Command line (``jpslm-sql``)::
 
