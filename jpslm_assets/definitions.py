@@ -22,8 +22,9 @@ from jpslm_assets import (
     run_recovery,
     training,
 )
+from jpslm_assets.io_manager import DuckDBTableIOManager
 from jpslm_assets.settings import current_profile
-from jpslm_assets.store import DuckDBTableIOManager, default_store
+from jpslm_assets.store import default_store
 
 
 def _with_automation(spec: dg.AssetSpec) -> dg.AssetSpec:

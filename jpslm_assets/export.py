@@ -28,6 +28,7 @@ import dagster as dg
 import polars as pl
 
 from jpslm_assets import settings
+from jpslm_assets.artifacts import artifact_record, frame_version
 from jpslm_assets.catalogue import model_entry
 from jpslm_assets.code_versions import versioned
 from jpslm_assets.domain.answering import (
@@ -43,6 +44,7 @@ from jpslm_assets.domain.generation_types import GenerationError, GenerationResu
 from jpslm_assets.domain.modelfile import ChatTemplateError, build_modelfile
 from jpslm_assets.domain.progress import ProgressLogger
 from jpslm_assets.execution import GPU_STEP
+from jpslm_assets.io_manager import table_metadata
 from jpslm_assets.partitions import (
     Stage3Adapter,
     stage1_to_stage3_mapping,
@@ -67,7 +69,7 @@ from jpslm_assets.resources.llama_cpp_tools import (
 from jpslm_assets.resources.loaded_models import release_loaded_models
 from jpslm_assets.resources.model_merge import MergeError, gguf_tokenizer_overrides, merge_adapter
 from jpslm_assets.settings import current_profile
-from jpslm_assets.store import DuckDBStore, artifact_record, frame_version, table_metadata
+from jpslm_assets.store import DuckDBStore
 
 GROUP = "export"
 PARTITION_COLUMN = "adapter"  # the stage-3 partition key, in every stage-3 table

@@ -25,6 +25,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field, field_validator
 
+from jpslm_assets.artifacts import frame_version
 from jpslm_assets.code_versions import versioned
 from jpslm_assets.domain import citations as citation_lib
 from jpslm_assets.domain import judge_controls as controls_lib
@@ -34,13 +35,14 @@ from jpslm_assets.domain.generation_types import GenerationRequest, GenerationRe
 from jpslm_assets.domain.progress import ProgressLogger, StepTimings
 from jpslm_assets.execution import GPU_STEP
 from jpslm_assets.export import adapter_columns, partition_adapter, stage3_metadata
+from jpslm_assets.io_manager import table_metadata
 from jpslm_assets.partitions import stage3_partitions
 from jpslm_assets.resources.generation import GenerationBackend
 from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
 from jpslm_assets.resources.generation_ollama import OllamaBackend
 from jpslm_assets.resources.judge import JudgeResource, check_language
 from jpslm_assets.settings import Profile, current_profile
-from jpslm_assets.store import DuckDBStore, frame_version, table_metadata
+from jpslm_assets.store import DuckDBStore
 
 GROUP = "judging"
 JUDGE_TABLE = "eval.judge_scores"

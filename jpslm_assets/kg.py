@@ -23,13 +23,14 @@ import dagster as dg
 import polars as pl
 
 from jpslm_assets import settings
+from jpslm_assets.artifacts import frame_version
 from jpslm_assets.code_versions import versioned
 from jpslm_assets.domain import knowledge_graph as kg
 from jpslm_assets.domain import knowledge_graph_tables as graph_tables
+from jpslm_assets.io_manager import table_metadata
 from jpslm_assets.metadata import column_schema, counts_table
 from jpslm_assets.resources.graph_store import GraphStore, SeedGraphStore
 from jpslm_assets.resources.graph_store_neo4j import Neo4jGraphStore, neo4j_store_from_env
-from jpslm_assets.store import frame_version, table_metadata
 
 GROUP = "kg"
 TABLE_KINDS = {"duckdb", "polars"}

@@ -16,10 +16,12 @@ from collections.abc import Iterable, Iterator, Sequence
 import dagster as dg
 
 from jpslm_assets import export, judging, kg, qa, training
+from jpslm_assets.artifacts import frame_version
+from jpslm_assets.io_manager import table_metadata, table_of
 from jpslm_assets.metadata import stored_table, table_value
 from jpslm_assets.sql_project import TARGET_SCHEMA, Project, load_project
 from jpslm_assets.sql_runs import build_model, run_test
-from jpslm_assets.store import DuckDBStore, frame_version, table_metadata, table_of
+from jpslm_assets.store import DuckDBStore
 
 GROUP = "marts"
 UPSTREAM_STAGES = (kg.defs, qa.defs, training.defs, export.defs, judging.defs)

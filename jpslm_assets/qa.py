@@ -27,16 +27,18 @@ import polars as pl
 from pydantic import Field
 
 from jpslm_assets import settings
+from jpslm_assets.artifacts import artifact_record, frame_version, write_atomic
 from jpslm_assets.catalogue import model_entry
 from jpslm_assets.code_versions import versioned
 from jpslm_assets.domain import qa_generation, qa_plots, qa_rephrase, qa_subsets, qa_test_set
 from jpslm_assets.domain.generation_types import GenerationError
 from jpslm_assets.domain.qa_templates import VERSIONS, TemplateCatalogue, load_catalogue
+from jpslm_assets.io_manager import table_metadata
 from jpslm_assets.metadata import column_schema, table_value
 from jpslm_assets.partitions import n_partitions
 from jpslm_assets.resources.generation import GenerationBackend
 from jpslm_assets.resources.generation_backends import backend_for
-from jpslm_assets.store import DuckDBStore, artifact_record, frame_version, table_metadata, write_atomic
+from jpslm_assets.store import DuckDBStore
 
 GROUP = "dataset"
 TABLE_KINDS = {"duckdb", "polars"}

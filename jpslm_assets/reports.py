@@ -28,20 +28,15 @@ import yaml
 from pydantic import BaseModel, Field
 
 from jpslm_assets import export, judging, kg, marts, qa, settings, training
+from jpslm_assets.artifacts import artifact_record, frame_version
 from jpslm_assets.code_versions import versioned
 from jpslm_assets.domain import figure_catalogue, figures_export
 from jpslm_assets.domain import figures as figure_lib
 from jpslm_assets.domain import report_document as report_lib
 from jpslm_assets.domain.progress import StepTimings
+from jpslm_assets.io_manager import table_metadata, table_of
 from jpslm_assets.partitions import stage3_keys
-from jpslm_assets.store import (
-    DuckDBStore,
-    StoreError,
-    artifact_record,
-    frame_version,
-    table_metadata,
-    table_of,
-)
+from jpslm_assets.store import DuckDBStore, StoreError
 
 GROUP = "reports"
 FIGURES_TABLE = "reports.figures"

@@ -6,29 +6,19 @@ in separate autocommit statements, so a failure in between loses the rows that w
 Here every write (the partition's rows plus its lineage rows) is one transaction, and readers and writers
 retry with backoff while another process holds DuckDB's file lock.
 
-Lineage contract (README, "Lineage"):
-- ``lineage.materializations``: one row per asset materialization (asset key, partition, run id, code
-  version, data version, timestamps, artifact path / bytes / sha256 when the asset wrote a file).
-- ``lineage.inputs``: one row per upstream partition the materialization read (upstream key, partition,
-  data version, and the upstream's materialization id), so SQL can walk from any row back to the graph.
+The lineage rows are ``lineage.py``'s; the IO manager that writes asset outputs here is ``io_manager.py``; content
+hashes and atomic files are ``artifacts.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
-import os
 import random
 import shutil
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -39,97 +29,11 @@ from pydantic import Field
 
 from jpslm_assets import settings
 from jpslm_assets.ducklake import LakeError, connect_lake, is_conflict, sql_string
-from jpslm_assets.metadata import stored_table
-
-LINEAGE_DDL = """
-CREATE SCHEMA IF NOT EXISTS lineage;
-CREATE TABLE IF NOT EXISTS lineage.materializations (
-    materialization_id VARCHAR PRIMARY KEY,
-    asset_key VARCHAR NOT NULL,
-    partition_key VARCHAR,
-    run_id VARCHAR NOT NULL,
-    code_version VARCHAR,
-    data_version VARCHAR NOT NULL,
-    table_name VARCHAR NOT NULL,
-    row_count BIGINT NOT NULL,
-    artifact_path VARCHAR,
-    artifact_bytes BIGINT,
-    artifact_sha256 VARCHAR,
-    started_at TIMESTAMPTZ,
-    materialized_at TIMESTAMPTZ NOT NULL
-);
-CREATE TABLE IF NOT EXISTS lineage.inputs (
-    materialization_id VARCHAR NOT NULL,
-    asset_key VARCHAR NOT NULL,
-    partition_key VARCHAR,
-    run_id VARCHAR NOT NULL,
-    upstream_asset_key VARCHAR NOT NULL,
-    upstream_partition_key VARCHAR,
-    upstream_data_version VARCHAR,
-    upstream_materialization_id VARCHAR
-);
-"""
-
-ARTIFACT_COLUMNS = ("artifact_path", "artifact_bytes", "artifact_sha256")
+from jpslm_assets.lineage import LineageRecord, lineage_ddl
 
 
 class StoreError(RuntimeError):
     """The DuckDB file cannot be used; the message names the file and what to do."""
-
-
-def lineage_ddl(lake: bool) -> str:
-    """The lineage tables; DuckLake keeps no primary keys (the ids are uuids, unique by construction)."""
-    return LINEAGE_DDL.replace(" PRIMARY KEY", "") if lake else LINEAGE_DDL
-
-
-def frame_version(frame: pl.DataFrame) -> str:
-    """A content hash of a frame, used as its Dagster data version and in lineage."""
-    buffer = io.BytesIO()
-    frame.write_ipc(buffer, compression="uncompressed")
-    return hashlib.sha256(buffer.getvalue()).hexdigest()[:24]
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see a torn file, and a
-    failed write leaves the previous file as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        os.fchmod(handle, 0o644)  # mkstemp creates 0600; artifacts are meant to be read by other tools
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def artifact_record(path: Path) -> dict[str, Any]:
-    """Path, bytes and sha256 of a file or folder artifact (a folder hashes its files in name order)."""
-    path = Path(path)
-    if path.is_dir():
-        digest = hashlib.sha256()
-        total = 0
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(str(file.relative_to(path)).encode())
-            digest.update(file_sha256(file).encode())
-            total += file.stat().st_size
-        return {"artifact_path": str(path), "artifact_bytes": total, "artifact_sha256": digest.hexdigest()}
-    return {
-        "artifact_path": str(path),
-        "artifact_bytes": path.stat().st_size,
-        "artifact_sha256": file_sha256(path),
-    }
 
 
 def _is_lock_error(exc: Exception) -> bool:
@@ -534,194 +438,6 @@ def _add_missing_columns(conn: duckdb.DuckDBPyConnection, schema: str, name: str
     for column, column_type, *_ in described:
         if column not in have:
             conn.execute(f'ALTER TABLE "{schema}"."{name}" ADD COLUMN "{column}" {column_type}')
-
-
-@dataclass
-class UpstreamRead:
-    asset_key: str
-    partition_key: str | None
-    data_version: str | None
-    materialization_id: str | None
-
-
-@dataclass
-class LineageRecord:
-    asset_key: str
-    partition_key: str | None
-    run_id: str
-    code_version: str | None
-    started_at: datetime | None
-    upstream: list[UpstreamRead]
-
-    def insert(self, conn: duckdb.DuckDBPyConnection, table: str, frame: pl.DataFrame) -> str:
-        materialization_id = uuid.uuid4().hex
-        artifact: dict[str, Any] = dict.fromkeys(ARTIFACT_COLUMNS)
-        if frame.height and all(column in frame.columns for column in ARTIFACT_COLUMNS):
-            distinct = frame.select(ARTIFACT_COLUMNS).unique()
-            if distinct.height == 1:  # one file per materialization, repeated on every row
-                artifact = distinct.row(0, named=True)
-        conn.execute(
-            "INSERT INTO lineage.materializations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                materialization_id,
-                self.asset_key,
-                self.partition_key,
-                self.run_id,
-                self.code_version,
-                frame_version(frame),
-                table,
-                frame.height,
-                artifact["artifact_path"],
-                artifact["artifact_bytes"],
-                artifact["artifact_sha256"],
-                self.started_at,
-                datetime.now(timezone.utc),
-            ],
-        )
-        for read in self.upstream:
-            conn.execute(
-                "INSERT INTO lineage.inputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    materialization_id,
-                    self.asset_key,
-                    self.partition_key,
-                    self.run_id,
-                    read.asset_key,
-                    read.partition_key,
-                    read.data_version,
-                    read.materialization_id,
-                ],
-            )
-        return materialization_id
-
-
-TABLE_NAME = "dagster/table_name"  # the key Dagster's catalog reads a table's name from (TableMetadataSet)
-
-
-def table_of(metadata: Mapping[str, Any] | None) -> str | None:
-    """The DuckDB table an asset's definition metadata names (``table_metadata``), or None."""
-    value = (metadata or {}).get(TABLE_NAME)
-    return str(value) if value is not None else None
-
-
-def table_metadata(
-    table: str,
-    partition_expr: Mapping[str, str] | str | None = None,
-    fixed: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Definition metadata an asset passes so the IO manager knows its table and partition columns.
-
-    ``partition_expr``: column holding the partition key (single dimension) or a dict
-    ``{dimension: column}`` for multi-partitions. ``fixed``: constant column values that also identify the
-    slice, e.g. ``{"format": "f16"}`` when several per-format assets share one table.
-    """
-    metadata: dict[str, Any] = {TABLE_NAME: table}
-    if partition_expr is not None:
-        metadata["partition_expr"] = partition_expr
-    if fixed:
-        metadata["fixed_columns"] = dict(fixed)
-    return metadata
-
-
-def _key_string(asset_key: dg.AssetKey) -> str:
-    return asset_key.to_user_string()
-
-
-def _partition_slices(
-    metadata: Mapping[str, Any], partition_keys: Sequence[str] | None
-) -> list[dict[str, Any]]:
-    fixed = dict(metadata.get("fixed_columns") or {})
-    expr = metadata.get("partition_expr")
-    if expr is None or partition_keys is None:
-        return [fixed]
-    slices = []
-    for key in partition_keys:
-        values = dict(fixed)
-        if isinstance(expr, Mapping):
-            by_dimension = getattr(key, "keys_by_dimension", None)
-            if by_dimension is None:
-                raise StoreError(
-                    f"partition key {key!r} is not multi-dimensional but partition_expr is {expr}"
-                )
-            for dimension, column in expr.items():
-                values[column] = by_dimension[dimension]
-        else:
-            values[str(expr)] = key
-        slices.append(values)
-    return slices
-
-
-class DuckDBTableIOManager(dg.ConfigurableIOManager):
-    """Stores polars frames as DuckDB tables; each write also records lineage in the same transaction."""
-
-    store: DuckDBStore
-
-    def _reads(self) -> dict[str, list[UpstreamRead]]:
-        # Inputs loaded for the step about to emit output, keyed by op name; a step process builds its own
-        # IO manager, and the in-process executor runs one step at a time, so this never mixes steps.
-        if not hasattr(self, "_pending_reads"):
-            object.__setattr__(self, "_pending_reads", {})
-        return self._pending_reads  # type: ignore[attr-defined]
-
-    def handle_output(self, context: dg.OutputContext, obj: pl.DataFrame) -> None:
-        if obj is None:
-            return
-        if not isinstance(obj, pl.DataFrame):
-            raise TypeError(
-                f"asset {_key_string(context.asset_key)} returned {type(obj).__name__}; "
-                "table assets must return a polars DataFrame"
-            )
-        metadata = context.definition_metadata or {}
-        table = table_of(metadata)
-        if table is None:
-            raise StoreError(
-                f"asset {_key_string(context.asset_key)} has no '{TABLE_NAME}' metadata; use store.table_metadata()."
-            )
-        partition_keys = context.asset_partition_keys if context.has_asset_partitions else None
-        slices = _partition_slices(metadata, partition_keys)
-        if len(slices) != 1:
-            raise StoreError(
-                f"asset {_key_string(context.asset_key)} writes {len(slices)} partitions in one step; "
-                "materialize one partition per step."
-            )
-        # An unpartitioned asset inside a partitioned run still has no partition of its own.
-        partition_key = context.partition_key if context.has_asset_partitions else None
-        reads = self._reads().pop(context.op_def.name, [])
-        record = LineageRecord(
-            asset_key=_key_string(context.asset_key),
-            partition_key=partition_key,
-            run_id=context.run_id,
-            code_version=context.asset_spec.code_version,
-            started_at=None,
-            upstream=reads,
-        )
-        frame = obj
-        for column, value in slices[0].items():
-            if column not in frame.columns:
-                frame = frame.with_columns(pl.lit(value).alias(column))
-        self.store.write_slice(table, frame, slices[0], record)
-        context.add_output_metadata({**stored_table(table, frame), "data_version": frame_version(frame)})
-
-    def load_input(self, context: dg.InputContext) -> pl.DataFrame:
-        upstream = context.upstream_output
-        metadata = (upstream.definition_metadata if upstream else None) or {}
-        table = table_of(metadata)
-        if table is None:
-            raise StoreError(f"upstream asset {_key_string(context.asset_key)} has no '{TABLE_NAME}' metadata")
-        partition_keys = list(context.asset_partition_keys) if context.has_asset_partitions else None
-        if partition_keys == []:
-            # The partition mapping gives this partition nothing of that upstream (e.g. stage 3's stage-2
-            # partitions read no stage-1 adapter): no rows, and no lineage row for a read that did not happen.
-            return self.store.read_slices(table, [], allow_missing=True)
-        slices = _partition_slices(metadata, partition_keys)
-        frame = self.store.read_slices(table, slices)
-        reads = self._reads().setdefault(context.op_def.name, [])
-        read_keys: list[str | None] = list(partition_keys) if partition_keys else [None]
-        with self.store.connect(read_only=True) as conn:
-            for key in read_keys:
-                mat_id, version = self.store.latest_materialization(conn, _key_string(context.asset_key), key)
-                reads.append(UpstreamRead(_key_string(context.asset_key), key, version, mat_id))
-        return frame
 
 
 def default_store() -> DuckDBStore:

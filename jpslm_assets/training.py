@@ -36,6 +36,7 @@ import dagster as dg
 import polars as pl
 
 from jpslm_assets import settings
+from jpslm_assets.artifacts import artifact_record, frame_version, write_atomic
 from jpslm_assets.catalogue import model_entry
 from jpslm_assets.code_versions import versioned
 from jpslm_assets.domain import scaling
@@ -46,13 +47,14 @@ from jpslm_assets.domain.nll import NllResult, answer_token_nll
 from jpslm_assets.domain.training_plan import resolve_plan
 from jpslm_assets.domain.training_plots import plot_loss_curves, plot_scale_curve
 from jpslm_assets.execution import GPU_STEP
+from jpslm_assets.io_manager import table_metadata
 from jpslm_assets.metadata import table_value
 from jpslm_assets.partitions import model_partitions, n_partitions
 from jpslm_assets.resources.models import ModelFactory
 from jpslm_assets.resources.trainer import LoraTrainer
 from jpslm_assets.resources.trainer_spec import TrainingSpec, write_training_records
 from jpslm_assets.settings import Profile, current_profile
-from jpslm_assets.store import DuckDBStore, artifact_record, frame_version, table_metadata, write_atomic
+from jpslm_assets.store import DuckDBStore
 
 TRAINING_GROUP = "training"
 EVALUATION_GROUP = "evaluation"

@@ -22,8 +22,10 @@ import dagster as dg
 import polars as pl
 
 from jpslm_assets import export
+from jpslm_assets.artifacts import artifact_record
+from jpslm_assets.io_manager import DuckDBTableIOManager, table_metadata
 from jpslm_assets.partitions import STAGE1_SUFFIX, model_partitions, n_partitions
-from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager, artifact_record, table_metadata
+from jpslm_assets.store import DuckDBStore
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' "

@@ -12,7 +12,8 @@ import os
 import dagster as dg
 import polars as pl
 
-from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager
+from jpslm_assets.io_manager import DuckDBTableIOManager
+from jpslm_assets.store import DuckDBStore
 
 RELATION_TYPES = ["HAS_CHAPTER", "DESCRIBED_IN", "HAS_SECTION", "SUBJECT_TO", "REQUIRES"]
 CATEGORIES = ["調査", "計画", "設計", "維持管理-河川"]
@@ -176,9 +177,9 @@ def reevaluation_location(store_path: str) -> dg.Definitions:
     reports module discovers them exactly as it discovers the real ones.
     """
     from jpslm_assets.export import stage3_metadata
+    from jpslm_assets.io_manager import table_metadata
     from jpslm_assets.partitions import stage3_adapter, stage3_partitions
     from jpslm_assets.reports import build_reports_definitions
-    from jpslm_assets.store import table_metadata
 
     partitions = stage3_partitions()
     n_by_model = {"tiny-llama": 40, "smollm2-135m": 60}

@@ -21,8 +21,9 @@ import dagster as dg
 import polars as pl
 import pytest
 
+from jpslm_assets.artifacts import artifact_record, file_sha256
 from jpslm_assets.domain.answering import select_eval_questions
-from jpslm_assets.store import DuckDBStore, artifact_record, file_sha256
+from jpslm_assets.store import DuckDBStore
 from jpslm_assets_tests.export_fixtures import (
     CHATML_WITHOUT_GENERATION_PROMPT,
     EXPORT_ASSETS,

@@ -17,6 +17,7 @@ import pytest
 from jpslm_assets import export
 from jpslm_assets.domain.answering import QuestionFailed, answer_questions, effective_concurrency
 from jpslm_assets.domain.generation_types import GenerationError, GenerationRequest, GenerationResult
+from jpslm_assets.io_manager import DuckDBTableIOManager, table_metadata
 from jpslm_assets.resources.generation import DeploymentRequest
 from jpslm_assets.resources.generation_backends import backend_for, serving_backend
 from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
@@ -25,7 +26,7 @@ from jpslm_assets.resources.generation_ollama import OllamaBackend
 from jpslm_assets.resources.generation_transformers import TransformersBackend
 from jpslm_assets.resources.loaded_models import release_loaded_models
 from jpslm_assets.settings import GenerationSettings
-from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager, table_metadata
+from jpslm_assets.store import DuckDBStore
 from jpslm_assets_tests.export_fixtures import (
     CHATML,
     CHATML_WITHOUT_GENERATION_PROMPT,

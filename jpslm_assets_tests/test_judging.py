@@ -21,11 +21,12 @@ from jpslm_assets.domain.generation_types import (
     GenerationResult,
 )
 from jpslm_assets.export import stage3_metadata
+from jpslm_assets.io_manager import DuckDBTableIOManager, table_metadata
 from jpslm_assets.partitions import stage3_partitions
 from jpslm_assets.resources.generation import GenerationBackend
 from jpslm_assets.resources.judge import JudgeModelError, JudgeResource, reencode_gguf
 from jpslm_assets.settings import load_profile
-from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager, table_metadata
+from jpslm_assets.store import DuckDBStore
 
 RUBRIC = judge_lib.load_rubric()
 

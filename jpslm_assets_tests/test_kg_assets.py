@@ -17,6 +17,7 @@ import pytest
 
 from jpslm_assets import kg
 from jpslm_assets.domain import knowledge_graph as graph_lib
+from jpslm_assets.io_manager import DuckDBTableIOManager
 from jpslm_assets.metadata import table_rows
 from jpslm_assets.resources.graph_store import (
     GraphStore,
@@ -26,7 +27,7 @@ from jpslm_assets.resources.graph_store import (
     run_with_deadline,
 )
 from jpslm_assets.resources.graph_store_neo4j import Neo4jGraphStore
-from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager
+from jpslm_assets.store import DuckDBStore
 
 SEED = Path(str(resources.files("jpslm_assets") / "data" / "kg"))
 CHECKS = [

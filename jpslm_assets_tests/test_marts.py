@@ -13,10 +13,11 @@ import pytest
 
 from jpslm_assets import marts
 from jpslm_assets.domain import statistics
+from jpslm_assets.io_manager import DuckDBTableIOManager
 from jpslm_assets.sql_models import main
 from jpslm_assets.sql_project import load_project
 from jpslm_assets.sql_runs import run_models
-from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager
+from jpslm_assets.store import DuckDBStore
 
 CATEGORIES = [
     "Survey", "Planning", "Design", "Maintenance-River", "Maintenance-Dam", "Maintenance-Sabo", "Hazard",

@@ -14,10 +14,11 @@ import pytest
 
 from jpslm_assets import judging, marts
 from jpslm_assets.export import GGUF_FORMATS, stage3_metadata
+from jpslm_assets.io_manager import DuckDBTableIOManager, table_metadata
 from jpslm_assets.partitions import stage3_partitions
 from jpslm_assets.settings import load_profile
 from jpslm_assets.sql_project import load_project
-from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager, table_metadata
+from jpslm_assets.store import DuckDBStore
 
 QUESTIONS = 2
 N = 20

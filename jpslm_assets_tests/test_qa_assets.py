@@ -17,12 +17,14 @@ import pytest
 import yaml
 from pydantic import Field
 
-from jpslm_assets import qa, store
+from jpslm_assets import artifacts, qa, store
+from jpslm_assets.artifacts import artifact_record
 from jpslm_assets.domain.generation_types import GenerationRequest, GenerationResult
+from jpslm_assets.io_manager import DuckDBTableIOManager, table_metadata
 from jpslm_assets.metadata import table_rows
 from jpslm_assets.resources.generation import GenerationBackend
 from jpslm_assets.settings import load_profile
-from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager, artifact_record, table_metadata
+from jpslm_assets.store import DuckDBStore
 from jpslm_assets_tests.test_qa_generation import KG, TEMPLATES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -340,7 +342,7 @@ def test_rephrasing_with_the_real_small_model(store: DuckDBStore, tmp_path: Path
 
 def test_file_writes_are_atomic(tmp_path: Path) -> None:
     target = tmp_path / "subsets" / "subset_merged_60.jsonl"
-    store.write_atomic(target, "前の内容\n".encode())
+    artifacts.write_atomic(target, "前の内容\n".encode())
 
     class Interrupted(Exception):
         pass
@@ -360,7 +362,7 @@ def test_file_writes_are_atomic(tmp_path: Path) -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(store.os, "fdopen", failing_fdopen)
         with pytest.raises(Interrupted):
-            store.write_atomic(target, "新しい内容\n".encode())
+            artifacts.write_atomic(target, "新しい内容\n".encode())
     assert target.read_text(encoding="utf-8") == "前の内容\n"
     assert [p.name for p in target.parent.iterdir()] == [target.name]  # no partial file left behind
 

@@ -14,7 +14,8 @@ import pytest
 
 from jpslm_assets import reports
 from jpslm_assets.domain import figure_catalogue
-from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager, table_metadata
+from jpslm_assets.io_manager import DuckDBTableIOManager, table_metadata
+from jpslm_assets.store import DuckDBStore
 from jpslm_assets_tests.report_samples import write_samples
 
 FIGURE_KEYS = sorted(figure_catalogue.load_figure_catalogue().figures)

@@ -85,7 +85,7 @@ def test_targets_are_found_by_table_and_format(store: DuckDBStore) -> None:
 
 
 def test_a_per_format_asset_without_a_fixed_format_is_named() -> None:
-    from jpslm_assets.store import table_metadata
+    from jpslm_assets.io_manager import table_metadata
 
     @dg.asset(metadata=table_metadata("eval.answers"))
     def answers_everything() -> None: ...

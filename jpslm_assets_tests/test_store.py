@@ -13,15 +13,10 @@ import duckdb
 import polars as pl
 import pytest
 
+from jpslm_assets.artifacts import artifact_record, frame_version
 from jpslm_assets.cli import LINEAGE_SQL
-from jpslm_assets.store import (
-    DuckDBStore,
-    DuckDBTableIOManager,
-    StoreError,
-    artifact_record,
-    frame_version,
-    table_metadata,
-)
+from jpslm_assets.io_manager import DuckDBTableIOManager, table_metadata
+from jpslm_assets.store import DuckDBStore, StoreError
 
 MODEL_N = dg.MultiPartitionsDefinition(
     {"model": dg.StaticPartitionsDefinition(["m1", "m2"]), "n": dg.StaticPartitionsDefinition(["10", "20"])}

@@ -13,8 +13,9 @@ import polars as pl
 
 from jpslm_assets import training
 from jpslm_assets.definitions import with_automation
+from jpslm_assets.io_manager import DuckDBTableIOManager, table_metadata
 from jpslm_assets.partitions import n_partitions
-from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager, table_metadata
+from jpslm_assets.store import DuckDBStore
 
 FACILITIES = [
     "堤防",
