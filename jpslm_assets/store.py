@@ -158,6 +158,11 @@ class DuckDBStore(dg.ConfigurableResource):
             except LakeError as exc:
                 raise StoreError(str(exc)) from exc
             except duckdb.Error as exc:
+                if read_only and "does not exist" in str(exc) and "DuckLake" in str(exc):
+                    # A reader came first: a read-only attach may not create the catalogue, so create it (an
+                    # empty lake) and read that.
+                    connect_lake(self.ducklake_catalog or "", self.ducklake_data_path, CATALOG).close()
+                    continue
                 # Processes attaching a new lake at once all try to create its catalogue tables; the losers
                 # find them made on the next try.
                 if "Failed to initialize DuckLake" in str(exc) and time.monotonic() < deadline:

@@ -151,6 +151,16 @@ def test_marts_on_the_lake_equal_the_single_file_stores_on_the_same_data(lake: D
     assert set(lineage["table_name"]) == {f"marts.{name}" for name in project.models}
 
 
+def test_reading_a_lake_nothing_was_written_to_yet_reads_nothing(lake: DuckDBStore) -> None:
+    # Readers attach read-only, which may not create the catalogue: the store creates the empty lake first.
+    assert not lake.table_exists("kg.nodes")
+    assert lake.read_slices("kg.nodes", [{}], allow_missing=True).is_empty()
+    with pytest.raises(StoreError, match="table kg.nodes does not exist in DuckLake"):
+        lake.read_slices("kg.nodes", [{}])
+    lake.write_slice("kg.nodes", pl.DataFrame({"node_id": ["N1"]}), {})
+    assert lake.table_exists("kg.nodes")
+
+
 def test_the_io_manager_writes_partitions_and_lineage_to_the_lake(lake: DuckDBStore) -> None:
     from jpslm_assets_tests.test_store import per_partition, scored, source_rows
 
