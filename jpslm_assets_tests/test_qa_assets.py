@@ -17,7 +17,7 @@ import pytest
 import yaml
 from pydantic import Field
 
-from jpslm_assets import artifacts, qa, store
+from jpslm_assets import artifacts, qa
 from jpslm_assets.artifacts import artifact_record
 from jpslm_assets.domain.generation_types import GenerationRequest, GenerationResult
 from jpslm_assets.io_manager import DuckDBTableIOManager, table_metadata
@@ -297,7 +297,8 @@ def test_n_larger_than_the_pool_fails_clearly(tmp_path: Path) -> None:
         f"""
         import dagster as dg
         from jpslm_assets import qa
-        from jpslm_assets.store import DuckDBStore, DuckDBTableIOManager
+        from jpslm_assets.io_manager import DuckDBTableIOManager
+        from jpslm_assets.store import DuckDBStore
         from jpslm_assets_tests.test_qa_assets import EVERY_ASSET, UNPARTITIONED, failure_text, resources
         from pathlib import Path
         store = DuckDBStore(path={str(tmp_path / "grid.duckdb")!r})
@@ -360,7 +361,7 @@ def test_file_writes_are_atomic(tmp_path: Path) -> None:
         return stream
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(store.os, "fdopen", failing_fdopen)
+        patch.setattr(artifacts.os, "fdopen", failing_fdopen)
         with pytest.raises(Interrupted):
             artifacts.write_atomic(target, "新しい内容\n".encode())
     assert target.read_text(encoding="utf-8") == "前の内容\n"
