@@ -108,6 +108,22 @@ def _damaged(file: Path, what: str, exc: Exception) -> StoreError:
     )
 
 
+class _Backoff:
+    """Waits that double from ``first`` up to 2 s, with jitter, until ``timeout_s`` has passed since creation."""
+
+    def __init__(self, timeout_s: float, first: float) -> None:
+        self.deadline = time.monotonic() + timeout_s
+        self.delay = first
+
+    def wait(self) -> bool:
+        """Sleep before the next try and return True; False (no sleep) once the deadline has passed."""
+        if time.monotonic() >= self.deadline:
+            return False
+        time.sleep(self.delay + random.uniform(0, self.delay))
+        self.delay = min(self.delay * 2, 2.0)
+        return True
+
+
 class DuckDBStore(dg.ConfigurableResource):
     """The project's DuckDB file, or a DuckLake (``ducklake_catalog`` set). Connections are short; a held lock
     (file) or a lost commit race (DuckLake) is retried with backoff."""
@@ -149,8 +165,7 @@ class DuckDBStore(dg.ConfigurableResource):
                 f"the DuckLake store {self.ducklake_catalog} has no data path: set {settings.DUCKLAKE_DATA_PATH_ENV} "
                 "to a folder every worker can reach (or an object-storage URL)."
             )
-        deadline = time.monotonic() + self.lock_timeout_s
-        delay = 0.1
+        backoff = _Backoff(self.lock_timeout_s, 0.1)
         while True:
             try:
                 conn = connect_lake(self.ducklake_catalog or "", self.ducklake_data_path, CATALOG, read_only)
@@ -165,9 +180,7 @@ class DuckDBStore(dg.ConfigurableResource):
                     continue
                 # Processes attaching a new lake at once all try to create its catalogue tables; the losers
                 # find them made on the next try.
-                if "Failed to initialize DuckLake" in str(exc) and time.monotonic() < deadline:
-                    time.sleep(delay + random.uniform(0, delay))
-                    delay = min(delay * 2, 2.0)
+                if "Failed to initialize DuckLake" in str(exc) and backoff.wait():
                     continue
                 raise StoreError(
                     f"cannot open {self.location}: {_first_line(exc)}. Check that the catalogue server is running "
@@ -194,16 +207,13 @@ class DuckDBStore(dg.ConfigurableResource):
                 f"cannot create the folder of DuckDB file {file} ({exc.strerror}); set "
                 f"{settings.DUCKDB_PATH_ENV} or {settings.DATA_DIR_ENV} to a writable place."
             ) from exc
-        deadline = time.monotonic() + self.lock_timeout_s
-        delay = 0.05
+        backoff = _Backoff(self.lock_timeout_s, 0.05)
         while True:
             try:
                 conn = open_duckdb(file, read_only=read_only)
                 break
             except duckdb.Error as exc:
-                if _is_lock_error(exc) and time.monotonic() < deadline:
-                    time.sleep(delay + random.uniform(0, delay))
-                    delay = min(delay * 2, 2.0)
+                if _is_lock_error(exc) and backoff.wait():
                     continue
                 if _is_lock_error(exc):
                     raise StoreError(
@@ -296,8 +306,7 @@ class DuckDBStore(dg.ConfigurableResource):
             )
         schema, name = split_table(table)
         self.check_integrity()
-        deadline = time.monotonic() + self.lock_timeout_s
-        delay = 0.05
+        backoff = _Backoff(self.lock_timeout_s, 0.05)
         while True:
             try:
                 self._write_slice_once(table, schema, name, frame, slice_values, lineage)
@@ -307,14 +316,12 @@ class DuckDBStore(dg.ConfigurableResource):
                 # transaction was kept, so the whole write runs again on the newer snapshot.
                 if not (self.is_lake and is_conflict(exc)):
                     raise
-                if time.monotonic() >= deadline:
+                if not backoff.wait():
                     raise StoreError(
                         f"{self.location}: writing table {table} lost the commit race to other writers for "
                         f"{self.lock_timeout_s:.0f} s ({_first_line(exc)}); nothing was written. Retry, or raise "
                         "lock_timeout_s."
                     ) from exc
-                time.sleep(delay + random.uniform(0, delay))
-                delay = min(delay * 2, 2.0)
         if self.is_lake:
             return
         identity = _identity(self.file)
