@@ -30,12 +30,12 @@ from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
-from jpslm_assets.domain.chat_format import chat_messages
-from jpslm_assets.domain.generation_types import GenerationRequest
+from jpslm_assets.common.generation_types import GenerationRequest
 from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
 from jpslm_assets.resources.llama_cpp_tools import LlamaCppTools, gguf_summary
 from jpslm_assets.resources.loaded_models import release_loaded_models
 from jpslm_assets.resources.model_merge import gguf_tokenizer_overrides
+from jpslm_assets.training.chat_format import chat_messages
 
 
 @dataclass
@@ -78,8 +78,8 @@ def build_random_llama(folder: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from jpslm_assets.domain.chat_format import chat_template_text
-    from jpslm_assets.domain.tokenizer_training import (
+    from jpslm_assets.training.chat_format import chat_template_text
+    from jpslm_assets.training.tokenizer_training import (
         render_conversations,
         tokenizer_config,
         train_sentencepiece,

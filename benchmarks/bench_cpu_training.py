@@ -33,8 +33,9 @@ DATA = ROOT / "jpslm_assets" / "data"
 
 def seed_subset(n: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(rebalanced pool, first n pairs of the nested order), built from the shipped seed graph."""
-    from jpslm_assets.domain import qa_generation, qa_subsets
-    from jpslm_assets.domain.qa_templates import load_catalogue
+    from jpslm_assets.qa import generation as qa_generation
+    from jpslm_assets.qa import subsets as qa_subsets
+    from jpslm_assets.qa.templates import load_catalogue
 
     def read(name: str) -> pl.DataFrame:
         lines = (DATA / "kg" / name).read_text(encoding="utf-8").splitlines()
@@ -67,11 +68,12 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from jpslm_assets.domain.training_plan import resolve_plan
-    from jpslm_assets.resources.models import ModelFactory, cpu_thread_count
+    from jpslm_assets.resources.cpu import cpu_thread_count
+    from jpslm_assets.resources.models import ModelFactory
     from jpslm_assets.resources.trainer_loop import run_training
     from jpslm_assets.resources.trainer_spec import TrainingSpec, write_training_records
     from jpslm_assets.settings import load_profile
+    from jpslm_assets.training.plan import resolve_plan
 
     profile = load_profile("demo")
     pool, subset = seed_subset(args.n)

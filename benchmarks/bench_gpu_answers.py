@@ -1,6 +1,6 @@
 """Evaluation throughput on one CUDA GPU: 100 questions answered by an 8B-shaped Q4_K_M GGUF via llama-server.
 
-The answering loop is the one the ``answers_*`` assets run (``jpslm_assets.domain.answering.answer_questions``)
+The answering loop is the one the ``answers_*`` assets run (``jpslm_assets.export.answering.answer_questions``)
 against the project's ``LlamaServerBackend``, which starts llama.cpp's ``llama-server`` with parallel slots and
 sends each question as an OpenAI-style chat request; ``--parallel`` requests run at once. The same loop with one
 request at a time, on the first ``--sequential`` questions, is measured in the same run as the reference.
@@ -118,7 +118,7 @@ def questions(count: int) -> list[dict[str, Any]]:
 def timed(
     backend: Any, gguf: Path, asked: list[dict[str, Any]], settings: Settings, concurrency: int
 ) -> dict:
-    from jpslm_assets.domain.answering import answer_questions
+    from jpslm_assets.export.answering import answer_questions
 
     answered = answer_questions(backend, str(gguf), asked, settings, ("<|im_end|>",), concurrency)
     results = answered.results

@@ -107,9 +107,9 @@ def prepare(work: Path, shape: str, samples: int, seed: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from jpslm_assets.catalogue import model_entry
-    from jpslm_assets.domain.chat_format import encode_training_pairs
     from jpslm_assets.resources.models import build_config_model, load_tokenizer
     from jpslm_assets.resources.trainer_spec import write_training_records
+    from jpslm_assets.training.chat_format import encode_training_pairs
 
     model_dir = work / "model"
     if (model_dir / "done").is_file():
@@ -176,9 +176,9 @@ def prepare(work: Path, shape: str, samples: int, seed: int) -> None:
 
 
 def encoded_examples(work: Path, max_len: int) -> list[Any]:
-    from jpslm_assets.domain.chat_format import encode_training_pairs
     from jpslm_assets.resources.models import load_tokenizer
     from jpslm_assets.resources.trainer_spec import read_training_records
+    from jpslm_assets.training.chat_format import encode_training_pairs
 
     tokenizer = load_tokenizer(str(work / "model"))
     examples, skipped = encode_training_pairs(
@@ -247,8 +247,8 @@ def run_baseline(
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, get_scheduler
 
-    from jpslm_assets.domain.chat_format import IGNORE_INDEX
-    from jpslm_assets.domain.training_plan import DEFAULT_TARGET_MODULES
+    from jpslm_assets.training.chat_format import IGNORE_INDEX
+    from jpslm_assets.training.plan import DEFAULT_TARGET_MODULES
 
     examples = encoded_examples(work, max_len)
     started = time.monotonic()
@@ -342,8 +342,8 @@ def run_project(
     import torch
     from transformers import TrainerCallback
 
-    from jpslm_assets.domain.training_plan import LoraPlan
     from jpslm_assets.resources import trainer_loop as trainer_lib
+    from jpslm_assets.training.plan import LoraPlan
 
     backend = "bnb_qlora" if torch.cuda.is_available() else "cpu_lora"
     if variant == "unsloth":

@@ -91,8 +91,9 @@ def run_pipeline(
     nodes: pl.DataFrame, relations: pl.DataFrame, grid: list[int] | None = None
 ) -> tuple[StageClock, dict[str, int]]:
     """The whole chain; ``grid`` None scales the paper's grid to the rebalanced pool's size."""
-    from jpslm_assets.domain import qa_generation, qa_subsets
-    from jpslm_assets.domain.qa_templates import load_catalogue
+    from jpslm_assets.qa import generation as qa_generation
+    from jpslm_assets.qa import subsets as qa_subsets
+    from jpslm_assets.qa.templates import load_catalogue
 
     clock = StageClock()
     catalogue = load_catalogue(DATA / "qa_templates.yaml")
@@ -135,7 +136,7 @@ def main() -> None:
     import rapidfuzz  # noqa: F401
     import scipy.stats  # noqa: F401
 
-    from jpslm_assets.domain import qa_generation  # noqa: F401
+    from jpslm_assets.qa import generation as qa_generation  # noqa: F401
 
     import_seconds = time.perf_counter() - mark
 

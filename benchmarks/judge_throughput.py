@@ -23,9 +23,10 @@ from importlib import resources
 import polars as pl
 from bench_readme_command import cpu_facts  # this folder is on sys.path when run as a script
 
-from jpslm_assets.domain import judging as judge_lib
-from jpslm_assets.domain.generation_types import GenerationRequest, GenerationResult
-from jpslm_assets.judging import judge_resource_for
+from jpslm_assets.common.generation_types import GenerationRequest, GenerationResult
+from jpslm_assets.judging import rubric as rubric_lib
+from jpslm_assets.judging import scoring as judge_lib
+from jpslm_assets.judging.assets import judge_resource_for
 from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
 from jpslm_assets.settings import load_profile
 
@@ -34,7 +35,7 @@ def packaged(name: str) -> pl.DataFrame:
     return pl.read_ndjson(resources.files("jpslm_assets").joinpath("data", *name.split("/")).read_bytes())
 
 
-def items_from_test_set(count: int) -> list[judge_lib.JudgeItem]:
+def items_from_test_set(count: int) -> list[rubric_lib.JudgeItem]:
     """Test questions with their references and KG locations; each candidate is another question's reference
     repeated to about 400 characters, so the answer cap is what decides the prompt length."""
     test_set = packaged("test_set_200.jsonl").filter(pl.col("human_written")).head(count)
@@ -44,7 +45,7 @@ def items_from_test_set(count: int) -> list[judge_lib.JudgeItem]:
     for index, row in enumerate(rows):
         other = rows[(index + 1) % len(rows)]["reference_answer"]
         items.append(
-            judge_lib.JudgeItem(
+            rubric_lib.JudgeItem(
                 question_id=row["question_id"],
                 category=row["category"],
                 question=row["question"],
@@ -68,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
 
     profile = load_profile("demo")
-    rubric = judge_lib.load_rubric()
+    rubric = rubric_lib.load_rubric()
     items = items_from_test_set(args.items)
     base = judge_resource_for(profile)
     print(
@@ -115,7 +116,7 @@ class Run:
     chars: int
     backend: LlamaCppBackend
     model_ref: str
-    settings: judge_lib.JudgeSettings
+    settings: rubric_lib.JudgeSettings
     wall: float = 0.0
     cpu: float = 0.0
     prompt_tokens: list[int] = field(default_factory=list)
@@ -129,7 +130,7 @@ class Run:
         self.reply_tokens.append(result.completion_tokens)
         return result
 
-    def judge(self, item: judge_lib.JudgeItem, rubric: judge_lib.Rubric) -> None:
+    def judge(self, item: rubric_lib.JudgeItem, rubric: rubric_lib.Rubric) -> None:
         started, cpu_started = time.perf_counter(), time.process_time()
         verdict = judge_lib.judge_one(item, self.generate, rubric, self.settings)
         self.wall += time.perf_counter() - started

@@ -10,7 +10,7 @@ import math
 
 import polars as pl
 
-from jpslm_assets.domain.statistics import spearman
+from jpslm_assets.common.statistics import spearman
 
 SOURCE = """
 select j.judge, j.model, j.n, j.format, j.question_id, j.score, c.chrf

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from jpslm_assets.domain.judging import load_rubric
-from jpslm_assets.domain.statistics import agreement
+from jpslm_assets.common.statistics import agreement
+from jpslm_assets.judging.rubric import load_rubric
 
 SOURCE = """
 select a.judge as judge_a, b.judge as judge_b, a.score as score_a, b.score as score_b

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from jpslm_assets.domain.judge_controls import validity
+from jpslm_assets.judging.controls import validity
 
 SOURCE = """
 select judge, cast(question_id as varchar) as question_id, control, cast(score as bigint) as score

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from jpslm_assets.domain.statistics import paired_difference_test, with_holm
+from jpslm_assets.common.statistics import paired_difference_test, with_holm
 
 SOURCE = """
 select

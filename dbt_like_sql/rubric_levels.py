@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from jpslm_assets.domain.judging import load_rubric
+from jpslm_assets.judging.rubric import load_rubric
 
 SOURCE = None
 

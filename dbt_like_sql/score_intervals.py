@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from jpslm_assets.domain.statistics import bootstrap_mean_ci
+from jpslm_assets.common.statistics import bootstrap_mean_ci
 
 SOURCE = """
 select model, n, format, judge, question_id, score

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from jpslm_assets.domain.statistics import spearman
+from jpslm_assets.common.statistics import spearman
 
 SOURCE = """
 select judge, score, chars

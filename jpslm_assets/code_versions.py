@@ -6,8 +6,12 @@ version is a hash of the source of:
 - its compute function;
 - every function or class of its own module it uses, followed transitively (``_train_adapter`` behind
   ``stage1_lora_adapter``);
-- every function or class under ``jpslm_assets.domain`` (the plain functions that compute the data) it uses,
-  followed the same way inside that module (a module used only as a value counts whole).
+- every function or class of a plain-function module (``layering.is_plain_module``: a stage package's modules
+  other than its definitions, and ``common``) it uses, followed the same way inside that module (a module used
+  only as a value counts whole).
+
+The hash covers each piece's name and source, not the module it lives in: moving a function to another module
+leaves every version alone; changing what it does, or which function it calls, does not.
 
 Resources are not part of it: they arrive as parameters (the trainer, the graph store, the generation
 backends) and decide how fast or where a value is computed, not which value. A change in them that changes
@@ -30,7 +34,7 @@ from typing import Any
 
 import dagster as dg
 
-DOMAIN_PREFIX = "jpslm_assets.domain"
+from jpslm_assets.layering import is_plain_module
 
 
 def _names(code: types.CodeType) -> set[str]:
@@ -67,19 +71,22 @@ def _source(target: Any) -> str:
     return inspect.getsource(target)
 
 
-def dependency_sources(function: Callable[..., Any], domain_prefix: str = DOMAIN_PREFIX) -> dict[str, str]:
-    """``{qualified name: source}`` of everything ``function``'s version rests on (see the module docstring)."""
+def dependency_sources(
+    function: Callable[..., Any], follows: Callable[[str], bool] = is_plain_module
+) -> dict[str, str]:
+    """``{"module:qualified name": source}`` of everything ``function``'s version rests on (see the module
+    docstring); a module counted whole is ``"module:"``."""
     sources: dict[str, str] = {}
     pending: list[Any] = [inspect.unwrap(function)]
     home = pending[0].__module__
 
     def ours(target: Any) -> bool:
         module = getattr(target, "__module__", "") or ""
-        return module.startswith(domain_prefix) or module == home
+        return follows(module) or module == home
 
     while pending:
         current = pending.pop()
-        key = f"{current.__module__}.{current.__qualname__}"
+        key = f"{current.__module__}:{current.__qualname__}"
         if key in sources:
             continue
         sources[key] = _source(current)
@@ -89,7 +96,7 @@ def dependency_sources(function: Callable[..., Any], domain_prefix: str = DOMAIN
         scope = current.__globals__
         for name in sorted(names):
             target = scope.get(name)
-            if isinstance(target, types.ModuleType) and target.__name__.startswith(domain_prefix):
+            if isinstance(target, types.ModuleType) and follows(target.__name__):
                 # ``module.function``: the functions and classes of that module this code names.
                 used = [
                     member
@@ -100,16 +107,28 @@ def dependency_sources(function: Callable[..., Any], domain_prefix: str = DOMAIN
                 if used:
                     pending += used
                 else:
-                    sources.setdefault(target.__name__, _source(target))
+                    sources.setdefault(f"{target.__name__}:", _source(target))
             elif (inspect.isfunction(target) or inspect.isclass(target)) and ours(target):
                 pending.append(target)
     return sources
 
 
-def source_version(function: Callable[..., Any], *extra: str, domain_prefix: str = DOMAIN_PREFIX) -> str:
+def _name_without_module(key: str) -> str:
+    """``"jpslm_assets.training.assets:_train_adapter"`` -> ``_train_adapter``; a module counted whole keeps
+    its last name, so a move between modules changes no version."""
+    module, _, qualname = key.partition(":")
+    return qualname or module.rpartition(".")[2]
+
+
+def source_version(
+    function: Callable[..., Any], *extra: str, follows: Callable[[str], bool] = is_plain_module
+) -> str:
     """12 hex digits of sha256 over the sources ``function`` rests on, plus ``extra`` strings."""
     digest = hashlib.sha256()
-    for name, source in sorted(dependency_sources(function, domain_prefix).items()):
+    pieces = sorted(
+        (_name_without_module(key), source) for key, source in dependency_sources(function, follows).items()
+    )
+    for name, source in pieces:
         digest.update(name.encode() + b"\0" + source.encode() + b"\0")
     for item in extra:
         digest.update(item.encode() + b"\0")

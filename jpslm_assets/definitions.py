@@ -10,21 +10,17 @@ import warnings
 
 import dagster as dg
 
-from jpslm_assets import (
-    automation,
-    execution,
-    export,
-    judging,
-    kg,
-    marts,
-    qa,
-    reports,
-    run_recovery,
-    training,
-)
+from jpslm_assets import automation, execution, run_recovery
+from jpslm_assets.export import assets as export
 from jpslm_assets.io_manager import DuckDBTableIOManager
+from jpslm_assets.judging import assets as judging
+from jpslm_assets.kg import assets as kg
+from jpslm_assets.marts import assets as marts
+from jpslm_assets.qa import assets as qa
+from jpslm_assets.reports import assets as reports
 from jpslm_assets.settings import current_profile
 from jpslm_assets.store import default_store
+from jpslm_assets.training import assets as training
 
 
 def _with_automation(spec: dg.AssetSpec) -> dg.AssetSpec:

@@ -459,3 +459,11 @@ def default_store() -> DuckDBStore:
         return DuckDBStore(path=str(settings.duckdb_path()))
     catalog, data_path = lake
     return DuckDBStore(path=str(settings.duckdb_path()), ducklake_catalog=catalog, ducklake_data_path=data_path)
+
+
+def read_tables(store: DuckDBStore, tables: Sequence[str]) -> dict[str, pl.DataFrame | None]:
+    """Whole tables by name; None where a table (or the DuckDB file) does not exist yet."""
+    frames: dict[str, pl.DataFrame | None] = {}
+    for table in tables:
+        frames[table] = store.read_slices(table, [{}]) if store.table_exists(table) else None
+    return frames

@@ -21,8 +21,10 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
-from jpslm_assets import export
 from jpslm_assets.artifacts import artifact_record
+from jpslm_assets.export import assets as export
+from jpslm_assets.export.assets_gguf import gguf_f16, gguf_q4_k_m
+from jpslm_assets.export.assets_serving import answers_f16, answers_nf4, answers_q4_k_m, deployment
 from jpslm_assets.io_manager import DuckDBTableIOManager, table_metadata
 from jpslm_assets.partitions import STAGE1_SUFFIX, model_partitions, n_partitions
 from jpslm_assets.store import DuckDBStore
@@ -252,8 +254,7 @@ def prepare_upstream(
 
 
 EXPORT_ASSETS = [
-    export.merged_model, export.gguf_f16, export.gguf_q4_k_m, export.deployment, export.answers_f16,
-    export.answers_q4_k_m, export.answers_nf4,
+    export.merged_model, gguf_f16, gguf_q4_k_m, deployment, answers_f16, answers_q4_k_m, answers_nf4,
 ]  # fmt: skip
 
 

@@ -5,7 +5,7 @@ Endpoints: ``GET /api/version``, ``GET /api/tags``, ``HEAD``/``POST /api/blobs/<
 ``POST /api/generate`` (streaming and not). Errors come back as ``{"error": ...}`` with Ollama's status codes.
 
 It really generates: a created model's blob is loaded with llama.cpp, its stored TEMPLATE is rendered the
-way Ollama renders it (the Go-template subset a Modelfile from ``domain/modelfile.py`` uses: text,
+way Ollama renders it (the Go-template subset a Modelfile from ``export/modelfile.py`` uses: text,
 ``{{ .Field }}``, ``if/else if/else``, ``eq``, ``range``), BOS is prepended when the GGUF asks for it, and the
 stored parameters are overridden by request options (``num_predict``, ``seed``, ``temperature``, ``stop``,
 ``num_ctx``). ``format`` (a JSON schema) becomes a llama.cpp grammar.

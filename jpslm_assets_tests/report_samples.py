@@ -176,10 +176,10 @@ def reevaluation_location(store_path: str) -> dg.Definitions:
     The per-format assets carry the same ``table`` / ``fixed_columns`` metadata as the real stages, so the
     reports module discovers them exactly as it discovers the real ones.
     """
-    from jpslm_assets.export import stage3_metadata
+    from jpslm_assets.export.assets_partition import stage3_metadata
     from jpslm_assets.io_manager import table_metadata
     from jpslm_assets.partitions import stage3_adapter, stage3_partitions
-    from jpslm_assets.reports import build_reports_definitions
+    from jpslm_assets.reports.assets import build_reports_definitions
 
     partitions = stage3_partitions()
     n_by_model = {"tiny-llama": 40, "smollm2-135m": 60}
@@ -232,7 +232,7 @@ def reevaluation_location(store_path: str) -> dg.Definitions:
 
     stage_assets = [*per_format, score_summary]
     stage_defs = dg.Definitions(assets=stage_assets)
-    from jpslm_assets.reports import asset_specs
+    from jpslm_assets.reports.assets import asset_specs
 
     reports_defs = build_reports_definitions(asset_specs([stage_defs]))
     store = DuckDBStore(path=store_path, lock_timeout_s=30)

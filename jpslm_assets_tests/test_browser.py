@@ -23,7 +23,7 @@ import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from jpslm_assets import settings
-from jpslm_assets.domain.figures import japanese_font_path
+from jpslm_assets.common.figures import japanese_font_path
 from jpslm_assets.store import DuckDBStore
 from jpslm_assets_tests.dagster_processes import (
     PortInUseError,

@@ -66,15 +66,15 @@ def toy_asset():
 
 
 def version():
-    return source_version(toy_asset.op.compute_fn.decorated_fn, domain_prefix="toy.domain")
+    return source_version(toy_asset.op.compute_fn.decorated_fn, follows=lambda module: module.startswith("toy.domain"))
 '''
 
 
-def _toy_version(root: Path, domain: str, assets: str = TOY_ASSETS) -> str:
+def _toy_version(root: Path, domain: str, assets: str = TOY_ASSETS, module: str = "calc") -> str:
     (root / "toy" / "domain").mkdir(parents=True, exist_ok=True)
     (root / "toy" / "__init__.py").write_text("")
     (root / "toy" / "domain" / "__init__.py").write_text("")
-    (root / "toy" / "domain" / "calc.py").write_text(domain)
+    (root / "toy" / "domain" / f"{module}.py").write_text(domain)
     (root / "toy" / "assets.py").write_text(assets)
     completed = subprocess.run(
         [sys.executable, "-c", "from toy import assets; print(assets.version())"],
@@ -93,3 +93,10 @@ def test_the_version_changes_with_the_code_an_asset_runs_and_only_with_it(tmp_pa
     assert _toy_version(tmp_path / "d", TOY_DOMAIN, TOY_ASSETS.replace("+ 1", "+ 2")) != base
     # A function of the domain module the asset never reaches: the version stays.
     assert _toy_version(tmp_path / "e", TOY_DOMAIN.replace("not used by the asset", "still unused")) == base
+    # The same functions moved to a module of another name: the version stays (a layout change retrains
+    # nothing).
+    moved = TOY_ASSETS.replace("from toy.domain import calc", "from toy.domain import arithmetic as calc")
+    assert _toy_version(tmp_path / "f", TOY_DOMAIN, moved, module="arithmetic") == base
+    # ... but a helper renamed is a change in what the asset runs.
+    renamed = TOY_DOMAIN.replace("_twice", "_two_times")
+    assert _toy_version(tmp_path / "g", renamed) != base

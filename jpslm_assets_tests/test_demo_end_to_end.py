@@ -17,11 +17,11 @@ import duckdb
 import polars as pl
 import pytest
 
-from jpslm_assets.domain import judge_controls as controls_lib
-from jpslm_assets.domain.scaling import INDISTINGUISHABLE, STATUSES
-from jpslm_assets.export import GGUF_FORMATS
-from jpslm_assets.resources.models import choose_cpu_precision, cpu_bf16_flags
+from jpslm_assets.export.tables import GGUF_FORMATS
+from jpslm_assets.judging import controls as controls_lib
+from jpslm_assets.resources.cpu import choose_cpu_precision, cpu_bf16_flags
 from jpslm_assets.settings import load_profile
+from jpslm_assets.training.scaling import INDISTINGUISHABLE, STATUSES
 from jpslm_assets_tests.dagster_processes import start_dagster_ui
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]

@@ -12,11 +12,12 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from jpslm_assets import marts, settings
+from jpslm_assets import settings
 from jpslm_assets.artifacts import frame_version
 from jpslm_assets.io_manager import DuckDBTableIOManager
 from jpslm_assets.lineage import LineageRecord, UpstreamRead
-from jpslm_assets.sql_models import load_project
+from jpslm_assets.marts import assets as marts
+from jpslm_assets.marts.cli import load_project
 from jpslm_assets.store import DuckDBStore, StoreError, default_store
 from jpslm_assets_tests.postgres_server import PostgresServer, postgres_bindir, postgres_server
 from jpslm_assets_tests.test_marts import paper_tables

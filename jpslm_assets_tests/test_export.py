@@ -22,7 +22,7 @@ import polars as pl
 import pytest
 
 from jpslm_assets.artifacts import artifact_record, file_sha256
-from jpslm_assets.domain.answering import select_eval_questions
+from jpslm_assets.export.answering import select_eval_questions
 from jpslm_assets.store import DuckDBStore
 from jpslm_assets_tests.export_fixtures import (
     CHATML_WITHOUT_GENERATION_PROMPT,

@@ -11,8 +11,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from jpslm_assets.domain.answering import AnsweringInputError, select_eval_questions, served_name
-from jpslm_assets.domain.fidelity import (
+from jpslm_assets.export.answering import AnsweringInputError, select_eval_questions, served_name
+from jpslm_assets.export.fidelity import (
     ScoringSequence,
     SequenceNll,
     answer_token_nll,
@@ -20,7 +20,7 @@ from jpslm_assets.domain.fidelity import (
     mean_nll,
     relative_difference,
 )
-from jpslm_assets.domain.modelfile import (
+from jpslm_assets.export.modelfile import (
     ChatTemplateError,
     build_modelfile,
     chat_turns,

@@ -39,7 +39,7 @@ def test_paper_profile_holds_the_papers_grid_and_models() -> None:
 
 
 def test_cpu_precision_comes_from_the_profile(monkeypatch: pytest.MonkeyPatch) -> None:
-    from jpslm_assets import training
+    from jpslm_assets.training import assets as training
 
     assert settings.load_profile("demo").train.cpu_precision == "auto"  # bf16 only where the CPU has it
     assert settings.load_profile("paper").train.cpu_precision == "auto"

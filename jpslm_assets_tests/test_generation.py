@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from jpslm_assets.domain.generation_types import BackendUnavailable, GenerationError, GenerationRequest
-from jpslm_assets.domain.modelfile import build_modelfile, chat_turns, render_chat_template
+from jpslm_assets.common.generation_types import BackendUnavailable, GenerationError, GenerationRequest
+from jpslm_assets.export.modelfile import build_modelfile, chat_turns, render_chat_template
 from jpslm_assets.resources.generation import DeploymentRequest
 from jpslm_assets.resources.generation_backends import backend_for, serving_backend
 from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend

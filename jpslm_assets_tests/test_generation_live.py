@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from jpslm_assets.domain.generation_types import GenerationError, GenerationRequest
-from jpslm_assets.domain.modelfile import build_modelfile
+from jpslm_assets.common.generation_types import GenerationError, GenerationRequest
+from jpslm_assets.export.modelfile import build_modelfile
 from jpslm_assets.resources.generation import DeploymentRequest
 from jpslm_assets.resources.generation_ollama import OllamaBackend
 from jpslm_assets.resources.llama_cpp_tools import LlamaCppTools

@@ -14,10 +14,13 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from jpslm_assets import export
-from jpslm_assets.domain.answering import QuestionFailed, answer_questions, effective_concurrency
-from jpslm_assets.domain.generation_types import GenerationError, GenerationRequest, GenerationResult
+from jpslm_assets.common.generation_types import GenerationError, GenerationRequest, GenerationResult
+from jpslm_assets.export.answering import QuestionFailed, answer_questions, effective_concurrency
+from jpslm_assets.export.assets_partition import stage3_metadata
+from jpslm_assets.export.assets_serving import answers_f16
+from jpslm_assets.export.tables import DEPLOYMENT_SCHEMA
 from jpslm_assets.io_manager import DuckDBTableIOManager, table_metadata
+from jpslm_assets.partitions import stage3_partitions
 from jpslm_assets.resources.generation import DeploymentRequest
 from jpslm_assets.resources.generation_backends import backend_for, serving_backend
 from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
@@ -313,8 +316,8 @@ def test_an_in_process_backend_gets_one_worker_whatever_is_asked() -> None:
 def _deployment_asset(gguf: Path) -> dg.AssetsDefinition:
     @dg.asset(
         name="deployment",
-        partitions_def=export.stage3_partitions(),
-        metadata=export.stage3_metadata("serve.deployments"),
+        partitions_def=stage3_partitions(),
+        metadata=stage3_metadata("serve.deployments"),
     )
     def deployment_stand_in(context: dg.AssetExecutionContext) -> pl.DataFrame:
         model, n = context.partition_key, 60
@@ -326,7 +329,7 @@ def _deployment_asset(gguf: Path) -> dg.AssetsDefinition:
                     "modelfile_path": None, "status": "ok", "detail": "llama-server",
                 }
             ],
-            schema=export.DEPLOYMENT_SCHEMA,
+            schema=DEPLOYMENT_SCHEMA,
         )  # fmt: skip
 
     return deployment_stand_in
@@ -346,7 +349,7 @@ def test_answers_asset_uses_the_smaller_of_profile_and_server_concurrency(
     def test_set_asset() -> pl.DataFrame:
         return fixture_test_set()
 
-    assets = [test_set_asset, _deployment_asset(gguf), export.answers_f16]
+    assets = [test_set_asset, _deployment_asset(gguf), answers_f16]
     resources = {
         "store": store,
         "io_manager": DuckDBTableIOManager(store=store),

@@ -96,11 +96,11 @@ def test_qlora_training_lowers_the_loss_and_the_merge_keeps_what_it_learned(
 ) -> None:
     from safetensors.torch import load_file
 
-    from jpslm_assets.domain import nll
-    from jpslm_assets.domain.chat_format import encode_training_pairs
     from jpslm_assets.resources import trainer_loop
     from jpslm_assets.resources.model_merge import merge_adapter
     from jpslm_assets.resources.models import load_causal_lm, load_tokenizer
+    from jpslm_assets.training import nll
+    from jpslm_assets.training.chat_format import encode_training_pairs
 
     model, folder = base
     messages: list[str] = []
@@ -223,9 +223,9 @@ def test_fused_kernels_train_when_liger_is_installed(base: tuple[str, Path], tmp
 def test_nf4_answer_format_generates_on_cuda(base: tuple[str, Path]) -> None:
     import bitsandbytes as bnb
 
-    from jpslm_assets.domain.chat_format import chat_messages
-    from jpslm_assets.domain.generation_types import GenerationRequest
+    from jpslm_assets.common.generation_types import GenerationRequest
     from jpslm_assets.resources.generation_transformers import TransformersBackend
+    from jpslm_assets.training.chat_format import chat_messages
 
     _, folder = base
     backend = TransformersBackend(quantization="nf4")

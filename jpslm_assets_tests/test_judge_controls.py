@@ -5,8 +5,8 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from jpslm_assets.domain import judge_controls as controls_lib
-from jpslm_assets.domain.judging import JudgeItem
+from jpslm_assets.judging import controls as controls_lib
+from jpslm_assets.judging.rubric import JudgeItem
 
 
 def _item(question_id: str, category: str) -> JudgeItem:

@@ -12,23 +12,24 @@ import polars as pl
 import pytest
 from pydantic import Field
 
-from jpslm_assets import judging
-from jpslm_assets.domain import judging as judge_lib
-from jpslm_assets.domain.generation_types import (
+from jpslm_assets.common.generation_types import (
     BackendUnavailable,
     GenerationError,
     GenerationRequest,
     GenerationResult,
 )
-from jpslm_assets.export import stage3_metadata
+from jpslm_assets.export.assets_partition import stage3_metadata
 from jpslm_assets.io_manager import DuckDBTableIOManager, table_metadata
+from jpslm_assets.judging import assets as judging
+from jpslm_assets.judging import rubric as rubric_lib
+from jpslm_assets.judging import scoring as judge_lib
 from jpslm_assets.partitions import stage3_partitions
 from jpslm_assets.resources.generation import GenerationBackend
 from jpslm_assets.resources.judge import JudgeModelError, JudgeResource, reencode_gguf
 from jpslm_assets.settings import load_profile
 from jpslm_assets.store import DuckDBStore
 
-RUBRIC = judge_lib.load_rubric()
+RUBRIC = rubric_lib.load_rubric()
 
 
 def result(text: str, finish: str = "stop") -> GenerationResult:
@@ -50,13 +51,13 @@ class ScriptedGenerate:
         return result(reply)
 
 
-def settings(**overrides: object) -> judge_lib.JudgeSettings:
+def settings(**overrides: object) -> rubric_lib.JudgeSettings:
     values = {"backend": "llama_cpp", "model": "fake", "max_answer_chars": 200, "retries": 2}
     values.update(overrides)
-    return judge_lib.judge_settings(RUBRIC, **values)  # type: ignore[arg-type]
+    return rubric_lib.judge_settings(RUBRIC, **values)  # type: ignore[arg-type]
 
 
-ITEM = judge_lib.JudgeItem(
+ITEM = rubric_lib.JudgeItem(
     question_id="TS-001",
     category="Survey",
     question="雨量計の配置密度はどう決めるか。",
@@ -80,11 +81,11 @@ def test_invalid_rubric_file_names_the_field(tmp_path: Path) -> None:
     text = (Path(judge_lib.__file__).parents[1] / "data" / "judge_rubric.yaml").read_text("utf-8")
     broken = tmp_path / "rubric.yaml"
     broken.write_text(text.replace("  - score: 1\n", "  - score: 5\n"), "utf-8")
-    with pytest.raises(judge_lib.RubricError, match="levels must be the integers 0..k"):
-        judge_lib.load_rubric(broken)
+    with pytest.raises(rubric_lib.RubricError, match="levels must be the integers 0..k"):
+        rubric_lib.load_rubric(broken)
     broken.write_text("levels: [", "utf-8")
-    with pytest.raises(judge_lib.RubricError, match="not valid YAML"):
-        judge_lib.load_rubric(broken)
+    with pytest.raises(rubric_lib.RubricError, match="not valid YAML"):
+        rubric_lib.load_rubric(broken)
 
 
 def test_default_language_follows_backend_and_override_wins() -> None:
@@ -99,26 +100,26 @@ def test_default_language_follows_backend_and_override_wins() -> None:
 
 
 def test_prompt_carries_question_reference_location_and_truncated_answer() -> None:
-    long_item = judge_lib.JudgeItem(**{**ITEM.__dict__, "answer": "堤防" * 300})
-    messages = judge_lib.build_judge_messages(long_item, RUBRIC, "ja", max_answer_chars=50)
+    long_item = rubric_lib.JudgeItem(**{**ITEM.__dict__, "answer": "堤防" * 300})
+    messages = rubric_lib.build_judge_messages(long_item, RUBRIC, "ja", max_answer_chars=50)
     system, user = messages[0]["content"], messages[1]["content"]
     assert "3: " in system and "0: " in system and RUBRIC.levels[0].ja in system
     assert ITEM.question in user and "調査編 > 第2章" in user and ITEM.reference_answer in user
     answer_line = next(line for line in user.splitlines() if line.startswith("候補回答"))
     assert answer_line.endswith("（以下省略）")
     assert answer_line.count("堤防") == 25  # 50 characters kept
-    english = judge_lib.build_judge_messages(ITEM, RUBRIC, "en", max_answer_chars=50)
+    english = rubric_lib.build_judge_messages(ITEM, RUBRIC, "en", max_answer_chars=50)
     assert "Candidate answer" in english[1]["content"] and RUBRIC.levels[0].en in english[0]["content"]
 
 
 def test_unknown_location_is_said_not_invented() -> None:
-    item = judge_lib.JudgeItem(**{**ITEM.__dict__, "location": None})
-    user = judge_lib.build_judge_messages(item, RUBRIC, "en", 200)[1]["content"]
+    item = rubric_lib.JudgeItem(**{**ITEM.__dict__, "location": None})
+    user = rubric_lib.build_judge_messages(item, RUBRIC, "en", 200)[1]["content"]
     assert "Location in the standards: (unknown)" in user
 
 
 def test_json_schema_uses_enum_and_bounded_reason() -> None:
-    schema = judge_lib.judge_json_schema(RUBRIC)
+    schema = rubric_lib.judge_json_schema(RUBRIC)
     assert schema["properties"]["score"] == {"type": "integer", "enum": [0, 1, 2, 3]}
     assert schema["properties"]["reason"]["maxLength"] == RUBRIC.generation.reason_max_chars
     assert schema["required"] == ["score", "reason"]
@@ -127,21 +128,21 @@ def test_json_schema_uses_enum_and_bounded_reason() -> None:
 def test_gbnf_grammar_is_accepted_by_llama_cpp_and_admits_only_rubric_scores() -> None:
     from llama_cpp import LlamaGrammar
 
-    grammar = judge_lib.judge_grammar(RUBRIC, reason_max_chars=40)
+    grammar = rubric_lib.judge_grammar(RUBRIC, reason_max_chars=40)
     LlamaGrammar.from_string(grammar, verbose=False)  # raises on a malformed grammar
     assert 'score ::= "0" | "1" | "2" | "3"' in grammar
     assert "char{1,40}" in grammar
     # Control characters and bare quotes / backslashes are excluded from the reason.
     assert '[^"\\\\\\x00-\\x1F\\x7F]' in grammar
-    ascii_grammar = judge_lib.judge_grammar(RUBRIC, reason_max_chars=40, ascii_reason=True)
+    ascii_grammar = rubric_lib.judge_grammar(RUBRIC, reason_max_chars=40, ascii_reason=True)
     LlamaGrammar.from_string(ascii_grammar, verbose=False)
     assert "char ::= [ !#-[\\]-~]" in ascii_grammar
 
 
 def test_the_profile_bounds_the_reason_and_the_bound_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
-    rubric_default = judge_lib.judge_settings(RUBRIC, backend="llama_cpp", model="m", max_answer_chars=64, retries=0)
+    rubric_default = rubric_lib.judge_settings(RUBRIC, backend="llama_cpp", model="m", max_answer_chars=64, retries=0)
     assert rubric_default.reason_max_chars == RUBRIC.generation.reason_max_chars
-    short = judge_lib.judge_settings(
+    short = rubric_lib.judge_settings(
         RUBRIC, backend="llama_cpp", model="m", max_answer_chars=64, retries=0, reason_max_chars=48
     )
     assert short.reason_max_chars == 48 and short.max_tokens < rubric_default.max_tokens
@@ -158,7 +159,7 @@ def test_grammar_constrained_generation_yields_a_parseable_reply() -> None:
 
     judge = judging.judge_resource_for(load_profile("demo")).model_copy(update={"embedded_weights": "source"})
     llm = Llama(model_path=judge.model_ref(), n_ctx=512, verbose=False)
-    grammar = LlamaGrammar.from_string(judge_lib.judge_grammar(RUBRIC, 30, ascii_reason=True), verbose=False)
+    grammar = LlamaGrammar.from_string(rubric_lib.judge_grammar(RUBRIC, 30, ascii_reason=True), verbose=False)
     output = llm.create_completion(
         "Rate this answer: 堤防の点検は年に一度。", max_tokens=60, grammar=grammar, temperature=0
     )
@@ -266,14 +267,14 @@ def test_backend_error_is_retried_then_a_reply_counts() -> None:
 
 def test_backend_failing_every_attempt_stops_instead_of_storing_scores() -> None:
     generate = ScriptedGenerate([GenerationError("Ollama at http://x is unreachable")])
-    with pytest.raises(judge_lib.JudgeBackendError, match=r"TS-001 in all 3 attempts.*unreachable"):
+    with pytest.raises(rubric_lib.JudgeBackendError, match=r"TS-001 in all 3 attempts.*unreachable"):
         judge_lib.judge_one(ITEM, generate, RUBRIC, settings())
 
 
 def test_an_unavailable_backend_stops_at_the_first_attempt() -> None:
     """Down, or silent past its first-byte timeout: a retry would wait as long again, so none is made."""
     generate = ScriptedGenerate([BackendUnavailable("Ollama at http://x sent nothing within first_byte_timeout_s=45 s")])
-    with pytest.raises(judge_lib.JudgeBackendError, match=r"TS-001 \(attempt 1\).*first_byte_timeout_s=45 s"):
+    with pytest.raises(rubric_lib.JudgeBackendError, match=r"TS-001 \(attempt 1\).*first_byte_timeout_s=45 s"):
         judge_lib.judge_one(ITEM, generate, RUBRIC, settings(retries=3))
     assert len(generate.requests) == 1
 
@@ -309,10 +310,10 @@ def test_each_attempt_gets_what_is_left_of_the_question_deadline() -> None:
 def test_empty_answer_scores_zero_by_rule_without_calling_the_judge() -> None:
     generate = ScriptedGenerate(['{"score": 3, "reason": "should not be asked"}'])
     for empty in ("", "   \n"):
-        item = judge_lib.JudgeItem(**{**ITEM.__dict__, "answer": empty})
+        item = rubric_lib.JudgeItem(**{**ITEM.__dict__, "answer": empty})
         verdict = judge_lib.judge_one(item, generate, RUBRIC, settings())
         assert (verdict.score, verdict.parse_ok, verdict.attempts) == (0, True, 0)
-        assert verdict.reason == judge_lib.EMPTY_ANSWER_REASON
+        assert verdict.reason == rubric_lib.EMPTY_ANSWER_REASON
     assert generate.requests == []
 
 
@@ -381,7 +382,7 @@ def test_items_take_category_and_location_from_test_set_and_graph() -> None:
 
 def test_answer_to_question_not_in_test_set_is_a_clear_error() -> None:
     with pytest.raises(
-        judge_lib.JudgeInputError,
+        rubric_lib.JudgeInputError,
         match=r"answers_f16 partition tiny-llama\|60 has answers to question id\(s\) \['TS-404'\]",
     ):
         judge_lib.judge_items(
@@ -390,13 +391,13 @@ def test_answer_to_question_not_in_test_set_is_a_clear_error() -> None:
 
 
 def test_duplicate_answers_are_a_clear_error() -> None:
-    with pytest.raises(judge_lib.JudgeInputError, match=r"answers question\(s\) \['TS-001'\] more than once"):
+    with pytest.raises(rubric_lib.JudgeInputError, match=r"answers question\(s\) \['TS-001'\] more than once"):
         judge_lib.judge_items(answers_frame(["TS-001", "TS-001"]), make_test_set(), None, "answers")
 
 
 def test_missing_columns_name_the_table_and_fix() -> None:
     with pytest.raises(
-        judge_lib.JudgeInputError, match=r"qa.test_set lacks column\(s\) \['reference_answer'\]"
+        rubric_lib.JudgeInputError, match=r"qa.test_set lacks column\(s\) \['reference_answer'\]"
     ):
         judge_lib.judge_items(answers_frame(["TS-001"]), make_test_set().drop("reference_answer"), None, "a")
 

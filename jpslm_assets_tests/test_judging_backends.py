@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from jpslm_assets import judging
-from jpslm_assets.domain import judging as judge_lib
+from jpslm_assets.judging import assets as judging
+from jpslm_assets.judging import rubric as rubric_lib
+from jpslm_assets.judging import scoring as judge_lib
 from jpslm_assets.resources.generation_ollama import OllamaBackend
 from jpslm_assets.settings import load_profile
 from jpslm_assets_tests.fake_ollama import FakeOllama
 
-RUBRIC = judge_lib.load_rubric()
+RUBRIC = rubric_lib.load_rubric()
 ITEMS = [
-    judge_lib.JudgeItem(
+    rubric_lib.JudgeItem(
         question_id="TS-001",
         category="Survey",
         question="雨量計を流域にどれくらいの密度で置くかは、どう決めるか。",
@@ -26,7 +27,7 @@ ITEMS = [
         location="調査編 > 第2章 水文・水理観測 > 第1節 雨量・水位観測",
         answer="流域の面積と地形に応じて密度を決めます（調査編第2章）。",
     ),
-    judge_lib.JudgeItem(
+    rubric_lib.JudgeItem(
         question_id="TS-002",
         category="Design",
         question="堤防の天端幅は何で決まるか。",
@@ -81,7 +82,7 @@ def test_ollama_judge_sends_the_json_schema_and_parses_replies(fake_ollama_judge
     )
     chats = [r for r in fake_ollama_judge.requests if r.path == "/api/chat"]
     assert chats and chats[0].body["model"] == "qwen2.5:14b"
-    assert chats[0].body["format"] == judge_lib.judge_json_schema(RUBRIC)
+    assert chats[0].body["format"] == rubric_lib.judge_json_schema(RUBRIC)
     assert chats[0].body["options"]["temperature"] == 0.0
     assert chats[0].body["options"]["num_predict"] == settings.max_tokens
     assert "候補回答" in chats[0].body["messages"][1]["content"]
@@ -107,7 +108,7 @@ def test_a_judge_server_that_accepts_and_never_answers_fails_within_a_minute(
     settings = judge.settings(RUBRIC, max_answer_chars=200)
     fake_ollama_judge.delay_s = 6.0
     started = time.monotonic()
-    with pytest.raises(judge_lib.JudgeBackendError, match=r"\(attempt 1\).*sent nothing within first_byte_timeout_s=2 s"):
+    with pytest.raises(rubric_lib.JudgeBackendError, match=r"\(attempt 1\).*sent nothing within first_byte_timeout_s=2 s"):
         judge_lib.judge_answers(ITEMS[:2], lambda request: judge.generate("qwen2.5:14b", request), RUBRIC, settings)
     assert time.monotonic() - started < 6.0
     assert len([r for r in fake_ollama_judge.requests if r.path == "/api/chat"]) == 1
@@ -121,7 +122,7 @@ def test_ollama_judge_without_the_model_fails_with_the_fix(
         judge = judging.judge_resource_for(load_profile("paper"))
         settings = judge.settings(RUBRIC)
         with pytest.raises(
-            judge_lib.JudgeBackendError, match=r"does not know this model.*no scores were written"
+            rubric_lib.JudgeBackendError, match=r"does not know this model.*no scores were written"
         ):
             judge_lib.judge_one(
                 ITEMS[0], lambda request: judge.generate("qwen2.5:14b", request), RUBRIC, settings

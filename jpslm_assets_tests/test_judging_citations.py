@@ -8,8 +8,8 @@ from importlib import resources
 import polars as pl
 import pytest
 
-from jpslm_assets.domain import citations
-from jpslm_assets.domain.judging import JudgeInputError, load_rubric
+from jpslm_assets.judging import citations
+from jpslm_assets.judging.rubric import JudgeInputError, load_rubric
 
 READER = citations.CitationReader(load_rubric().citation)
 LEVEE = READER.expected_location(

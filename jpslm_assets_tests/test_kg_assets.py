@@ -15,9 +15,9 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from jpslm_assets import kg
-from jpslm_assets.domain import knowledge_graph as graph_lib
 from jpslm_assets.io_manager import DuckDBTableIOManager
+from jpslm_assets.kg import assets as kg
+from jpslm_assets.kg import graph as graph_lib
 from jpslm_assets.metadata import table_rows
 from jpslm_assets.resources.graph_store import (
     GraphStore,

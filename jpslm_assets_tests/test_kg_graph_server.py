@@ -15,9 +15,10 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from jpslm_assets import kg, settings
-from jpslm_assets.domain import knowledge_graph as graph_lib
-from jpslm_assets.domain import knowledge_graph_tables as graph_tables
+from jpslm_assets import settings
+from jpslm_assets.kg import assets as kg
+from jpslm_assets.kg import graph as graph_lib
+from jpslm_assets.kg import tables as graph_tables
 from jpslm_assets.resources import graph_store_neo4j
 from jpslm_assets.resources.graph_store import GraphStoreError, GraphStoreTimeout, SeedGraphStore
 from jpslm_assets.resources.graph_store_neo4j import Neo4jGraphStore

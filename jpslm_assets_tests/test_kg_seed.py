@@ -11,8 +11,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from jpslm_assets.domain import knowledge_graph as kg
-from jpslm_assets.domain import knowledge_graph_tables as graph_tables
+from jpslm_assets.kg import graph as kg
+from jpslm_assets.kg import tables as graph_tables
 
 SEED = Path(str(resources.files("jpslm_assets") / "data" / "kg"))
 EXPECTED_TYPES = {

@@ -11,12 +11,12 @@ import duckdb
 import polars as pl
 import pytest
 
-from jpslm_assets import marts
-from jpslm_assets.domain import statistics
+from jpslm_assets.common import statistics
 from jpslm_assets.io_manager import DuckDBTableIOManager
-from jpslm_assets.sql_models import main
-from jpslm_assets.sql_project import load_project
-from jpslm_assets.sql_runs import run_models
+from jpslm_assets.marts import assets as marts
+from jpslm_assets.marts.cli import main
+from jpslm_assets.marts.sql_project import load_project
+from jpslm_assets.marts.sql_runs import run_models
 from jpslm_assets.store import DuckDBStore
 
 CATEGORIES = [

@@ -12,12 +12,14 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from jpslm_assets import judging, marts
-from jpslm_assets.export import GGUF_FORMATS, stage3_metadata
+from jpslm_assets.export.assets_partition import stage3_metadata
+from jpslm_assets.export.tables import GGUF_FORMATS
 from jpslm_assets.io_manager import DuckDBTableIOManager, table_metadata
+from jpslm_assets.judging import assets as judging
+from jpslm_assets.marts import assets as marts
+from jpslm_assets.marts.sql_project import load_project
 from jpslm_assets.partitions import stage3_partitions
 from jpslm_assets.settings import load_profile
-from jpslm_assets.sql_project import load_project
 from jpslm_assets.store import DuckDBStore
 
 QUESTIONS = 2

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from jpslm_assets.domain import statistics
+from jpslm_assets.common import statistics
 
 
 def test_bootstrap_interval_brackets_the_mean_and_is_reproducible() -> None:

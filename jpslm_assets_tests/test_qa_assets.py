@@ -17,12 +17,14 @@ import pytest
 import yaml
 from pydantic import Field
 
-from jpslm_assets import artifacts, qa
+from jpslm_assets import artifacts
 from jpslm_assets.artifacts import artifact_record
-from jpslm_assets.domain.generation_types import GenerationRequest, GenerationResult
+from jpslm_assets.common.generation_types import GenerationRequest, GenerationResult
 from jpslm_assets.io_manager import DuckDBTableIOManager, table_metadata
 from jpslm_assets.metadata import table_rows
+from jpslm_assets.qa import assets as qa
 from jpslm_assets.resources.generation import GenerationBackend
+from jpslm_assets.resources.qa_files import package_file
 from jpslm_assets.settings import load_profile
 from jpslm_assets.store import DuckDBStore
 from jpslm_assets_tests.test_qa_generation import KG, TEMPLATES
@@ -256,7 +258,7 @@ def _bad_templates(tmp_path: Path) -> Path:
 
 
 def _bad_test_set(tmp_path: Path) -> Path:
-    lines = (qa._package_file("test_set_200.jsonl")).read_text(encoding="utf-8").splitlines()
+    lines = (package_file("test_set_200.jsonl")).read_text(encoding="utf-8").splitlines()
     broken = json.loads(lines[41])
     del broken["category"]
     lines[41] = json.dumps(broken, ensure_ascii=False)
@@ -296,7 +298,7 @@ def test_n_larger_than_the_pool_fails_clearly(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import dagster as dg
-        from jpslm_assets import qa
+        from jpslm_assets.qa import assets as qa
         from jpslm_assets.io_manager import DuckDBTableIOManager
         from jpslm_assets.store import DuckDBStore
         from jpslm_assets_tests.test_qa_assets import EVERY_ASSET, UNPARTITIONED, failure_text, resources
@@ -369,7 +371,7 @@ def test_file_writes_are_atomic(tmp_path: Path) -> None:
 
 
 def test_default_rephrase_model_needs_a_name_outside_llama_cpp() -> None:
-    from jpslm_assets.domain.generation_types import GenerationError
+    from jpslm_assets.common.generation_types import GenerationError
     from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
     from jpslm_assets.resources.generation_ollama import OllamaBackend
 

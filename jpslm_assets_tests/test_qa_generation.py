@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from jpslm_assets.artifacts import frame_version
-from jpslm_assets.domain import qa_generation
-from jpslm_assets.domain.qa_generation import GraphInputError, citation_of, deduplicate, expand_templates
-from jpslm_assets.domain.qa_templates import TemplateCatalogue, TemplateError, load_catalogue, parse_catalogue
+from jpslm_assets.qa import generation as qa_generation
+from jpslm_assets.qa.generation import GraphInputError, citation_of, deduplicate, expand_templates
+from jpslm_assets.qa.templates import TemplateCatalogue, TemplateError, load_catalogue, parse_catalogue
 
 DATA = Path(__file__).resolve().parents[1] / "jpslm_assets" / "data"
 TEMPLATES = DATA / "qa_templates.yaml"

@@ -8,9 +8,9 @@ from typing import Any
 import polars as pl
 import pytest
 
-from jpslm_assets.domain import qa_generation
-from jpslm_assets.domain.generation_types import GenerationError, GenerationRequest, GenerationResult
-from jpslm_assets.domain.qa_rephrase import build_request, judge_rephrase, prompt_hash, rephrase_pool
+from jpslm_assets.common.generation_types import GenerationError, GenerationRequest, GenerationResult
+from jpslm_assets.qa import generation as qa_generation
+from jpslm_assets.qa.rephrase import build_request, judge_rephrase, prompt_hash, rephrase_pool
 from jpslm_assets_tests.test_qa_generation import fixture_graph, shipped_catalogue
 
 

@@ -8,8 +8,9 @@ from functools import lru_cache
 import polars as pl
 import pytest
 
-from jpslm_assets.domain import qa_generation, qa_subsets
-from jpslm_assets.domain.qa_subsets import SubsetError, apportion, nested_order, rebalance, take_subset
+from jpslm_assets.qa import generation as qa_generation
+from jpslm_assets.qa import subsets as qa_subsets
+from jpslm_assets.qa.subsets import SubsetError, apportion, nested_order, rebalance, take_subset
 from jpslm_assets_tests.test_qa_generation import seed_graph, shipped_catalogue
 
 PAPER_GRID = [1000, 2000, 3000, 4000, 5000]
@@ -197,7 +198,7 @@ def test_chat_lines_are_messages_in_position_order() -> None:
 
 
 def test_quality_figures_render_with_the_packaged_japanese_font() -> None:
-    from jpslm_assets.domain import qa_plots
+    from jpslm_assets.qa import plots as qa_plots
 
     assert qa_plots.japanese_font_path().name == "ipaexg.ttf"
     rebalanced = seed_rebalanced()

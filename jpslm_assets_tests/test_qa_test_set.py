@@ -7,8 +7,9 @@ import json
 import polars as pl
 import pytest
 
-from jpslm_assets.domain import qa_generation, qa_test_set
-from jpslm_assets.domain.qa_test_set import TestSetError, lexical_leakage, parse_test_set, reference_overlap
+from jpslm_assets.qa import generation as qa_generation
+from jpslm_assets.qa import held_out as qa_test_set
+from jpslm_assets.qa.held_out import TestSetError, lexical_leakage, parse_test_set, reference_overlap
 from jpslm_assets_tests.test_qa_generation import DATA, seed_graph, shipped_catalogue
 
 TEST_SET = DATA / "test_set_200.jsonl"

@@ -12,9 +12,9 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from jpslm_assets import reports
-from jpslm_assets.domain import figure_catalogue
 from jpslm_assets.io_manager import DuckDBTableIOManager, table_metadata
+from jpslm_assets.reports import assets as reports
+from jpslm_assets.reports import figure_catalogue
 from jpslm_assets.store import DuckDBStore
 from jpslm_assets_tests.report_samples import write_samples
 

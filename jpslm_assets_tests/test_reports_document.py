@@ -12,8 +12,10 @@ import polars as pl
 import pytest
 from fontTools.ttLib import TTFont
 
-from jpslm_assets.domain import figure_catalogue, figures
-from jpslm_assets.domain import report_document as doc
+from jpslm_assets import artifacts
+from jpslm_assets.common import figures
+from jpslm_assets.reports import document as doc
+from jpslm_assets.reports import figure_catalogue
 
 
 def _png() -> bytes:
@@ -105,7 +107,7 @@ def test_write_report_replaces_atomically_and_a_failed_write_leaves_the_old_file
     def broken_replace(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(doc.os, "replace", broken_replace)
+    monkeypatch.setattr(artifacts.os, "replace", broken_replace)
     with pytest.raises(OSError, match="No space left"):
         doc.write_report(_document(title="new title"), tmp_path / "reports")
     assert path.read_bytes() == before  # the previous report is intact
@@ -120,7 +122,7 @@ def test_unwritable_report_folder_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def _validity(verdicts: dict[str, str]) -> pl.DataFrame:
-    from jpslm_assets.domain.judge_controls import VALIDITY_SCHEMA, VERDICT_RULES
+    from jpslm_assets.judging.controls import VALIDITY_SCHEMA, VERDICT_RULES
 
     rows = [
         {"judge": judge, "questions": 8, "positive_mean": 2.0, "negative_mean": 1.9, "positive_pass_rate": 0.5,
@@ -132,7 +134,7 @@ def _validity(verdicts: dict[str, str]) -> pl.DataFrame:
 
 
 def test_the_first_line_of_the_report_states_the_judge_verdict() -> None:
-    from jpslm_assets.reports import validity_lead
+    from jpslm_assets.reports.assets import validity_lead
 
     silent = validity_lead(_validity({"a/llama_cpp/en": "valid", "smollm2-135m/llama_cpp/en": "no signal"}))
     assert silent == (

@@ -11,8 +11,12 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from jpslm_assets.domain import figure_catalogue, figures, figures_dataset, figures_export, figures_judging
-from jpslm_assets.reports import read_tables
+from jpslm_assets.common import figures
+from jpslm_assets.export import figures as figures_export
+from jpslm_assets.judging import figures as figures_judging
+from jpslm_assets.qa import figures as figures_dataset
+from jpslm_assets.reports import figure_catalogue
+from jpslm_assets.reports.assets import read_tables
 from jpslm_assets.store import DuckDBStore
 from jpslm_assets_tests.report_samples import sample_frames, write_samples
 

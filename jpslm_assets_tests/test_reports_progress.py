@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jpslm_assets.domain.progress import ProgressLogger, StepTimings, format_duration
+from jpslm_assets.common.progress import ProgressLogger, StepTimings, format_duration
 
 
 class FakeClock:

@@ -10,7 +10,9 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from jpslm_assets import reports, settings
+from jpslm_assets import settings
+from jpslm_assets.reports import assets as reports
+from jpslm_assets.reports import assets_reevaluation as reevaluation
 from jpslm_assets.store import DuckDBStore, StoreError
 from jpslm_assets_tests.report_samples import deployments_frame, reevaluation_location
 
@@ -53,10 +55,10 @@ def test_deployed_models_keeps_ok_rows_of_the_profile_and_explains_the_rest() ->
          "status": ["ok", "failed"]}
     )  # fmt: skip
     adapters = ["tiny-llama", "tiny-qwen2", "smollm2-135m", "tiny-llama@stage1"]
-    targets, notes = reports.deployed_models(deployments, exports, adapters, ["f16", "q4_k_m"])
+    targets, notes = reevaluation.deployed_models(deployments, exports, adapters, ["f16", "q4_k_m"])
     assert targets == [
-        reports.DeployedModel("smollm2-135m", 60, ("f16",)),
-        reports.DeployedModel("tiny-llama", 120, ("f16", "q4_k_m")),
+        reevaluation.DeployedModel("smollm2-135m", 60, ("f16",)),
+        reevaluation.DeployedModel("tiny-llama", 120, ("f16", "q4_k_m")),
     ]
     assert notes == [
         "deployment smollm2-135m (n=60) q4_k_m: its GGUF export is not ok, skipped",
@@ -64,15 +66,15 @@ def test_deployed_models_keeps_ok_rows_of_the_profile_and_explains_the_rest() ->
         "(tiny-llama, tiny-qwen2, smollm2-135m, tiny-llama@stage1), skipped",
         "deployment tiny-qwen2 (n=120) nf4: no evaluation asset for format 'nf4', skipped",
     ]
-    assert reports.deployed_models(None, None, ["m"], ["f16"]) == ([], [])
+    assert reevaluation.deployed_models(None, None, ["m"], ["f16"]) == ([], [])
     with pytest.raises(StoreError, match=r"serve.deployments lacks column\(s\) \['status'\]"):
-        reports.deployed_models(deployments.drop("status"), None, ["m"], ["f16"])
+        reevaluation.deployed_models(deployments.drop("status"), None, ["m"], ["f16"])
 
 
 def test_targets_are_found_by_table_and_format(store: DuckDBStore) -> None:
     defs = reevaluation_location(str(store.file))
-    targets = reports.discover_reevaluation_targets(
-        reports.asset_specs([defs]), reports.load_reevaluation_config()
+    targets = reevaluation.discover_reevaluation_targets(
+        reports.asset_specs([defs]), reevaluation.load_reevaluation_config()
     )
     assert {fmt: [k.to_user_string() for k in keys] for fmt, keys in targets.per_format.items()} == {
         "f16": ["answers_f16", "judge_scores_f16"],
@@ -91,9 +93,9 @@ def test_a_per_format_asset_without_a_fixed_format_is_named() -> None:
     def answers_everything() -> None: ...
 
     with pytest.raises(ValueError, match="answers_everything writes eval.answers without a fixed format"):
-        reports.discover_reevaluation_targets(
+        reevaluation.discover_reevaluation_targets(
             reports.asset_specs([dg.Definitions(assets=[answers_everything])]),
-            reports.load_reevaluation_config(),
+            reevaluation.load_reevaluation_config(),
         )
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from jpslm_assets import sql_project
-from jpslm_assets.sql_models import main
-from jpslm_assets.sql_project import SqlProjectError, load_project
-from jpslm_assets.sql_runs import ModelRunError, run_models, run_tests
+from jpslm_assets.marts import sql_project
+from jpslm_assets.marts.cli import main
+from jpslm_assets.marts.sql_project import SqlProjectError, load_project
+from jpslm_assets.marts.sql_runs import ModelRunError, run_models, run_tests
 
 SOURCES = """
 sources:
@@ -227,7 +227,7 @@ def test_cli_run_test_list_and_exit_codes(tmp_path: Path, capsys: pytest.Capture
 def test_console_script_module_runs_against_any_duckdb_file(tmp_path: Path) -> None:
     db = tmp_path / "any.duckdb"
     completed = subprocess.run(
-        [sys.executable, "-m", "jpslm_assets.sql_models", "run", "--db", str(db)],
+        [sys.executable, "-m", "jpslm_assets.marts.cli", "run", "--db", str(db)],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr

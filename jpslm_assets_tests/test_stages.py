@@ -10,11 +10,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from jpslm_assets.domain.answering import select_eval_questions, stratified_quotas
-from jpslm_assets.domain.scaling import scale_curve
+from jpslm_assets.export.answering import select_eval_questions, stratified_quotas
 from jpslm_assets.partitions import stage3_adapter, stage3_keys
-from jpslm_assets.resources.models import choose_cpu_precision
+from jpslm_assets.resources.cpu import choose_cpu_precision
 from jpslm_assets.settings import load_profile
+from jpslm_assets.training.scaling import scale_curve
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jpslm_assets"
 TEST_SET = PACKAGE / "data" / "test_set_200.jsonl"

@@ -9,10 +9,12 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from jpslm_assets import settings, training
-from jpslm_assets.domain import scaling
+from jpslm_assets import settings
 from jpslm_assets.settings import current_profile
 from jpslm_assets.store import DuckDBStore
+from jpslm_assets.training import assets as training
+from jpslm_assets.training import scaling
+from jpslm_assets.training.tables import OPTIMAL_SCALE_TABLE, SCALE_CURVE_TABLE
 from jpslm_assets_tests.test_training_support import TINY_RUN, definitions, eval_questions_frame, qa_pairs
 
 RUN_COLUMNS = {
@@ -161,7 +163,7 @@ def test_stage1_then_stage2_with_n_star_as_data(pipeline: Pipeline, store: DuckD
     assert "tiny-llama" not in same.get_requested_partitions(dg.AssetKey("stage2_lora_adapter"))
     other = next(n for n in profile.n_grid if n != best)
     moved = curve.with_columns((pl.col("n") == other).alias("is_optimal"))
-    store.write_slice(training.SCALE_CURVE_TABLE, moved, {})
+    store.write_slice(SCALE_CURVE_TABLE, moved, {})
     assert pipeline.materialize(["optimal_scale"]).success
     assert training.chosen_n(store) == other
     changed = pipeline.automation(same.cursor)
@@ -232,10 +234,10 @@ def test_an_optimal_n_outside_the_grid_is_refused_before_stage2(pipeline: Pipeli
     stale = pl.DataFrame(
         {"model": [profile.stage1_model], "n": [999], "test_nll": [1.0], "is_optimal": [True], "status": ["optimal"]}
     )
-    store.write_slice(training.SCALE_CURVE_TABLE, stale, {})
+    store.write_slice(SCALE_CURVE_TABLE, stale, {})
     assert pipeline.materialize(["rebalanced_pool", "test_set"]).success
     result = pipeline.materialize(["optimal_scale"], raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert "optimal n=999 is not in the profile's n_grid" in str(failure.event_specific_data.error)
-    assert not store.table_exists(training.OPTIMAL_SCALE_TABLE), "nothing half-written"
+    assert not store.table_exists(OPTIMAL_SCALE_TABLE), "nothing half-written"

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from jpslm_assets.catalogue import model_entry
-from jpslm_assets.domain import nll
-from jpslm_assets.domain.chat_format import IGNORE_INDEX
 from jpslm_assets.resources import trainer as trainer_lib
 from jpslm_assets.resources import trainer_layout, trainer_loading, trainer_loop, trainer_spec
 from jpslm_assets.resources.models import build_config_model
+from jpslm_assets.training import nll
+from jpslm_assets.training.chat_format import IGNORE_INDEX
 from jpslm_assets_tests.test_training_support import qa_pairs
 from jpslm_assets_tests.training_specs import training_spec
 

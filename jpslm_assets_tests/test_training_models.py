@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from jpslm_assets.catalogue import model_entry
-from jpslm_assets.domain.model_facts import architecture_facts
-from jpslm_assets.domain.tokenizer_training import RESERVED_PIECES
 from jpslm_assets.resources.models import ModelFactory, count_parameters, load_tokenizer
+from jpslm_assets.training.model_facts import architecture_facts
+from jpslm_assets.training.tokenizer_training import RESERVED_PIECES
 from jpslm_assets_tests.test_training_support import qa_pairs
 
 
@@ -132,10 +132,10 @@ def test_smollm2_base_is_dense_real_weights_with_its_chat_template(smollm2_base:
 
 @pytest.mark.slow
 def test_smollm2_test_nll_falls_with_training(smollm2_base: Path, tmp_path: Path) -> None:
-    from jpslm_assets.domain.chat_format import encode_pairs
-    from jpslm_assets.domain.nll import answer_token_nll
     from jpslm_assets.resources import trainer_loop
     from jpslm_assets.resources.models import load_for_scoring
+    from jpslm_assets.training.chat_format import encode_pairs
+    from jpslm_assets.training.nll import answer_token_nll
     from jpslm_assets_tests.test_training_support import eval_questions_frame
     from jpslm_assets_tests.training_specs import training_spec
 

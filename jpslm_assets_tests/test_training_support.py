@@ -11,11 +11,11 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
-from jpslm_assets import training
 from jpslm_assets.definitions import with_automation
 from jpslm_assets.io_manager import DuckDBTableIOManager, table_metadata
 from jpslm_assets.partitions import n_partitions
 from jpslm_assets.store import DuckDBStore
+from jpslm_assets.training import assets as training
 
 FACILITIES = [
     "堤防",

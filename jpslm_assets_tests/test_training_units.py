@@ -12,20 +12,20 @@ import polars as pl
 import pytest
 
 from jpslm_assets.catalogue import UnknownModelError
-from jpslm_assets.domain import chat_format, nll, scaling
-from jpslm_assets.domain.model_facts import ConfigFactError, architecture_facts, attention_kind
-from jpslm_assets.domain.tokenizer_training import (
+from jpslm_assets.resources import trainer as trainer_lib
+from jpslm_assets.resources import trainer_loading, trainer_loop, trainer_spec
+from jpslm_assets.resources.models import ModelFactory, ModelUnavailableError
+from jpslm_assets.settings import load_profile
+from jpslm_assets.training import chat_format, nll, scaling
+from jpslm_assets.training.model_facts import ConfigFactError, architecture_facts, attention_kind
+from jpslm_assets.training.plan import PlanError, resolve_plan
+from jpslm_assets.training.plots import japanese_font_path, plot_loss_curves, plot_scale_curve
+from jpslm_assets.training.tokenizer_training import (
     RESERVED_PIECES,
     TokenizerTrainingError,
     render_conversations,
     train_sentencepiece,
 )
-from jpslm_assets.domain.training_plan import PlanError, resolve_plan
-from jpslm_assets.domain.training_plots import japanese_font_path, plot_loss_curves, plot_scale_curve
-from jpslm_assets.resources import trainer as trainer_lib
-from jpslm_assets.resources import trainer_loading, trainer_loop, trainer_spec
-from jpslm_assets.resources.models import ModelFactory, ModelUnavailableError
-from jpslm_assets.settings import load_profile
 from jpslm_assets_tests.test_training_support import qa_pairs
 
 
@@ -449,7 +449,7 @@ def test_plots_render_pngs_with_the_bundled_japanese_font() -> None:
 
 
 def test_cpu_threads_leave_busy_cores_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    from jpslm_assets.resources import models
+    from jpslm_assets.resources import cpu as models
 
     monkeypatch.setattr(models.os, "cpu_count", lambda: 2)
     # Without a measurement of the other processes (not Linux), the load average decides.
@@ -470,7 +470,7 @@ def test_cores_busy_elsewhere_sees_another_busy_process() -> None:
     import multiprocessing
     import platform
 
-    from jpslm_assets.resources import models
+    from jpslm_assets.resources import cpu as models
 
     if platform.system() != "Linux":
         assert models.cores_busy_elsewhere(0.05) is None

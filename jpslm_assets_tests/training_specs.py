@@ -5,9 +5,9 @@ whose plan is the demo profile's for the stage with ``overrides`` applied. Impor
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from jpslm_assets.domain.training_plan import resolve_plan
 from jpslm_assets.resources import trainer_spec
 from jpslm_assets.settings import load_profile
+from jpslm_assets.training.plan import resolve_plan
 
 
 def training_spec(

@@ -7,7 +7,7 @@ HTTP server, ``llama-server``, started by the backend) and ``generation_transfor
 ``generation_backends`` picks one by name. The models they load stay cached in ``loaded_models``.
 
 All four implement ``generate(model_ref, request) -> GenerationResult`` (types in
-``domain.generation_types``); answering, judging and QA rephrasing depend on that method only. A
+``common.generation_types``); answering, judging and QA rephrasing depend on that method only. A
 ``model_ref`` is what the backend loads: a GGUF path (llama.cpp, llama-server), a served model name (Ollama)
 or a Hugging Face folder (transformers).
 
@@ -31,8 +31,8 @@ from typing import ClassVar, Literal
 
 import dagster as dg
 
-from jpslm_assets.domain.generation_types import GenerationError, GenerationRequest, GenerationResult
-from jpslm_assets.domain.modelfile import ModelfileSpec
+from jpslm_assets.common.generation_types import GenerationError, GenerationRequest, GenerationResult
+from jpslm_assets.export.modelfile import ModelfileSpec
 
 BackendName = Literal["llama_cpp", "llama_server", "ollama", "transformers"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from jpslm_assets.domain.generation_types import GenerationError
+from jpslm_assets.common.generation_types import GenerationError
 from jpslm_assets.resources.generation import Deployment, GenerationBackend
 from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
 from jpslm_assets.resources.generation_llama_server import LlamaServerBackend

@@ -13,16 +13,16 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from jpslm_assets.domain.fidelity import ScoringSequence, SequenceNll, answer_token_nll
-from jpslm_assets.domain.generation_types import GenerationRequest, GenerationResult
-from jpslm_assets.domain.modelfile import ChatTemplateError, chat_turns
+from jpslm_assets.common.generation_types import GenerationRequest, GenerationResult
+from jpslm_assets.export.fidelity import ScoringSequence, SequenceNll, answer_token_nll
+from jpslm_assets.export.modelfile import ChatTemplateError, chat_turns
 from jpslm_assets.resources import prompt_states
+from jpslm_assets.resources.cpu import llama_cpp_thread_count
 from jpslm_assets.resources.generation import Deployment, DeploymentRequest, GenerationBackend
 from jpslm_assets.resources.generation_transformers import TransformersBackend
 from jpslm_assets.resources.grammar_decoding import GrammarSampler, greedy_tokens
 from jpslm_assets.resources.llama_cpp_tools import LlamaCppToolError, check_gguf_file, file_identity
 from jpslm_assets.resources.loaded_models import LLAMA_MODELS, exclusive
-from jpslm_assets.resources.models import llama_cpp_thread_count
 
 
 def _chat_formatter(llm: Any, generation_prompt: bool) -> Any:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from jpslm_assets.domain.generation_types import GenerationRequest, GenerationResult
+from jpslm_assets.common.generation_types import GenerationRequest, GenerationResult
 from jpslm_assets.resources.generation import Deployment, DeploymentRequest, GenerationBackend
 from jpslm_assets.resources.generation_llama_cpp import check_gguf_chat_template, describe_tensor_types
 from jpslm_assets.resources.generation_transformers import TransformersBackend

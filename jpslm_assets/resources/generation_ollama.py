@@ -12,13 +12,13 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from jpslm_assets.domain.generation_types import (
+from jpslm_assets.common.generation_types import (
     BackendUnavailable,
     GenerationError,
     GenerationRequest,
     GenerationResult,
 )
-from jpslm_assets.domain.modelfile import ModelfileSpec
+from jpslm_assets.export.modelfile import ModelfileSpec
 from jpslm_assets.resources.generation import Deployment, DeploymentRequest, GenerationBackend
 from jpslm_assets.resources.generation_llama_cpp import LlamaCppBackend
 from jpslm_assets.resources.generation_transformers import TransformersBackend

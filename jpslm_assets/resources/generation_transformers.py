@@ -12,8 +12,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from jpslm_assets.domain.fidelity import ScoringSequence, SequenceNll, answer_token_nll
-from jpslm_assets.domain.generation_types import GenerationRequest, GenerationResult
+from jpslm_assets.common.generation_types import GenerationRequest, GenerationResult
+from jpslm_assets.export.fidelity import ScoringSequence, SequenceNll, answer_token_nll
 from jpslm_assets.resources.generation import Deployment, DeploymentRequest, GenerationBackend
 from jpslm_assets.resources.loaded_models import HF_MODELS, HF_TOKENIZERS
 

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import dagster as dg
 from pydantic import Field
 
-from jpslm_assets.domain.knowledge_graph import KnowledgeGraph, Vocabulary, load_seed, load_vocabulary
+from jpslm_assets.kg.graph import KnowledgeGraph, Vocabulary, load_seed, load_vocabulary
 
 T = TypeVar("T")
 

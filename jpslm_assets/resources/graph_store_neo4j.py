@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
-from jpslm_assets.domain.knowledge_graph import (
+from jpslm_assets.kg.graph import (
     IDENTIFIER,
     KnowledgeGraph,
     Located,

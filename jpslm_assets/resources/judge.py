@@ -21,8 +21,8 @@ from pydantic import Field, field_validator
 
 from jpslm_assets import settings as project_settings
 from jpslm_assets.catalogue import UnknownModelError, model_entry
-from jpslm_assets.domain import judging as judge_lib
-from jpslm_assets.domain.generation_types import GenerationRequest, GenerationResult
+from jpslm_assets.common.generation_types import GenerationRequest, GenerationResult
+from jpslm_assets.judging import rubric as rubric_lib
 from jpslm_assets.resources.generation import GenerationBackend
 from jpslm_assets.resources.llama_cpp_tools import LlamaCppToolError, check_gguf_file
 
@@ -189,14 +189,14 @@ class JudgeResource(dg.ConfigurableResource):
 
     def settings(
         self,
-        rubric: judge_lib.Rubric,
+        rubric: rubric_lib.Rubric,
         model: str | None = None,
         language: str | None = None,
         max_answer_chars: int | None = None,
         retries: int | None = None,
-    ) -> judge_lib.JudgeSettings:
+    ) -> rubric_lib.JudgeSettings:
         """The judge's full settings: profile values, the given overrides, rubric defaults."""
-        return judge_lib.judge_settings(
+        return rubric_lib.judge_settings(
             rubric,
             backend=self.backend,
             model=model or self.model,

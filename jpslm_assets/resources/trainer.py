@@ -6,7 +6,7 @@ run's memory, ``trainer_loading.select_backend``; else ``cpu_lora``):
 - ``bnb_qlora``: transformers + bitsandbytes NF4 with double quantization, bf16 compute, peft LoRA, TRL;
 - ``cpu_lora``: float32 weights on CPU with a peft LoRA, TRL's ``SFTTrainer`` (bf16 autocast on request).
 
-All three train on the same pre-tokenized sequences (``domain/chat_format.py``): labels are ``-100`` on the
+All three train on the same pre-tokenized sequences (``training/chat_format.py``): labels are ``-100`` on the
 prompt, so the loss covers answer tokens only. Runs are seeded, checkpoint every K optimizer steps into a
 folder keyed by the plan and the data, and resume from the newest complete checkpoint when restarted
 (Hugging Face's Trainer restores optimizer, scheduler, RNG and data position). The adapter is saved to a
@@ -47,7 +47,7 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import Field
 
-from jpslm_assets.resources.models import choose_cpu_precision, cpu_bf16_flags
+from jpslm_assets.resources.cpu import choose_cpu_precision, cpu_bf16_flags
 from jpslm_assets.resources.trainer_loading import cuda_device_count, select_backend
 from jpslm_assets.resources.trainer_loop import run_training
 from jpslm_assets.resources.trainer_spec import (

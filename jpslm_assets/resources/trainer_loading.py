@@ -190,7 +190,7 @@ def model_loss_trainer(sft_trainer: type) -> type:
     import torch
     from transformers import Trainer
 
-    from jpslm_assets.domain.nll import labelled_logits
+    from jpslm_assets.training.nll import labelled_logits
 
     class AnswerLossSFTTrainer(sft_trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jpslm_assets.domain.chat_format import EncodedExample, encode_training_pairs
-from jpslm_assets.resources.models import cpu_thread_count
+from jpslm_assets.resources.cpu import cpu_thread_count
 from jpslm_assets.resources.packed_attention import use_packed_attention, varlen_available
 from jpslm_assets.resources.trainer_layout import cap_process_memory, choose_layout, planning_memory
 from jpslm_assets.resources.trainer_loading import (
@@ -41,6 +40,7 @@ from jpslm_assets.resources.trainer_spec import (
     precision_label,
     read_training_records,
 )
+from jpslm_assets.training.chat_format import EncodedExample, encode_training_pairs
 
 CHECKPOINT_PREFIX = "checkpoint-"
 

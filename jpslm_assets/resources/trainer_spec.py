@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from jpslm_assets.domain.training_plan import LoraPlan
+from jpslm_assets.training.plan import LoraPlan
 
 Backend = Literal["unsloth", "bnb_qlora", "cpu_lora"]
 BackendChoice = Literal["auto", "unsloth", "bnb_qlora", "cpu_lora"]

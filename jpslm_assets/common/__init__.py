@@ -1,0 +1,1 @@
+"""Types and functions more than one stage uses (generation requests and results, progress, statistics, the figures' shared helpers). The bottom of the import graph: nothing here imports a stage, a resource or Dagster."""

@@ -1,0 +1,1 @@
+"""The QA data: pairs from the graph's relations by template, the rebalanced pool, the nested training subsets and the held-out test set. ``assets.py`` holds the assets; every other module is a plain function module."""
