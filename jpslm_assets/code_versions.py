@@ -4,7 +4,7 @@ A hand-set ``code_version="1"`` is only as good as the memory of whoever edits t
 version is a hash of the source of:
 
 - its compute function;
-- every function or class of its own module it uses, followed transitively (``_train_adapter`` behind
+- every function or class of its own module it uses, followed transitively (``train_adapter`` behind
   ``stage1_lora_adapter``);
 - every function or class of a plain-function module (``layering.is_plain_module``: a stage package's modules
   other than its definitions, and ``common``) it uses, followed the same way inside that module (a module used
@@ -114,7 +114,7 @@ def dependency_sources(
 
 
 def _name_without_module(key: str) -> str:
-    """``"jpslm_assets.training.assets:_train_adapter"`` -> ``_train_adapter``; a module counted whole keeps
+    """``"jpslm_assets.training.assets:train_adapter"`` -> ``train_adapter``; a module counted whole keeps
     its last name, so a move between modules changes no version."""
     module, _, qualname = key.partition(":")
     return qualname or module.rpartition(".")[2]

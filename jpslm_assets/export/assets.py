@@ -30,8 +30,8 @@ from jpslm_assets.code_versions import versioned
 from jpslm_assets.execution import GPU_STEP
 from jpslm_assets.export.assets_gguf import gguf_f16, gguf_q4_k_m
 from jpslm_assets.export.assets_partition import (
-    _adapter_run,
     adapter_columns,
+    adapter_run,
     partition_adapter,
     stage3_metadata,
 )
@@ -81,7 +81,7 @@ def merged_model(
     Memory-safe for 8B models (weights stream into place, the merge happens in place); written to a
     temporary folder and renamed, so a killed merge never replaces the previous export."""
     adapter = partition_adapter(context)
-    run = _adapter_run(adapter, stage1_lora_adapter, stage2_lora_adapter, optimal_scale)
+    run = adapter_run(adapter, stage1_lora_adapter, stage2_lora_adapter, optimal_scale)
     model, n = adapter.model, int(run["n"])
     for column in ("base_model_ref", "artifact_path"):
         if not run.get(column):

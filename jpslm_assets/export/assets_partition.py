@@ -29,7 +29,7 @@ def stage3_metadata(table: str, format_name: str | None = None) -> dict[str, Any
     )
 
 
-def _adapter_run(
+def adapter_run(
     adapter: Stage3Adapter,
     stage1_lora_adapter: pl.DataFrame,
     stage2_lora_adapter: pl.DataFrame,

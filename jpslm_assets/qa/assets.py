@@ -37,9 +37,9 @@ from jpslm_assets.qa import held_out as qa_test_set
 from jpslm_assets.qa import rephrase as qa_rephrase
 from jpslm_assets.qa import subsets as qa_subsets
 from jpslm_assets.qa.checks import (
-    _number,
     answer_length_stable_across_n,
     category_coverage_stable_across_n,
+    metadata_number,
     qa_pool_is_clean,
     qa_pool_matches_paper_shape,
     reference_answers_overlap_training,
@@ -233,9 +233,9 @@ def qa_pool(
                 ),
                 percent=("share", "paper_share"),
             ),
-        "max_share_delta_pp": _number(shares["delta_pp"].abs().max()),
-        "avg_answer_chars": _number(pool["answer_chars"].mean()),
-        "avg_question_chars": _number(pool["question_chars"].mean()),
+        "max_share_delta_pp": metadata_number(shares["delta_pp"].abs().max()),
+        "avg_answer_chars": metadata_number(pool["answer_chars"].mean()),
+        "avg_question_chars": metadata_number(pool["question_chars"].mean()),
         "paper_answer_chars": f"{paper.answer_chars[0]}-{paper.answer_chars[1]}",
         "pairs_by_category": table_value(categories),
         "dagster/column_schema": column_schema(pool),

@@ -18,7 +18,7 @@ from jpslm_assets.resources.qa_files import QADataFiles
 from jpslm_assets.store import DuckDBStore
 
 
-def _number(value: Any) -> float:
+def metadata_number(value: Any) -> float:
     """A polars aggregate (None for an empty column) as a float for metadata."""
     return float(value or 0.0)
 
@@ -177,7 +177,7 @@ def relation_shares_stable_across_n(
         passed=bool(stability["passed"].all()),
         metadata={
             "cv_limit": cv_limit,
-            "max_cv": _number(stability["cv"].max()),
+            "max_cv": metadata_number(stability["cv"].max()),
             "types_over_limit": dg.MetadataValue.json(
                 stability.filter(pl.col("cv") >= cv_limit)["relation_type"].to_list()
             ),
@@ -386,7 +386,7 @@ def test_set_has_no_lexical_overlap(
         passed=bool(results["passed"].all()),
         metadata={
             "definition": f"shared character {width}-gram after NFKC, lower-casing and whitespace removal",
-            "leaking_questions": int(_number(results["leaking_questions"].max())),
+            "leaking_questions": int(metadata_number(results["leaking_questions"].max())),
             "leaking_ids": dg.MetadataValue.json(
                 sorted({i for ids in results["leaking_ids"].to_list() for i in ids})
             ),
@@ -436,10 +436,10 @@ def reference_answers_overlap_training(
             "evaluated_references": evaluated.height,
             "overlapping_references": flagged.height,
             "overlapping_ids": dg.MetadataValue.json(flagged["question_id"].to_list()),
-            "longest_run_chars": int(_number(worst["longest_run_chars"].max())),
+            "longest_run_chars": int(metadata_number(worst["longest_run_chars"].max())),
             "longest_run_text": worst["longest_run_text"][0] if worst.height else "",
-            "longest_run_chars_unmasked": int(_number(evaluated["longest_run_chars_unmasked"].max())),
-            "mean_shared_8gram_share": _number(evaluated["shared_8gram_share"].mean()),
+            "longest_run_chars_unmasked": int(metadata_number(evaluated["longest_run_chars_unmasked"].max())),
+            "mean_shared_8gram_share": metadata_number(evaluated["shared_8gram_share"].mean()),
             "results_table": "qa.reference_overlap",
         },
     )

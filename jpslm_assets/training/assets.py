@@ -38,7 +38,7 @@ from jpslm_assets.resources.models import ModelFactory
 from jpslm_assets.resources.trainer import LoraTrainer
 from jpslm_assets.settings import Profile, current_profile
 from jpslm_assets.store import DuckDBStore
-from jpslm_assets.training.assets_adapters import _adapters_intact_check, _nll_finite_check
+from jpslm_assets.training.assets_adapters import adapters_intact_check, nll_finite_check
 from jpslm_assets.training.assets_stage1 import (
     optimal_scale,
     stage1_job,
@@ -176,10 +176,10 @@ defs = dg.Definitions(
         stage2_lora_adapter, stage2_test_nll,
     ],
     asset_checks=[
-        _adapters_intact_check(stage1_lora_adapter, 1),
-        _adapters_intact_check(stage2_lora_adapter, 2),
-        _nll_finite_check(stage1_test_nll, 1),
-        _nll_finite_check(stage2_test_nll, 2),
+        adapters_intact_check(stage1_lora_adapter, 1),
+        adapters_intact_check(stage2_lora_adapter, 2),
+        nll_finite_check(stage1_test_nll, 1),
+        nll_finite_check(stage2_test_nll, 2),
     ],
     jobs=[stage1_job, stage2_job],
     resources={

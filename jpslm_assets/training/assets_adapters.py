@@ -1,4 +1,4 @@
-"""What both training stages run: an adapter's training (``_train_adapter``) and its test-set NLL (``_score_test_nll``), with their run configs and asset checks. The stages' assets (``assets_stage1``, ``assets_stage2``) call these with their own partition, model and LoRA shape.
+"""What both training stages run: an adapter's training (``train_adapter``) and its test-set NLL (``score_test_nll``), with their run configs and asset checks. The stages' assets (``assets_stage1``, ``assets_stage2``) call these with their own partition, model and LoRA shape.
 
 No ``from __future__ import annotations`` here: Dagster reads the real annotations of config classes."""
 
@@ -103,7 +103,7 @@ def _loss_curve_frame(model: str, n: int, stage: int, points: list[Any]) -> pl.D
     )  # fmt: skip
 
 
-def _train_adapter(
+def train_adapter(
     context: dg.AssetExecutionContext,
     config: LoraRunConfig,
     stage: int,
@@ -222,14 +222,14 @@ def _train_adapter(
     )
 
 
-_PAPER_SETTINGS = (
+PAPER_SETTINGS = (
     "lr 2e-4 cosine, 10% warmup, effective batch 8, all attention and MLP projections; checkpoints every K "
     "steps, and a restarted run resumes from the last complete one. Loss on answer tokens only; the loss "
     "curve goes to ``train.loss_curve``."
 )
 
 
-def _adapters_intact_check(adapter: dg.AssetsDefinition, stage: int) -> dg.AssetChecksDefinition:
+def adapters_intact_check(adapter: dg.AssetsDefinition, stage: int) -> dg.AssetChecksDefinition:
     table = RUNS_TABLES[stage]
 
     @dg.asset_check(
@@ -261,7 +261,7 @@ class NllScoringConfig(dg.Config):
     max_tokens: int = EVAL_MAX_TOKENS
 
 
-def _score_test_nll(
+def score_test_nll(
     context: dg.AssetExecutionContext,
     config: NllScoringConfig,
     run: dict[str, Any],
@@ -357,7 +357,7 @@ def _write_nll(path: Path, result: NllResult) -> None:
     write_atomic(path, json.dumps(dataclasses.asdict(result)).encode("utf-8"))
 
 
-_NLL_DESCRIPTION = (
+NLL_DESCRIPTION = (
     "Mean answer-token NLL and perplexity of the adapted model on the profile's evaluation questions (a "
     "seeded, category-stratified sample of the human-written test questions) against their reference "
     "answers (batched, no gradients). The base model without the adapter is scored on the same tokens, so "
@@ -365,7 +365,7 @@ _NLL_DESCRIPTION = (
 )
 
 
-def _nll_finite_check(nll_asset: dg.AssetsDefinition, stage: int) -> dg.AssetChecksDefinition:
+def nll_finite_check(nll_asset: dg.AssetsDefinition, stage: int) -> dg.AssetChecksDefinition:
     table = TEST_NLL_TABLES[stage]
 
     @dg.asset_check(

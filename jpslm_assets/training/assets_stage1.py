@@ -20,12 +20,12 @@ from jpslm_assets.settings import current_profile
 from jpslm_assets.store import DuckDBStore
 from jpslm_assets.training import scaling
 from jpslm_assets.training.assets_adapters import (
-    _NLL_DESCRIPTION,
-    _PAPER_SETTINGS,
+    NLL_DESCRIPTION,
+    PAPER_SETTINGS,
     LoraRunConfig,
     NllScoringConfig,
-    _score_test_nll,
-    _train_adapter,
+    score_test_nll,
+    train_adapter,
 )
 from jpslm_assets.training.plots import plot_loss_curves, plot_scale_curve
 from jpslm_assets.training.tables import (
@@ -55,7 +55,7 @@ from jpslm_assets.training.tables import (
     metadata=table_metadata(RUNS_TABLES[1], partition_expr="n", fixed={"model": current_profile().stage1_model}),
     description=(
         "Stage 1 (scale): an adapter of the profile's reference model on the first n training pairs, with the "
-        "stage-1 LoRA shape (paper: r=16, alpha 16, no dropout); LoRA on CPU, QLoRA on CUDA; " + _PAPER_SETTINGS
+        "stage-1 LoRA shape (paper: r=16, alpha 16, no dropout); LoRA on CPU, QLoRA on CUDA; " + PAPER_SETTINGS
     ),
 )
 def stage1_lora_adapter(
@@ -67,7 +67,7 @@ def stage1_lora_adapter(
     store: DuckDBStore,
 ) -> dg.Output[pl.DataFrame]:
     model = current_profile().stage1_model
-    return _train_adapter(
+    return train_adapter(
         context, config, 1, model, int(context.partition_key), base_model, training_subset, trainer, store
     )
 
@@ -79,7 +79,7 @@ def stage1_lora_adapter(
     partitions_def=n_partitions(),
     **GPU_STEP,
     metadata=table_metadata(TEST_NLL_TABLES[1], partition_expr="n", fixed={"model": current_profile().stage1_model}),
-    description="Stage 1: " + _NLL_DESCRIPTION,
+    description="Stage 1: " + NLL_DESCRIPTION,
 )
 def stage1_test_nll(
     context: dg.AssetExecutionContext,
@@ -89,7 +89,7 @@ def stage1_test_nll(
     model_factory: ModelFactory,
 ) -> dg.Output[pl.DataFrame]:
     run = single_row(stage1_lora_adapter, "stage1_lora_adapter (train.stage1_runs)", n=context.partition_key)
-    return _score_test_nll(context, config, run, test_set, model_factory)
+    return score_test_nll(context, config, run, test_set, model_factory)
 
 
 @versioned()

@@ -15,12 +15,12 @@ from jpslm_assets.resources.trainer import LoraTrainer
 from jpslm_assets.settings import current_profile
 from jpslm_assets.store import DuckDBStore
 from jpslm_assets.training.assets_adapters import (
-    _NLL_DESCRIPTION,
-    _PAPER_SETTINGS,
+    NLL_DESCRIPTION,
+    PAPER_SETTINGS,
     LoraRunConfig,
     NllScoringConfig,
-    _score_test_nll,
-    _train_adapter,
+    score_test_nll,
+    train_adapter,
 )
 from jpslm_assets.training.tables import EVALUATION_GROUP, RUNS_TABLES, TEST_NLL_TABLES, TRAINING_GROUP
 
@@ -41,7 +41,7 @@ from jpslm_assets.training.tables import EVALUATION_GROUP, RUNS_TABLES, TEST_NLL
     description=(
         "Stage 2 (models): an adapter of every model of the profile at the n* that optimal_scale chose, with "
         "the stage-2 LoRA shape (paper: r=32, alpha 16, dropout 0.05). n* is read from optimal_scale's data, "
-        "so a new n* makes every stage-2 adapter stale. " + _PAPER_SETTINGS
+        "so a new n* makes every stage-2 adapter stale. " + PAPER_SETTINGS
     ),
 )
 def stage2_lora_adapter(
@@ -57,7 +57,7 @@ def stage2_lora_adapter(
     chosen = single_row(optimal_scale, "optimal_scale (eval.optimal_scale)", model=profile.stage1_model)
     n = int(chosen["n"])
     context.log.info(f"stage 2 at n*={n}, chosen by stage 1 on {profile.stage1_model}")
-    return _train_adapter(
+    return train_adapter(
         context, config, 2, context.partition_key, n, base_model, training_subset, trainer, store
     )
 
@@ -69,7 +69,7 @@ def stage2_lora_adapter(
     partitions_def=model_partitions(),
     **GPU_STEP,
     metadata=table_metadata(TEST_NLL_TABLES[2], partition_expr="model"),
-    description="Stage 2: " + _NLL_DESCRIPTION,
+    description="Stage 2: " + NLL_DESCRIPTION,
 )
 def stage2_test_nll(
     context: dg.AssetExecutionContext,
@@ -81,7 +81,7 @@ def stage2_test_nll(
     run = single_row(
         stage2_lora_adapter, "stage2_lora_adapter (train.stage2_runs)", model=context.partition_key
     )
-    return _score_test_nll(context, config, run, test_set, model_factory)
+    return score_test_nll(context, config, run, test_set, model_factory)
 
 
 stage2_job = dg.define_asset_job(
