@@ -30,12 +30,39 @@ class Batch:
     partition_keys: list[str | None]
 
 
+INSTANCE_LOCK = ".instance.lock"
+INSTANCE_READY = ".instance-ready"
+
+
+def prepare_instance(home: Path) -> None:
+    """Create the Dagster instance's storage in ``home`` once, one process at a time.
+
+    Dagster creates its SQLite databases (runs, event log index, schedules) when a process first opens the
+    instance. Two processes doing that at once on a fresh DAGSTER_HOME (the UI's web server and daemon, or
+    ``jpslm demo`` started beside ``jpslm ui``) can both stamp a schema version into the same database, and
+    from then on every start fails with "Version table 'alembic_version' has more than one head". Every
+    ``jpslm`` command calls this before Dagster opens the instance: under a file lock in ``home``, the first
+    one opens the instance (creating the storage) and leaves a marker; the others wait and find it ready.
+    """
+    import dagster as dg
+    from filelock import FileLock
+
+    with FileLock(str(home / INSTANCE_LOCK), timeout=600):
+        if (home / INSTANCE_READY).exists():
+            return
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            instance.get_runs(limit=1)  # the run, event log and schedule storage all exist from here on
+        (home / INSTANCE_READY).touch()
+
+
 def _prepare_environment(profile: str | None) -> None:
     if profile:
         os.environ[settings.PROFILE_ENV] = profile
     settings.load_profile()  # fail fast on a bad profile name or override
     settings.data_dir()  # fail fast on an unwritable data directory
-    os.environ["DAGSTER_HOME"] = str(settings.dagster_home())
+    home = settings.dagster_home()
+    os.environ["DAGSTER_HOME"] = str(home)
+    prepare_instance(home)
     os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -263,7 +263,10 @@ def dagster_home() -> Path:
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
-        config.write_text(
+        # Written to a temporary name and renamed, so a process starting at the same moment reads the whole
+        # file or none of it.
+        partial = home / f".dagster.yaml.{os.getpid()}.partial"
+        partial.write_text(
             "telemetry:\n  enabled: false\n"
             "nux:\n  enabled: false\n"
             "concurrency:\n"
@@ -273,4 +276,5 @@ def dagster_home() -> Path:
             "run_monitoring:\n  enabled: true\n  free_slots_after_run_end_seconds: 30\n  start_timeout_seconds: 300\n",
             encoding="utf-8",
         )
+        os.replace(partial, config)
     return home

@@ -17,6 +17,7 @@ import duckdb
 import polars as pl
 import pytest
 
+from jpslm_assets.cli import prepare_instance
 from jpslm_assets.export.tables import GGUF_FORMATS
 from jpslm_assets.judging import controls as controls_lib
 from jpslm_assets.resources.cpu import choose_cpu_precision, cpu_bf16_flags
@@ -67,6 +68,7 @@ def _kill_demo_during_training(data_dir: Path) -> str:
         home = data_dir / "dagster_home"
         _wait(lambda: (home / "dagster.yaml").exists(), 300, "the demo's DAGSTER_HOME")
         os.environ["DAGSTER_HOME"] = str(home)
+        prepare_instance(home)  # as every jpslm command does: never create the storage beside the demo
         with dg.DagsterInstance.get() as instance:
 
             def training() -> list:

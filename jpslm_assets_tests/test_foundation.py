@@ -1,5 +1,6 @@
 """The code location itself: profiles, settings errors, executor, and the shape of every asset."""
 
+import contextlib
 import json
 import os
 import socket
@@ -13,6 +14,7 @@ import pytest
 
 from jpslm_assets import execution, settings
 from jpslm_assets.catalogue import UnknownModelError, load_catalogue, model_entry
+from jpslm_assets.cli import INSTANCE_LOCK, INSTANCE_READY, prepare_instance
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY_MODULES = ("torch", "transformers", "llama_cpp", "peft", "trl", "matplotlib")
@@ -221,6 +223,63 @@ def test_dagster_home_defaults_inside_data_dir_with_telemetry_off(
     assert "telemetry:\n  enabled: false" in config
     instance = dg.DagsterInstance.from_config(str(home))
     assert instance.run_coordinator is not None
+
+
+def _schema_heads(home: Path) -> dict[str, list[str]]:
+    """``alembic_version`` rows of every SQLite database Dagster made in ``home``."""
+    import sqlite3
+
+    heads = {}
+    for database in sorted(home.rglob("*.db")):
+        with contextlib.closing(sqlite3.connect(database)) as connection:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "alembic_version" in tables:
+                heads[database.name] = [row[0] for row in connection.execute("SELECT * FROM alembic_version")]
+    return heads
+
+
+PREPARE = "import sys; from pathlib import Path; from jpslm_assets.cli import prepare_instance; prepare_instance(Path(sys.argv[1]))"
+
+
+def test_processes_starting_at_once_on_a_fresh_dagster_home_create_its_storage_once(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The UI's web server and daemon, or a demo beside the UI, start together on a fresh DAGSTER_HOME; each
+    database ends with one schema version, and the instance opens after."""
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    home = settings.dagster_home()
+    processes = [
+        subprocess.Popen([sys.executable, "-c", PREPARE, str(home)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+    heads = _schema_heads(home)
+    assert {"runs.db", "schedules.db"} <= set(heads), heads
+    assert all(len(rows) == 1 for rows in heads.values()), heads
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_runs(limit=1) == []
+
+
+def test_the_storage_is_created_only_under_the_lock(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While another process holds the lock (it is creating the storage), a second waits instead of creating
+    the databases beside it; once the lock is free it finds them made, or makes them itself."""
+    from filelock import FileLock
+
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    home = settings.dagster_home()
+    lock = FileLock(str(home / INSTANCE_LOCK))
+    with lock:
+        waiting = subprocess.Popen([sys.executable, "-c", PREPARE, str(home)], cwd=ROOT)
+        time.sleep(5)  # long enough to import Dagster and open the instance, were it not waiting
+        assert waiting.poll() is None, "prepare_instance ran while another process held the lock"
+        assert _schema_heads(home) == {} and not (home / INSTANCE_READY).exists()
+    assert waiting.wait(timeout=300) == 0
+    assert (home / INSTANCE_READY).exists()
+    assert all(len(rows) == 1 for rows in _schema_heads(home).values())
+    prepare_instance(home)  # ready: returns at once, changes nothing
+    assert all(len(rows) == 1 for rows in _schema_heads(home).values())
 
 
 def test_catalogue_holds_the_paper_models_and_demo_models() -> None:
