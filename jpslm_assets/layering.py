@@ -24,7 +24,6 @@ COMMON = f"{PACKAGE}.common"
 # Platform modules plain functions may use: the profile and environment, the model catalogue, content hashes
 # and atomic files, and these rules. None of them imports Dagster.
 BOTTOM_MODULES = ("settings", "catalogue", "artifacts", "layering")
-RESOURCES = f"{PACKAGE}.resources"
 
 
 def _parts(module: str) -> list[str]:
