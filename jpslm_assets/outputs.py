@@ -13,17 +13,13 @@ import polars as pl
 
 from jpslm_assets import settings
 from jpslm_assets.artifacts import frame_version, write_atomic
-from jpslm_assets.metadata import column_schema
 
 
 def versioned_output(frame: pl.DataFrame, **metadata: Any) -> dg.Output[pl.DataFrame]:
-    """``frame`` with its content hash as the data version (so downstream assets go stale only when the rows
-    change) and its column schema under ``dagster/column_schema``."""
-    return dg.Output(
-        frame,
-        data_version=dg.DataVersion(frame_version(frame)),
-        metadata={"dagster/column_schema": column_schema(frame), **metadata},
-    )
+    """``frame`` with its content hash as the data version, so downstream assets go stale only when the rows
+    change. The table name, row count and column schema are the IO manager's to record, for the rows it
+    stores (``io_manager.DuckDBTableIOManager``)."""
+    return dg.Output(frame, data_version=dg.DataVersion(frame_version(frame)), metadata=metadata)
 
 
 def png_metadata(name: str, png: bytes, title: str, folder: Path | None = None) -> dict[str, Any]:

@@ -111,6 +111,8 @@ def test_kg_assets_from_the_seed(store: DuckDBStore) -> None:
 
     metadata = result.asset_materializations_for_node("kg_relations")[0].metadata
     assert metadata["dagster/row_count"].value == 268
+    # Recorded by the IO manager for the rows it stored, not by the asset.
+    assert [column.name for column in metadata["dagster/column_schema"].schema.columns] == relations.columns
     assert metadata["relation_type_chart"].value.startswith("![relation types](data:image/png;base64,iVBOR")
     assert {"relation type": "HAS_CHAPTER", "count": 40, "share": "14.9%"} in table_rows(
         metadata["relations_by_type"]

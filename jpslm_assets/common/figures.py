@@ -10,19 +10,18 @@ labels render the same on every machine whatever fonts the system has. matplotli
 functions: importing this module stays cheap.
 
 This module holds what every figure shares: the catalogue's types, the result, the font and canvas, the
-placeholder and the input checks. The renderers live with their stage (``figures_dataset``,
-``figures_training``, ``figures_judging``, ``figures_export``); ``figure_catalogue`` maps each key of
-``reports.yaml`` to its renderer.
+placeholder and the input checks. The renderers live with their stage (``qa/figures.py``,
+``training/figures.py``, ``judging/figures.py``, ``export/figures.py``); ``reports/figure_catalogue.py`` maps
+each key of ``reports.yaml`` to its renderer.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +30,7 @@ from pydantic import BaseModel, Field
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
 
 class FigureInputError(ValueError):
     """A source table lacks what a figure needs; the message names the table, the columns and the fix."""
@@ -288,7 +288,7 @@ def drawn_from(table: str) -> Callable[[Callable[[FigureSpec, Source, RenderSett
     when it is empty, so the body only draws."""
 
     def wrap(body: Callable[[FigureSpec, Source, RenderSettings], FigureResult]) -> Renderer:
-        @functools.wraps(body)
+        @wraps(body)
         def render(
             spec: FigureSpec, frames: Mapping[str, pl.DataFrame | None], settings: RenderSettings
         ) -> FigureResult:

@@ -70,7 +70,6 @@ def kg_nodes(context: dg.AssetExecutionContext, graph_store: GraphStore) -> dg.O
     return versioned_output(
         frame,
         **{
-            "dagster/row_count": frame.height,
             "graph_source": graph_store.describe(),
             "kg_version": kg.graph_version(graph),
             "nodes_by_label": counts_table(by_label, "label"),
@@ -113,7 +112,6 @@ def kg_relations(
     return versioned_output(
         frame,
         **{
-            "dagster/row_count": frame.height,
             "graph_source": graph_store.describe(),
             "kg_version": kg.graph_version(graph),
             "relation_types": len([count for count in by_type.values() if count]),

@@ -29,7 +29,7 @@ from jpslm_assets.catalogue import model_entry
 from jpslm_assets.code_versions import versioned
 from jpslm_assets.common.generation_types import GenerationError
 from jpslm_assets.io_manager import table_metadata
-from jpslm_assets.metadata import column_schema, table_value
+from jpslm_assets.metadata import table_value
 from jpslm_assets.outputs import versioned_output
 from jpslm_assets.partitions import n_partitions
 from jpslm_assets.qa import generation as qa_generation
@@ -238,7 +238,6 @@ def qa_pool(
         "avg_question_chars": metadata_number(pool["question_chars"].mean()),
         "paper_answer_chars": f"{paper.answer_chars[0]}-{paper.answer_chars[1]}",
         "pairs_by_category": table_value(categories),
-        "dagster/column_schema": column_schema(pool),
         **rephrase_metadata,
     }
     return versioned_output(pool, **metadata)
@@ -321,7 +320,6 @@ def rebalanced_pool(
         "shares_before_after_note": "paper_after: the paper's counts after rebalancing over their own total; "
         "paper_stated_share: the share the paper states (17.1% for HAS_CHAPTER is 956 / 5,578, the "
         "pre-rebalancing size).",
-        "dagster/column_schema": column_schema(frame),
     }
     for relation_type in result.kept_by_type:
         share_before = before.filter(pl.col("relation_type") == relation_type)["share"][0]
@@ -383,7 +381,6 @@ def training_subset(
         "chat_jsonl": dg.MetadataValue.path(record["artifact_path"]),
         "artifact_bytes": record["artifact_bytes"],
         "artifact_sha256": record["artifact_sha256"],
-        "dagster/column_schema": column_schema(frame),
     }
     return versioned_output(frame, **metadata)
 
@@ -417,7 +414,6 @@ def test_set(
         "by_category": table_value(by_category),
         "source_file": dg.MetadataValue.path(str(path)),
         "source_sha256": artifact_record(path)["artifact_sha256"],
-        "dagster/column_schema": column_schema(frame),
     }
     return versioned_output(frame, **metadata)
 
